@@ -1,0 +1,7 @@
+"""`python -m daemon` is `autoresearch`."""
+
+import sys
+
+from daemon.cli import main
+
+sys.exit(main())

@@ -1,0 +1,268 @@
+"""Configuration: a TOML file plus `AUTORESEARCH_*` environment overrides, validated loudly.
+
+Precedence (highest first): explicit init values, environment (`AUTORESEARCH_AGENT__MODEL=...`, nested
+keys joined by `__`), the TOML file (default `./autoresearch.toml`), built-in defaults. Secrets may
+come from a file: `AUTORESEARCH_AGENT__API_KEY_FILE=/run/credentials/...` (systemd credentials,
+Docker secrets). Defaults run on a laptop with nothing installed: SQLite in the workspace, the
+offline agent when no API key is set, the CPU preset without a GPU, Docker when an engine answers.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from daemon.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("autoresearch.toml")
+ENV_PREFIX = "AUTORESEARCH_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatabaseConfig(_Section):
+    url: str = Field("", description="SQLAlchemy URL; empty = SQLite file in the workspace")
+    pool_size: int = Field(5, ge=1, le=100)
+    retry_seconds: float = Field(120.0, ge=0, description="how long transient DB errors are retried")
+
+
+class DataConfig(_Section):
+    source: str = Field("stdlib", description="'stdlib', a local file/folder, or parquet shard URLs (comma separated)")
+    vocab_size: int = Field(8192, ge=256, le=65536)
+    dir: Path | None = Field(None, description="prepared data; default <workspace>/data")
+
+
+class SandboxConfig(_Section):
+    backend: Literal["auto", "docker", "local"] = "auto"
+    image: str = "autoresearch-trainer:latest"
+    memory_gb: float = Field(16.0, gt=0)
+    cpus: float = Field(4.0, gt=0)
+    pids: int = Field(4096, ge=64)
+    shm_gb: float = Field(2.0, gt=0)
+    tmpfs_gb: float = Field(4.0, gt=0)
+    eval_timeout_s: float = Field(300.0, gt=0)
+    gpu_release_timeout_s: float = Field(60.0, ge=0)
+
+
+class TrainingConfig(_Section):
+    time_budget_s: float = Field(300.0, gt=0, description="training wall-clock budget per experiment")
+    compile_budget_s: float = Field(120.0, ge=0, description="bounded warm-up (torch.compile) outside the budget")
+    preset: Literal["auto", "gpu", "cpu", "tiny"] = "auto"
+    startup_grace_s: float = Field(120.0, ge=0, description="imports, data loading, checkpoint save")
+
+
+class ModelPrice(_Section):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_read: float = Field(0.0, ge=0)
+    cache_write: float = Field(0.0, ge=0)
+
+
+def _default_prices() -> dict[str, ModelPrice]:
+    return {
+        "claude-sonnet-5-5": ModelPrice(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75),
+        "claude-opus-5-5": ModelPrice(input=15.0, output=75.0, cache_read=1.5, cache_write=18.75),
+        "claude-haiku-5-5": ModelPrice(input=1.0, output=5.0, cache_read=0.1, cache_write=1.25),
+    }
+
+
+class AgentConfig(_Section):
+    provider: Literal["auto", "anthropic", "offline"] = "auto"
+    model: str = "claude-sonnet-5-5"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = Field(None, description="read the API key from this file")
+    base_url: str | None = None
+    max_tokens: int = Field(16000, ge=256)
+    temperature: float = Field(1.0, ge=0, le=2)
+    timeout_s: float = Field(300.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    repair_rounds: int = Field(3, ge=0)
+    history_size: int = Field(30, ge=0)
+    nightly_cost_cap_usd: float = Field(20.0, ge=0)
+    prices: dict[str, ModelPrice] = Field(default_factory=_default_prices)
+
+    @model_validator(mode="after")
+    def _read_key_file(self) -> AgentConfig:
+        if self.api_key_file is not None:
+            try:
+                key = self.api_key_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"api_key_file {str(self.api_key_file)!r} cannot be read: {exc.strerror}") from None
+            if not key:
+                raise ValueError(f"api_key_file {str(self.api_key_file)!r} is empty")
+            object.__setattr__(self, "api_key", SecretStr(key))
+        return self
+
+    def resolved_provider(self) -> Literal["anthropic", "offline"]:
+        if self.provider == "auto":
+            return "anthropic" if self.api_key is not None else "offline"
+        return self.provider
+
+
+class JudgeConfig(_Section):
+    noise_runs: int = Field(2, ge=0, description="extra baseline runs (other seeds) measuring the noise floor")
+    k: float = Field(2.0, ge=0, description="keep only if improvement > k * noise std")
+    min_delta: float = Field(0.0005, ge=0, description="keep only if improvement > this, whatever the noise")
+    confirm: bool = True
+    max_consecutive_crashes: int = Field(8, ge=1)
+
+
+class WindowConfig(_Section):
+    cron: str = Field(description="crontab expression of the window's start, e.g. '0 22 * * mon-fri'")
+    hours: float = Field(gt=0, le=24 * 7)
+    name: str = ""
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"not a crontab expression ({exc})") from None
+        return value
+
+    @property
+    def duration(self) -> timedelta:
+        return timedelta(hours=self.hours)
+
+
+class IdleConfig(_Section):
+    enabled: bool = False
+    utilization_below: float = Field(10.0, ge=0, le=100)
+    minutes: float = Field(15.0, ge=0)
+    preempt: bool = True
+    poll_seconds: float = Field(10.0, gt=0)
+
+
+class SchedulerConfig(_Section):
+    timezone: str = "UTC"
+    windows: list[WindowConfig] = Field(default_factory=list)
+    idle: IdleConfig = Field(default_factory=IdleConfig)
+    grace_s: float = Field(600.0, ge=0, description="how long a running experiment may finish at shutdown")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown time zone (use an IANA name such as 'Europe/Berlin')") from None
+        return value
+
+
+class MetricsConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class Settings(BaseSettings):
+    """All settings of the daemon. Build with `load_settings`, which turns errors into `ConfigError`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    workspace: Path = Path("workspace")
+    gpus: list[str] = Field(default_factory=list, description="GPU UUIDs to use; empty = every GPU NVML sees")
+    instance: str = Field("", description="daemon instance name (labels, leases); default host name")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    # The TOML path is a class-level hook because pydantic-settings builds sources per class.
+    _toml_path: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_path))
+        return tuple(sources)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.workspace / 'autoresearch.db').resolve()}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.data.dir if self.data.dir is not None else self.workspace / "data"
+
+    @property
+    def instance_name(self) -> str:
+        import socket
+
+        return self.instance or socket.gethostname()
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = _format_location(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key {key!r} (check the spelling; see README 'Configuration')")
+            continue
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"{origin}: {key}{shown}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings; raise `ConfigError` with one line per problem.
+
+    An explicitly given `config_path` must exist; the default `./autoresearch.toml` is optional.
+    """
+    explicit = config_path is not None
+    path = config_path if explicit else Path(os.environ.get(f"{ENV_PREFIX}CONFIG", DEFAULT_CONFIG_PATH))
+    assert path is not None
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file {str(path)!r} does not exist", hint="run `autoresearch init` or fix --config")
+        path = None
+    origin = f"config {str(path)!r}" if path is not None else "config"
+    settings_cls = type("LoadedSettings", (Settings,), {"_toml_path": path})
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+    except ValueError as exc:  # TOML syntax errors and env values that are not JSON for nested keys
+        raise ConfigError(f"{origin}: {exc}") from None

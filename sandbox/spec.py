@@ -1,0 +1,117 @@
+"""What a sandbox run is asked to do (`RunSpec`) and what it reports back (`RunResult`).
+
+These two types are the whole contract between the daemon and a backend: the daemon never talks to
+Docker or to subprocesses directly.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class RunStatus(str, enum.Enum):
+    """How a run ended, as seen from outside the sandbox."""
+
+    OK = "ok"  # exited 0 within the time limit
+    FAILED = "failed"  # exited non-zero (crash, NaN fast-fail, refused split...)
+    TIMEOUT = "timeout"  # killed by us at the wall-clock limit
+    OOM = "oom"  # killed by the kernel at the memory limit
+    PREEMPTED = "preempted"  # killed by us because a foreign job wanted the GPU
+    INTERRUPTED = "interrupted"  # killed by us at shutdown or found orphaned by the reaper
+    INFRA_ERROR = "infra_error"  # the sandbox itself failed (engine down, create refused...)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path made visible inside the sandbox; read-only unless `writable`."""
+
+    source: Path
+    target: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one run. Memory is RAM + swap together (no swap beyond RAM)."""
+
+    timeout_s: float = 600.0
+    memory_bytes: int = 8 * 1024**3
+    cpus: float = 2.0
+    pids: int = 4096
+    shm_bytes: int = 1024**3
+    tmpfs_bytes: int = 2 * 1024**3
+    output_tail_bytes: int = 64 * 1024
+    out_file_max_bytes: int = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One sandboxed command: an image (ignored by the local backend), mounts, env, limits, labels.
+
+    `name` is deterministic (derived from experiment id, stage and attempt) so that a create retried
+    after a daemon crash finds the container it already made instead of making a second one.
+    """
+
+    name: str
+    command: tuple[str, ...]
+    image: str = ""
+    mounts: tuple[Mount, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    gpu_uuid: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/out"
+
+    def out_mount(self) -> Mount:
+        """The single writable mount (the run's out dir)."""
+        writable = [m for m in self.mounts if m.writable]
+        if len(writable) != 1:
+            from sandbox.errors import InvalidSpec
+
+            raise InvalidSpec(f"{self.name}: exactly one writable mount expected, found {len(writable)}")
+        return writable[0]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of a run: status, exit code, wall time, a sanitized output tail, files read safely."""
+
+    status: RunStatus
+    exit_code: int | None
+    wall_seconds: float
+    output_tail: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+    oom_killed: bool = False
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RunStatus.OK
+
+
+class Cancel:
+    """Asks a running sandbox to stop early, saying which status the run should end with.
+
+    The daemon sets it on shutdown (INTERRUPTED) or when a foreign job claims the GPU (PREEMPTED);
+    backends poll `reason` while they wait.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._event = threading.Event()
+        self._reason: RunStatus | None = None
+
+    def set(self, reason: RunStatus) -> None:
+        if self._reason is None:
+            self._reason = reason
+        self._event.set()
+
+    @property
+    def reason(self) -> RunStatus | None:
+        return self._reason
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)

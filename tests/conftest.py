@@ -1,0 +1,129 @@
+"""Shared fixtures and the service-marker policy.
+
+A test marked `docker`, `postgres`, `prometheus`, `chromium` or `gpu` needs that service. When it is
+missing the test is skipped with the reason on a developer's machine, but fails under CI (CI=true),
+where `make test` has set every service up (except a GPU, which CI never has: gpu tests always skip).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("AUTORESEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@functools.cache
+def _docker_reason() -> str | None:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        client.ping()
+        client.close()
+    except Exception as exc:  # any failure means "no engine"
+        return f"no Docker engine answers ({type(exc).__name__}); run `make services`"
+    return None
+
+
+@functools.cache
+def _postgres_reason() -> str | None:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(PG_ADMIN_URL)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("select 1"))
+        engine.dispose()
+    except Exception as exc:  # refused, missing role...
+        return f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(exc).__name__})"
+    return None
+
+
+@functools.cache
+def _prometheus_reason() -> str | None:
+    missing = [b for b in ("prometheus", "promtool") if shutil.which(b) is None]
+    return f"missing {', '.join(missing)}: apt-get install prometheus" if missing else None
+
+
+@functools.cache
+def _chromium_reason() -> str | None:
+    return None if shutil.which("chromium") else "no chromium: apt-get install chromium"
+
+
+@functools.cache
+def _gpu_reason() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    except ImportError:
+        pass
+    return "no CUDA GPU on this machine"
+
+
+_SERVICE_CHECKS = {
+    "docker": _docker_reason,
+    "postgres": _postgres_reason,
+    "prometheus": _prometheus_reason,
+    "chromium": _chromium_reason,
+    "gpu": _gpu_reason,
+}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    for marker, check in _SERVICE_CHECKS.items():
+        if item.get_closest_marker(marker) is None:
+            continue
+        reason = check()
+        if reason is None:
+            continue
+        if in_ci and marker != "gpu":
+            pytest.fail(f"CI must provide {marker}: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty Postgres database for this test run, dropped afterwards."""
+    import sqlalchemy
+
+    if (reason := _postgres_reason()) is not None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    name = f"autoresearch_test_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture()
+def run_cli(tmp_path: Path):
+    """Run the real `autoresearch` console script in a subprocess; returns CompletedProcess."""
+
+    def _run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+             timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+        full_env.update(env or {})
+        exe = Path(os.sys.executable).parent / "autoresearch"
+        return subprocess.run([str(exe), *args], cwd=cwd or tmp_path, env=full_env, text=True,
+                              capture_output=True, timeout=timeout, check=False)
+
+    return _run

@@ -14,7 +14,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -90,6 +98,8 @@ class AgentConfig(_Section):
     temperature: float = Field(1.0, ge=0, le=2)
     timeout_s: float = Field(300.0, gt=0)
     max_retries: int = Field(6, ge=0)
+    retry_backoff_s: float = Field(2.0, ge=0, description="first retry wait; doubles per attempt, with jitter")
+    retry_wait_max_s: float = Field(120.0, ge=0, description="cap on one retry wait, retry-after included")
     repair_rounds: int = Field(3, ge=0)
     history_size: int = Field(30, ge=0)
     nightly_cost_cap_usd: float = Field(20.0, ge=0)

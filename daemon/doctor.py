@@ -69,6 +69,9 @@ def check_database(settings: Settings) -> Check:
 
     url = settings.database_url
     shown = url.split("@")[-1] if "@" in url else url
+    if url.startswith("sqlite:///") and not settings.workspace.is_dir() and not settings.database.url:
+        return Check("database", WARN, f"workspace {str(settings.workspace)!r} does not exist yet",
+                     "autoresearch init (creates the workspace and its SQLite database)")
     try:
         current, head = schema_state(url)
     except Exception as exc:  # connection refused, bad URL, missing driver: all say "unreachable"

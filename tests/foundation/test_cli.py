@@ -45,9 +45,9 @@ def test_doctor_prints_a_table_with_a_verdict(run_cli, tmp_path: Path) -> None:
     names = {line.split("  ")[0].strip() for line in lines[2:] if line and not line.startswith("verdict")}
     assert {"python", "torch", "docker engine", "database", "metrics port", "api key"} <= names
     assert lines[-1].startswith("verdict: ")
-    # On this machine: CPU torch (warn), Docker answers, a fresh SQLite database is reachable but not migrated.
+    # On this machine: CPU torch (warn), Docker answers, the workspace is not initialised yet.
     assert "docker engine  ok" in proc.stdout
-    assert "autoresearch db upgrade" in proc.stdout
+    assert "autoresearch init" in proc.stdout
     assert proc.returncode == (1 if "NOT READY" in lines[-1] else 0)
 
 

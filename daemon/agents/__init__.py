@@ -1,0 +1,100 @@
+"""Research agents: they read the best `train.py` and the night's history and propose the next experiment.
+
+Two providers share one interface (`Agent.propose`): the Anthropic agent (Messages API with tool use)
+and the offline agent (AST-level hyperparameter search, no LLM, the embedded default). Every proposal
+has already been applied to the best source and validated (`daemon.agents.edits`) when it is returned.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from daemon.agents.accounting import AgentCallSink
+    from daemon.config import Settings
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One search/replace block against train.py; `search == ""` means `replace` is the whole new file."""
+
+    search: str
+    replace: str
+
+
+@dataclass(frozen=True)
+class Proposal:
+    description: str
+    hypothesis: str
+    edits: tuple[Edit, ...]
+    source: str  # the candidate train.py, edits applied and validated
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    id: int
+    status: str
+    val_bpb: float | None
+    delta: float | None  # val_bpb minus the best's val_bpb at the time; negative = better
+    description: str
+
+
+@dataclass(frozen=True)
+class CrashInfo:
+    experiment_id: int
+    description: str
+    status: str
+    output_tail: str
+    diff: str = ""  # the crashed candidate's diff against its parent, so a fix can redo the same idea
+
+
+@dataclass(frozen=True)
+class ProposalContext:
+    session_id: int
+    program_md: str
+    best_source: str
+    best_id: int | None
+    best_val_bpb: float | None
+    baseline_val_bpb: float | None
+    history: tuple[HistoryItem, ...]
+    seen_hashes: frozenset[str]
+    crash: CrashInfo | None = None
+    # Start of tonight's spending window for the cost cap; None = the last 24 hours.
+    cost_since: datetime | None = None
+
+
+class Agent(Protocol):
+    name: str
+
+    def propose(self, ctx: ProposalContext) -> Proposal: ...
+
+
+class Clock(Protocol):
+    """Time seam: agents read the time and wait through it, so tests can run retries without waiting."""
+
+    def now(self) -> datetime: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def make_agent(settings: Settings, store: AgentCallSink, clock: Clock) -> Agent:
+    """The agent that `settings.agent.provider` selects ("auto": Anthropic when an API key is set)."""
+    # Imported here so that the offline default never loads the Anthropic SDK.
+    if settings.agent.resolved_provider() == "anthropic":
+        from daemon.agents.anthropic_agent import AnthropicAgent
+
+        return AnthropicAgent(settings.agent, store, clock)
+    from daemon.agents.offline import OfflineAgent
+
+    return OfflineAgent()

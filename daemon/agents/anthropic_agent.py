@@ -1,0 +1,241 @@
+"""The Anthropic research agent: Messages API with one forced tool, `propose_experiment`.
+
+Retries are ours (the SDK's are switched off) so that every attempt is counted, costed, capped and
+waits through the clock seam. A reply that fails validation goes back to the model as an error tool
+result with the exact reason, up to `agent.repair_rounds` times.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import anthropic
+from anthropic.types import Message
+
+from daemon.agents import Clock, Edit, Proposal, ProposalContext
+from daemon.agents.accounting import (
+    DEFAULT_CAP_WINDOW,
+    AgentCallSink,
+    TokenUsage,
+    check_cost_cap,
+    cost_usd,
+    price_for,
+)
+from daemon.agents.edits import apply_edits, validate_candidate
+from daemon.agents.prompt import (
+    TOOL_NAME,
+    build_prompt,
+    packaged_prepare_source,
+    prepare_interface,
+    tool_definition,
+)
+from daemon.config import AgentConfig
+from daemon.errors import AgentError, AgentFatal, ConfigError, InvalidProposal
+from daemon.logs import get_logger
+from daemon.store.records import AgentCallRecord
+
+PROVIDER = "anthropic"
+MAX_DESCRIPTION_CHARS = 200
+_API_DEFAULT_TEMPERATURE = 1.0
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+_FATAL_HINTS = {
+    401: "the API key was rejected: check agent.api_key or agent.api_key_file",
+    403: "the API key may not use this model or endpoint: check the account's permissions and agent.model",
+    404: "check agent.model and agent.base_url",
+}
+
+log = get_logger("autoresearch.agent")
+
+
+class AnthropicAgent:
+    name = PROVIDER
+
+    def __init__(self, config: AgentConfig, sink: AgentCallSink, clock: Clock,
+                 prepare_source: str | None = None, rng: random.Random | None = None) -> None:
+        if config.api_key is None:
+            raise ConfigError("the Anthropic agent needs an API key",
+                              hint="set agent.api_key_file (or AUTORESEARCH_AGENT__API_KEY), or use provider = 'offline'")
+        self._config = config
+        self._price = price_for(config.prices, config.model)
+        self._sink = sink
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._prepare_text = prepare_interface(prepare_source if prepare_source is not None else packaged_prepare_source())
+        self._client = anthropic.Anthropic(
+            api_key=config.api_key.get_secret_value(),
+            base_url=config.base_url,
+            max_retries=0,
+            timeout=config.timeout_s,
+        )
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        prompt = build_prompt(ctx, self._prepare_text)
+        messages = list(prompt.messages)
+        problem = ""
+        for round_number in range(self._config.repair_rounds + 1):
+            response = self._create(prompt.system, messages, ctx)
+            tool_use = next((b for b in response.content if b.type == "tool_use" and b.name == TOOL_NAME), None)
+            try:
+                if tool_use is None or response.stop_reason == "max_tokens":
+                    raise InvalidProposal(_no_tool_reason(response))
+                description, hypothesis, edits = parse_tool_input(tool_use.input)
+                source = apply_edits(ctx.best_source, edits)
+                validate_candidate(source, ctx.seen_hashes)
+            except InvalidProposal as exc:
+                problem = str(exc)
+                log.info("agent_proposal_invalid", round=round_number, problem=problem)
+                messages.append({"role": "assistant", "content": _as_params(response)})
+                if tool_use is not None:
+                    feedback: Any = [{"type": "tool_result", "tool_use_id": tool_use.id, "is_error": True,
+                                      "content": problem}]
+                else:
+                    feedback = f"Your reply was not usable: {problem}. Call {TOOL_NAME} now."
+                messages.append({"role": "user", "content": feedback})
+                continue
+            return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source)
+        raise AgentError(
+            f"the model gave no valid proposal in {self._config.repair_rounds + 1} replies; last problem: {problem}",
+            hint="the next proposal starts afresh; raise agent.repair_rounds if this happens often",
+        )
+
+    def _create(self, system: list[dict[str, Any]], messages: list[dict[str, Any]], ctx: ProposalContext) -> Message:
+        """One Messages API call with our retries; every attempt is recorded and checked against the cap."""
+        since = ctx.cost_since or self._clock.now() - DEFAULT_CAP_WINDOW
+        attempts = self._config.max_retries + 1
+        last_error = ""
+        request: dict[str, Any] = {
+            "model": self._config.model,
+            "max_tokens": self._config.max_tokens,
+            "system": system,
+            "tools": [tool_definition()],
+            "tool_choice": {"type": "tool", "name": TOOL_NAME},
+            "messages": messages,
+        }
+        if self._config.temperature != _API_DEFAULT_TEMPERATURE:
+            # This SDK no longer has a temperature parameter (newer models fix it); send it only when asked for.
+            request["extra_body"] = {"temperature": self._config.temperature}
+        for attempt in range(attempts):
+            check_cost_cap(self._sink, self._config.nightly_cost_cap_usd, since)
+            started = time.monotonic()
+            retry_after: float | None = None
+            try:
+                response = self._client.messages.create(**request)
+            except anthropic.APIStatusError as exc:
+                last_error = f"HTTP {exc.status_code}: {exc.message}"
+                self._record(ctx, time.monotonic() - started, error=last_error)
+                if exc.status_code not in _RETRYABLE_STATUS and exc.status_code < 500:
+                    raise AgentFatal(f"the Anthropic API refused the request ({last_error})",
+                                     hint=_FATAL_HINTS.get(exc.status_code, "check the agent settings and the request")) from None
+                retry_after = self._retry_after(exc.response.headers)
+            except anthropic.APIConnectionError as exc:  # also timeouts
+                last_error = f"{type(exc).__name__}: {exc}"
+                self._record(ctx, time.monotonic() - started, error=last_error)
+            else:
+                self._record(ctx, time.monotonic() - started, response=response)
+                return response
+            if attempt + 1 == attempts:
+                break
+            wait = self._wait_seconds(attempt, retry_after)
+            log.warning("agent_call_retry", attempt=attempt + 1, of=attempts, wait_s=round(wait, 3), error=last_error)
+            self._clock.sleep(wait)
+        raise AgentError(f"the Anthropic API failed {attempts} times in a row; last error: {last_error}",
+                         hint="check the network and the API status; the next proposal tries again")
+
+    def _wait_seconds(self, attempt: int, retry_after: float | None) -> float:
+        cap = self._config.retry_wait_max_s
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), cap)
+        # Exponential backoff with jitter, so that several lanes do not retry in lockstep.
+        return min(self._config.retry_backoff_s * 2**attempt, cap) * self._rng.uniform(0.5, 1.0)
+
+    def _retry_after(self, headers: Mapping[str, str]) -> float | None:
+        if (millis := headers.get("retry-after-ms")) is not None:
+            try:
+                return float(millis) / 1000
+            except ValueError:
+                pass
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            pass
+        try:
+            return (parsedate_to_datetime(value) - self._clock.now()).total_seconds()
+        except (TypeError, ValueError):
+            return None
+
+    def _record(self, ctx: ProposalContext, latency_s: float, response: Message | None = None, error: str = "") -> None:
+        usage = TokenUsage()
+        if response is not None:
+            usage = TokenUsage(
+                input=response.usage.input_tokens,
+                output=response.usage.output_tokens,
+                cache_read=response.usage.cache_read_input_tokens or 0,
+                cache_write=response.usage.cache_creation_input_tokens or 0,
+            )
+        cost = cost_usd(self._price, usage)
+        self._sink.record_agent_call(AgentCallRecord(
+            provider=PROVIDER, model=self._config.model, outcome="error" if error else "ok",
+            input_tokens=usage.input, output_tokens=usage.output,
+            cache_read_tokens=usage.cache_read, cache_write_tokens=usage.cache_write,
+            cost_usd=cost, latency_s=latency_s, error=error, session_id=ctx.session_id,
+        ))
+        log.info("agent_call", model=self._config.model, outcome="error" if error else "ok",
+                 input_tokens=usage.input, output_tokens=usage.output, cache_read_tokens=usage.cache_read,
+                 cache_write_tokens=usage.cache_write, cost_usd=round(cost, 6), latency_s=round(latency_s, 3))
+
+
+def parse_tool_input(raw: object) -> tuple[str, str, tuple[Edit, ...]]:
+    """(description, hypothesis, edits) from the tool call's input, or `InvalidProposal` naming the problem."""
+    if not isinstance(raw, dict):
+        raise InvalidProposal(f"the {TOOL_NAME} input must be an object with description, hypothesis and edits")
+    description = raw.get("description")
+    hypothesis = raw.get("hypothesis", "")
+    if not isinstance(description, str) or not description.strip():
+        raise InvalidProposal("description is missing: give one line saying what changed")
+    description = description.strip()
+    if "\n" in description or len(description) > MAX_DESCRIPTION_CHARS:
+        raise InvalidProposal(f"description must be one line of at most {MAX_DESCRIPTION_CHARS} characters")
+    if not isinstance(hypothesis, str):
+        raise InvalidProposal("hypothesis must be a string")
+    whole_file = raw.get("whole_file")
+    raw_edits = raw.get("edits") or []
+    if whole_file is not None:
+        if not isinstance(whole_file, str) or not whole_file.strip():
+            raise InvalidProposal("whole_file must be the complete new train.py as a string")
+        if raw_edits:
+            raise InvalidProposal("give either edits or whole_file, not both")
+        return description, hypothesis.strip(), (Edit(search="", replace=whole_file),)
+    if not isinstance(raw_edits, list) or not raw_edits:
+        raise InvalidProposal("edits must be a non-empty list of {search, replace} objects (or give whole_file)")
+    edits = []
+    for number, item in enumerate(raw_edits, start=1):
+        if not isinstance(item, dict) or not isinstance(item.get("search"), str) or not isinstance(item.get("replace"), str):
+            raise InvalidProposal(f"edit {number} must be an object with string fields search and replace")
+        if not item["search"]:
+            raise InvalidProposal(f"edit {number} has an empty search text: quote the lines to change (or use whole_file)")
+        edits.append(Edit(search=item["search"], replace=item["replace"]))
+    return description, hypothesis.strip(), tuple(edits)
+
+
+def _no_tool_reason(response: Message) -> str:
+    if response.stop_reason == "max_tokens":
+        return "the reply was cut off at max_tokens before the tool call ended: use smaller edits"
+    return f"the reply did not call {TOOL_NAME}"
+
+
+def _as_params(response: Message) -> list[dict[str, Any]]:
+    """The reply's text and tool-use blocks as request parameters, to send the conversation back."""
+    blocks: list[dict[str, Any]] = []
+    for block in response.content:
+        if block.type == "text":
+            blocks.append({"type": "text", "text": block.text})
+        elif block.type == "tool_use":
+            blocks.append({"type": "tool_use", "id": block.id, "name": block.name, "input": block.input})
+    return blocks

@@ -1,0 +1,54 @@
+"""Helpers of the agent tests: a recording clock, an in-memory call sink, a proposal context on the baseline."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from daemon.agents import ProposalContext
+from daemon.store.records import AgentCallRecord
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BASELINE = (REPO_ROOT / "trainer" / "train.py").read_text()
+PROGRAM_MD = (REPO_ROOT / "program.md").read_text()
+
+
+class RecordingClock:
+    """Real wall time plus whatever was 'slept'; sleeping only records the wait, so retries run at once."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc) + timedelta(seconds=sum(self.sleeps))
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+class MemorySink:
+    """The AgentCallSink protocol over a list, with calls timestamped like the store does."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[datetime, AgentCallRecord]] = []
+
+    def record_agent_call(self, record: AgentCallRecord) -> AgentCallRecord:
+        self.calls.append((datetime.now(timezone.utc), record))
+        return record
+
+    def cost_since(self, since: datetime) -> float:
+        return sum(record.cost_usd for at, record in self.calls if at >= since)
+
+    @property
+    def records(self) -> list[AgentCallRecord]:
+        return [record for _, record in self.calls]
+
+
+def make_context(**overrides: Any) -> ProposalContext:
+    fields: dict[str, Any] = {
+        "session_id": 1, "program_md": PROGRAM_MD, "best_source": BASELINE, "best_id": 1,
+        "best_val_bpb": 1.25, "baseline_val_bpb": 1.25, "history": (), "seen_hashes": frozenset(), "crash": None,
+    }
+    fields.update(overrides)
+    return ProposalContext(**fields)

@@ -103,7 +103,8 @@ def postgres_url() -> Iterator[str]:
             pytest.fail(reason)
         pytest.skip(reason)
     name = f"autoresearch_test_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # pre-ping: the store's restart test restarts Postgres, killing this engine's pooled connection
+    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     try:
@@ -127,3 +128,40 @@ def run_cli(tmp_path: Path):
                               capture_output=True, timeout=timeout, check=False)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DATA_DIR (train/ and val/ splits, vocab 512) prepared from ~1.5 MB of stdlib files."""
+    import sysconfig
+
+    from trainer.prepare import prepare_data
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    copied = 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        if path.stat().st_size > 60_000:
+            continue  # many small files give the val split enough documents
+        shutil.copy(path, corpus / path.name)
+        copied += path.stat().st_size
+        if copied > 1_500_000:
+            break
+    return prepare_data(str(corpus), tmp_path_factory.mktemp("data"), vocab_size=512, progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def baseline_source() -> str:
+    """The text of the baseline candidate, trainer/train.py."""
+    return (REPO_ROOT / "trainer" / "train.py").read_text()
+
+
+@pytest.fixture(scope="session")
+def trainer_image() -> str:
+    """The offline CPU trainer image (built once per input hash, then cached); skips without Docker."""
+    if (reason := _docker_reason()) is not None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from sandbox.images import ensure_offline_image
+
+    return ensure_offline_image()

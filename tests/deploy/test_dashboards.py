@@ -1,0 +1,367 @@
+"""Grafana provisioning and the "autoresearch / night" dashboard: structure, and every query run for real.
+
+PromQL: a Prometheus process started here (deploy/prometheus/prometheus.yml with the test's target and a
+1 s interval, alerts.yml loaded) scrapes a real `daemon.http` /metrics endpoint while a short session is fed
+through the `daemon.metrics.Metrics` API. `metrics_target` is the one place to switch to a real short
+CPU session of the daemon. SQL: the real schema (`Store.upgrade()`) filled through the real Store API.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+import yaml
+
+from daemon.http import Heartbeat, start_http_server
+from daemon.metrics import Metrics
+from daemon.store import AgentCallRecord, Store, open_store
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARD_DIR = REPO / "grafana" / "dashboards"
+PROVISIONING = REPO / "grafana" / "provisioning"
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+# Alerts of a healthy short session: their expressions must evaluate (rule health "ok") and be empty.
+EXPECTED_EMPTY_ALERTS = {
+    "AutoresearchDaemonDown", "AutoresearchNoExperimentFinished", "AutoresearchConsecutiveCrashes",
+    "AutoresearchGpuQuarantined", "AutoresearchCostCapReached", "AutoresearchNoImprovementTonight",
+}
+# Grafana's interval variables, given the values Grafana would pick for a short range.
+GRAFANA_INTERVALS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "10m"}
+
+
+def _dashboards() -> list[dict[str, Any]]:
+    return [json.loads(path.read_text()) for path in sorted(DASHBOARD_DIR.glob("*.json"))]
+
+
+def _datasources() -> list[dict[str, Any]]:
+    found = []
+    for path in sorted((PROVISIONING / "datasources").glob("*.yaml")):
+        found += yaml.safe_load(path.read_text())["datasources"]
+    return found
+
+
+def _targets(kind: str) -> list[tuple[str, str]]:
+    """(panel title, query) of every target whose datasource type is `kind`, plus templating queries."""
+    found = []
+    for dashboard in _dashboards():
+        for panel in dashboard["panels"]:
+            for target in panel.get("targets", []):
+                if target["datasource"]["type"] == kind:
+                    found.append((panel["title"], target["expr"] if kind == "prometheus" else target["rawSql"]))
+        for variable in dashboard["templating"]["list"]:
+            if variable["datasource"]["type"] == kind:
+                found.append((f"variable {variable['name']}", variable["query"]))
+    return found
+
+
+# --- structure ---------------------------------------------------------------------------------------
+
+
+def test_night_dashboard_exists_with_its_title() -> None:
+    """grafana/dashboards/night.json is the dashboard "autoresearch / night"."""
+    night = json.loads((DASHBOARD_DIR / "night.json").read_text())
+    assert night["title"] == "autoresearch / night" and night["uid"] == "autoresearch-night"
+
+
+def test_dashboard_and_panel_ids_are_unique() -> None:
+    """Dashboard uids are unique across files, panel ids unique within a dashboard."""
+    dashboards = _dashboards()
+    uids = [d["uid"] for d in dashboards]
+    assert len(uids) == len(set(uids))
+    for dashboard in dashboards:
+        ids = [p["id"] for p in dashboard["panels"]]
+        assert len(ids) == len(set(ids)), dashboard["uid"]
+
+
+def test_every_datasource_reference_is_provisioned() -> None:
+    """Each panel, target and variable names a datasource uid and type that provisioning defines."""
+    provisioned = {(d["uid"], d["type"]) for d in _datasources()}
+    for dashboard in _dashboards():
+        refs = [v["datasource"] for v in dashboard["templating"]["list"]]
+        for panel in dashboard["panels"]:
+            refs.append(panel["datasource"])
+            refs += [t["datasource"] for t in panel["targets"]]
+        for ref in refs:
+            assert (ref["uid"], ref["type"]) in provisioned, ref
+
+
+def test_provisioned_datasource_uids_are_unique_and_one_is_default() -> None:
+    """Datasource uids do not collide and exactly one datasource is the default."""
+    sources = _datasources()
+    assert len({d["uid"] for d in sources}) == len(sources)
+    assert sum(bool(d.get("isDefault")) for d in sources) == 1
+
+
+def test_dashboard_provider_points_at_the_mounted_folder() -> None:
+    """The file provider loads the folder that compose.yaml mounts grafana/dashboards into."""
+    provider = yaml.safe_load((PROVISIONING / "dashboards" / "autoresearch.yaml").read_text())["providers"][0]
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"../grafana/dashboards:{provider['options']['path']}:ro" in mounts
+
+
+def test_dashboard_covers_the_night() -> None:
+    """The panels the night needs are there, with a Postgres table of the session's experiments."""
+    titles = {p["title"] for p in json.loads((DASHBOARD_DIR / "night.json").read_text())["panels"]}
+    for title in ("Best val_bpb over time", "val_bpb per experiment (kept vs discarded)", "Experiments by status",
+                  "GPU lanes busy", "Lane duty cycle", "Window state", "Agent tokens per hour", "Agent cost",
+                  "Crash streak", "Experiments of the session"):
+        assert title in titles, title
+
+
+# --- PromQL against a real Prometheus ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _feed_short_session(metrics: Metrics, pause: float) -> None:
+    """A window with a baseline, noise runs, candidates (kept, discarded, crashed) and agent calls, over time."""
+    now = datetime.now(timezone.utc)
+    metrics.window(active=True, started_at=now)
+    metrics.gpu_quarantined("GPU-test-0", False)
+    metrics.foreign_processes("GPU-test-0", 0)
+    metrics.consecutive_crashes(0)
+    metrics.cost(tonight_usd=0.0, cap_usd=20.0)
+    steps: list[tuple[str, str, float | None]] = [
+        ("baseline", "kept", 1.2031), ("noise", "measured", 1.2040), ("candidate", "discarded", 1.2055),
+        ("candidate", "kept", 1.1987), ("candidate", "crashed", None), ("candidate", "discarded", 1.1990),
+    ]
+    cost = 0.0
+    for kind, status, val_bpb in steps:
+        metrics.lane_busy("gpu0", True)
+        time.sleep(pause)
+        metrics.stage_finished("train", seconds=4.0, overhead_s=0.4)
+        metrics.stage_finished("eval", seconds=1.0, overhead_s=0.3)
+        metrics.lane_busy("gpu0", False)
+        metrics.experiment_finished(kind, status, "gpu0", val_bpb=val_bpb, duration_s=6.0)
+        if kind == "baseline":
+            metrics.baseline(1.2031)
+            metrics.best(1.2031)
+        elif status == "kept" and val_bpb is not None:
+            metrics.best(val_bpb)
+        metrics.noise_std(0.0006)
+        metrics.consecutive_crashes(1 if status == "crashed" else 0)
+        if kind == "candidate":
+            cost += 0.07
+            metrics.agent_call("anthropic", "claude-sonnet-5-5", "ok", input_tokens=9000, output_tokens=1500,
+                               cache_read_tokens=6000, cache_write_tokens=800, cost_usd=0.07, latency_s=12.0)
+            metrics.cost(tonight_usd=cost)
+        time.sleep(pause)
+
+
+@pytest.fixture(scope="module")
+def metrics_endpoint() -> Iterator[tuple[str, Callable[[], None]]]:
+    """(host:port of a real daemon /metrics endpoint, a function that runs a short session against it).
+
+    To test against a real short CPU session instead, start the daemon here and return a function that
+    waits for its session to end.
+    """
+    metrics = Metrics(training_budget_s=5.0, cost_cap_usd=20.0)
+    heartbeat = Heartbeat(max_age_s=600)
+    heartbeat.beat()
+    server = start_http_server("127.0.0.1", 0, metrics.registry, db_ping=lambda: True, heartbeat=heartbeat)
+    try:
+        yield f"127.0.0.1:{server.port}", lambda: _feed_short_session(metrics, pause=0.6)
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def live_prometheus(
+    metrics_endpoint: tuple[str, Callable[[], None]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Base URL of a real Prometheus that scraped a whole short session every second, alerts.yml loaded."""
+    if shutil.which("prometheus") is None:
+        pytest.skip("no prometheus binary: apt-get install prometheus")
+    target, run_session = metrics_endpoint
+    work = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log_path = work / "prometheus.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            ["prometheus", f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until(lambda: _query(base, 'up{job="autoresearch"} == 1'), "scraping the daemon", process, log_path)
+        run_session()
+        # Two more scrapes and rule evaluations after the session's last change.
+        time.sleep(2.5)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _wait_until(probe: Callable[[], object], what: str, process: subprocess.Popen[bytes], log_path: Path,
+                limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"prometheus exited: {log_path.read_text()[-2000:]}")
+        try:
+            if probe():
+                return
+        except OSError:  # not listening yet
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"prometheus not {what} after {limit_s} s: {log_path.read_text()[-2000:]}")
+        time.sleep(0.3)
+
+
+def _query(base: str, expr: str) -> list[dict[str, Any]]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        reply = _get_json(url)
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"Prometheus rejected {expr!r}: {exc.read().decode()}") from None
+    assert reply["status"] == "success", reply
+    return list(reply["data"]["result"])
+
+
+def _expand_grafana_intervals(expr: str) -> str:
+    for variable, value in GRAFANA_INTERVALS.items():
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unexpanded Grafana variable in {expr!r}"
+    return expr
+
+
+@pytest.mark.prometheus
+def test_every_promql_query_returns_data(live_prometheus: str) -> None:
+    """Each Prometheus query of the dashboards returns at least one series from the scraped session."""
+    queries = _targets("prometheus")
+    assert queries
+    empty = [(title, expr) for title, expr in queries if not _query(live_prometheus, _expand_grafana_intervals(expr))]
+    assert empty == []
+
+
+@pytest.mark.prometheus
+def test_every_alert_rule_evaluates_and_healthy_session_fires_none(live_prometheus: str) -> None:
+    """Prometheus evaluates every alert rule without error; on a healthy session each is expected-empty."""
+    rules = [rule for group in _get_json(f"{live_prometheus}/api/v1/rules")["data"]["groups"] for rule in group["rules"]]
+    assert {rule["name"] for rule in rules} == EXPECTED_EMPTY_ALERTS
+    for rule in rules:
+        assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+        assert _query(live_prometheus, rule["query"]) == [], rule["name"]
+    assert _query(live_prometheus, 'up{job="autoresearch"} == 1')
+
+
+# --- SQL against the real Postgres schema --------------------------------------------------------------
+
+
+def _run_experiment(store: Store, session_id: int, kind: str, status: str, val_bpb: float | None,
+                    parent_id: int | None, description: str) -> int:
+    created = store.create_experiment(session_id, kind, f"# train.py for {description}\n", parent_id=parent_id,
+                                      description=description)
+    claimed = store.claim_next(session_id, owner="test-owner", lane="gpu0", gpu_uuid="GPU-test-0", lease_seconds=600)
+    assert claimed is not None and claimed.id == created.id
+    if status == "crashed":
+        store.transition(created.id, "running", "crashed", exit_code=1, error="RuntimeError: boom")
+    else:
+        store.transition(created.id, "running", "evaluating")
+        store.transition(created.id, "evaluating", status, val_bpb=val_bpb)
+    return created.id
+
+
+@pytest.fixture(scope="module")
+def filled_session(postgres_url: str) -> Iterator[tuple[str, int]]:
+    """(database URL, session id) of a short session written through the real Store on the migrated schema."""
+    store = open_store(postgres_url, retry_seconds=5)
+    try:
+        store.upgrade()
+        session = store.create_session("night-test", "window", "# program\n", {"budget": 5})
+        baseline = _run_experiment(store, session.id, "baseline", "kept", 1.2031, None, "baseline")
+        _run_experiment(store, session.id, "candidate", "discarded", 1.2055, baseline, "lr 0.04 -> 0.05")
+        better = _run_experiment(store, session.id, "candidate", "kept", 1.1987, baseline, "depth 4 -> 6")
+        _run_experiment(store, session.id, "candidate", "crashed", None, better, "fused attention")
+        store.record_agent_call(AgentCallRecord(provider="anthropic", model="claude-sonnet-5-5", input_tokens=9000,
+                                                output_tokens=1500, cost_usd=0.07, latency_s=12.0,
+                                                session_id=session.id))
+        yield postgres_url, session.id
+    finally:
+        store.close()
+
+
+def _expand_grafana_sql(sql: str, session_id: int) -> str:
+    """Grafana's Postgres macros and the dashboard variable, as Grafana expands them."""
+    now = datetime.now(timezone.utc)
+    # Grafana writes whole seconds; round the end up so rows of this very second are inside the range.
+    start, end = (now - timedelta(hours=12), now + timedelta(seconds=1))
+    start, end = start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.strftime("%Y-%m-%dT%H:%M:%SZ")
+    sql = re.sub(r"\$__timeFilter\(([^)]+)\)", rf"\1 BETWEEN '{start}' AND '{end}'", sql)
+    sql = sql.replace("$session", str(session_id))
+    assert "$" not in sql, f"unexpanded Grafana macro in {sql!r}"
+    return sql
+
+
+def _run_sql(url: str, sql: str) -> list[dict[str, Any]]:
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.exec_driver_sql(sql)]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_every_sql_query_runs_on_the_real_schema_and_returns_rows(filled_session: tuple[str, int]) -> None:
+    """Each Postgres query of the dashboards (panels and variables) runs and returns rows for the session."""
+    url, session_id = filled_session
+    queries = _targets("grafana-postgresql-datasource")
+    assert queries
+    for title, sql in queries:
+        assert _run_sql(url, _expand_grafana_sql(sql, session_id)), title
+
+
+@pytest.mark.postgres
+def test_experiment_table_shows_every_experiment_with_its_delta(filled_session: tuple[str, int]) -> None:
+    """The session table lists all experiments, newest first, with val_bpb minus its parent's val_bpb."""
+    url, session_id = filled_session
+    sql = dict(_targets("grafana-postgresql-datasource"))["Experiments of the session"]
+    rows = _run_sql(url, _expand_grafana_sql(sql, session_id))
+    assert [r["status"] for r in rows] == ["crashed", "kept", "discarded", "kept"]
+    assert [r["description"] for r in rows][1] == "depth 4 -> 6"
+    assert rows[1]["delta"] == pytest.approx(1.1987 - 1.2031)
+    assert rows[2]["delta"] == pytest.approx(1.2055 - 1.2031)
+    assert rows[0]["delta"] is None and rows[3]["delta"] is None
+    assert {r["lane"] for r in rows} == {"gpu0"} and all(r["time"] is not None for r in rows)
+
+
+@pytest.mark.postgres
+def test_val_bpb_series_has_only_kept_and_discarded_points(filled_session: tuple[str, int]) -> None:
+    """The kept-vs-discarded chart gets one point per evaluated candidate, labelled by status."""
+    url, session_id = filled_session
+    sql = dict(_targets("grafana-postgresql-datasource"))["val_bpb per experiment (kept vs discarded)"]
+    rows = _run_sql(url, _expand_grafana_sql(sql, session_id))
+    assert sorted((r["metric"], r["value"]) for r in rows) == [
+        ("discarded", 1.2055), ("kept", 1.1987), ("kept", 1.2031)]

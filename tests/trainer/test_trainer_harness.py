@@ -1,0 +1,193 @@
+"""harness.py: the train stage runs a real candidate, the eval stage scores a checkpoint it does not trust."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import harness
+from trainer.prepare import export_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_ENV = {"AUTORESEARCH_PRESET": "tiny", "AUTORESEARCH_TIME_BUDGET": "4", "AUTORESEARCH_SEED": "0"}
+
+
+def _run_train(candidate: Path, data: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(TINY_ENV, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "trainer.harness", "train", "--candidate", str(candidate),
+                           "--data", str(data), "--out", str(out)],
+                          env=env, text=True, capture_output=True, timeout=300, check=False)
+
+
+def _run_eval(checkpoint: Path, data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, dict]:
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "4096")
+    code = harness.main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)])
+    result_path = out / "result.json"
+    return code, json.loads(result_path.read_text()) if result_path.exists() else {}
+
+
+class _TokenModel(torch.nn.Module):
+    """A small causal stand-in model; `mix` makes it peek along the sequence or across the batch."""
+
+    def __init__(self, vocab_size: int, mix: str = "") -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(vocab_size, 8)
+        self.head = torch.nn.Linear(8, vocab_size)
+        self.mix = mix
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(idx)
+        if self.mix == "sequence":
+            hidden = hidden + hidden.mean(dim=1, keepdim=True)
+        elif self.mix == "batch":
+            hidden = hidden + hidden.mean(dim=0, keepdim=True)
+        return self.head(hidden)
+
+
+# The baseline with its stop rule and LR schedule counted in steps instead of seconds, so that what the
+# tests see does not depend on how fast (or how loaded) the machine is.
+STEP_BASED = {
+    "PRINT_EVERY_SECONDS = 2.0": "PRINT_EVERY_SECONDS = 0.0",
+    "multiplier = lr_multiplier(training_time / time_budget)": "multiplier = lr_multiplier(step / 30)",
+    "if training_time >= time_budget:": "if step >= 30:",
+}
+
+
+@pytest.fixture(scope="module")
+def baseline_run(baseline_source: str, prepared_data: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    work = tmp_path_factory.mktemp("baseline")
+    source = baseline_source
+    for old, new in STEP_BASED.items():
+        assert old in source, f"the baseline no longer contains {old!r}"
+        source = source.replace(old, new)
+    (work / "train.py").write_text(source)
+    return _run_train(work / "train.py", prepared_data / "train", work / "out"), work / "out"
+
+
+@pytest.mark.slow
+def test_baseline_training_lowers_the_loss(baseline_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """A short real CPU run (30 steps) exits 0, lowers its loss and leaves a checkpoint and train.json."""
+    completed, out = baseline_run
+    assert completed.returncode == 0, completed.stdout[-2000:]
+    losses = [float(v) for v in re.findall(r"\| loss ([0-9.]+) \|", completed.stdout)]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.5
+    train_json = json.loads((out / "train.json").read_text())
+    assert train_json["exit_code"] == 0 and train_json["wall_seconds"] > 0
+    assert train_json["summary"]["depth"] == 2 and train_json["summary"]["num_steps"] == 30
+    assert (out / "model.pt2").is_file()
+
+
+@pytest.mark.slow
+def test_baseline_checkpoint_gets_a_finite_val_bpb(baseline_run: tuple[subprocess.CompletedProcess[str], Path],
+                                                   prepared_data: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval stage passes the baseline through the causality probe and scores it."""
+    _, out = baseline_run
+    code, result = _run_eval(out / "model.pt2", prepared_data / "val", tmp_path, monkeypatch)
+    assert code == 0
+    assert result["status"] == "ok" and result["probe"] == "passed" and result["error"] == ""
+    assert math.isfinite(result["val_bpb"]) and 0 < result["val_bpb"] < 9  # 9 bits ≈ a uniform guess over 512
+    assert result["vocab_size"] == 512 and result["num_params"] > 0 and len(result["checkpoint_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_fast(baseline_source: str, prepared_data: Path, tmp_path: Path) -> None:
+    """A candidate whose loss is NaN stops at once with a clear message and a non-zero exit."""
+    candidate = tmp_path / "train.py"
+    candidate.write_text(baseline_source.replace("LOGIT_SOFTCAP = 15.0", "LOGIT_SOFTCAP = float('nan')"))
+    completed = _run_train(candidate, prepared_data / "train", tmp_path / "out")
+    assert completed.returncode == 1
+    assert "FAIL: loss is nan at step 0" in completed.stdout
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["exit_code"] == 1
+
+
+def test_clean_exit_without_checkpoint_is_exit_4(prepared_data: Path, tmp_path: Path) -> None:
+    """A candidate that exits 0 but exports nothing makes the train stage fail."""
+    candidate = tmp_path / "train.py"
+    candidate.write_text("print('---')\nprint('num_steps: 3')\n")
+    completed = _run_train(candidate, prepared_data / "train", tmp_path / "out")
+    assert completed.returncode == harness.EXIT_NO_CHECKPOINT
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["summary"] == {"num_steps": 3.0}
+
+
+@pytest.mark.parametrize("split", ["val", "."])
+def test_train_refuses_to_see_the_val_split(prepared_data: Path, tmp_path: Path, split: str) -> None:
+    """The train stage exits 3 when its data folder is the val split or holds one."""
+    code = harness.main(["train", "--candidate", str(REPO_ROOT / "trainer" / "train.py"),
+                         "--data", str(prepared_data / split), "--out", str(tmp_path)])
+    assert code == harness.EXIT_WRONG_SPLIT
+    assert not (tmp_path / "train.json").exists()
+
+
+def test_eval_refuses_to_see_the_train_split(prepared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval stage exits 3 when its data folder is the train split."""
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "train", tmp_path, monkeypatch)
+    assert code == harness.EXIT_WRONG_SPLIT and result == {}
+
+
+def test_probe_catches_a_model_that_sees_the_future(prepared_data: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits that depend on later tokens make the result invalid, with no val_bpb."""
+    export_checkpoint(_TokenModel(512, mix="sequence"), tmp_path)
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch)
+    assert code == 0
+    assert result["status"] == "invalid" and result["val_bpb"] is None
+    assert "when only tokens after" in result["probe"]
+
+
+def test_probe_catches_a_model_that_reads_other_rows(prepared_data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of the eval batch are consecutive text, so mixing rows is peeking too."""
+    export_checkpoint(_TokenModel(512, mix="batch"), tmp_path)
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch)
+    assert code == 0 and result["status"] == "invalid"
+    assert "other rows" in result["probe"]
+
+
+def test_causal_stand_in_model_passes_the_probe(prepared_data: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that only looks at the current token is scored."""
+    export_checkpoint(_TokenModel(512), tmp_path)
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch)
+    assert code == 0 and result["status"] == "ok" and math.isfinite(result["val_bpb"])
+
+
+def test_checkpoint_for_another_vocabulary_is_rejected(prepared_data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with 300 logits against a 512-token tokenizer is invalid with a clear reason."""
+    export_checkpoint(_TokenModel(300), tmp_path)
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch)
+    assert code == 0 and result["status"] == "invalid"
+    assert "another vocabulary" in result["error"] and "vocab 512" in result["error"]
+
+
+def test_garbage_checkpoint_is_invalid(prepared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that is not an exported program is reported, not crashed on."""
+    (tmp_path / "model.pt2").write_bytes(b"not a zip archive")
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch)
+    assert code == 0 and result["status"] == "invalid"
+    assert "not a loadable torch.export program" in result["error"]
+
+
+def test_bad_eval_token_setting_is_refused(prepared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AUTORESEARCH_EVAL_TOKENS that is not a positive integer stops eval with exit 2."""
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "lots")
+    code = harness.main(["eval", "--checkpoint", str(tmp_path / "m.pt2"), "--data", str(prepared_data / "val"),
+                         "--out", str(tmp_path)])
+    assert code == harness.EXIT_USAGE and not (tmp_path / "result.json").exists()
+
+
+def test_parse_summary_reads_the_last_block() -> None:
+    """Only `key: number` lines after the last `---` count; other lines are skipped."""
+    text = "---\nnum_steps: 1\nstep 5 | loss 3.2\n---\ntraining_seconds: 300.1\nnote: fast\nnum_steps:        953\n"
+    assert harness.parse_summary(text) == {"training_seconds": 300.1, "num_steps": 953.0}

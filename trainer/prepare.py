@@ -1,0 +1,478 @@
+"""Fixed data preparation, tokenizer, dataloader and evaluation (the agent never edits this file).
+
+Host side (`prepare_data`): collect documents from a source, pin a validation split, train a BPE
+tokenizer on the train split, pre-tokenize both splits into flat token files, and lay them out as
+
+    DATA_DIR/meta.json
+    DATA_DIR/train/{tokens.bin, tokenizer.json, meta.json}
+    DATA_DIR/val/{tokens.bin, tokenizer.json, meta.json}
+
+Container side (everything else): `load_tokenizer`, `TokenLoader`, `token_byte_lengths`,
+`evaluate_bpb`, and the checkpoint format (`export_checkpoint` / `load_checkpoint`).
+Inside the container only torch, numpy and tiktoken exist: `tokenizers`, `pyarrow` and the
+download code are imported lazily by the host-only functions that need them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tiktoken
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Constants shared by every candidate and by the trusted evaluation
+
+SEQ_LEN = 1024                 # context length of evaluation (and of the default presets)
+EVAL_TOKENS = 2**19            # target tokens scored by the eval stage (capped by the val split size)
+EVAL_BATCH_SIZE = 16           # rows per eval forward pass
+DEFAULT_VOCAB_SIZE = 8192
+VAL_PER_MILLE = 100            # 10% of documents (chosen by content hash) form the pinned val split
+BOS_TOKEN = "<|bos|>"          # starts every document; the only special token
+PREPARE_VERSION = 1            # bump when the prepared layout or tokenization changes
+CHECKPOINT_NAME = "model.pt2"
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+# GPT-4-style pre-tokenizer split, with digit groups of at most 2 for small vocabularies.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+DOWNLOAD_RETRIES = 5
+DOWNLOAD_WORKERS = 4
+
+Progress = Callable[[str], None]
+
+
+class DataError(Exception):
+    """Prepared data or a data source is unusable; the message says what to do next."""
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: run `autoresearch prepare` to (re)build the data") from None
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}): run `autoresearch prepare` again") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources -> documents (host side)
+
+def _stdlib_files() -> list[Path]:
+    """The running interpreter's standard library sources, without site-packages and test suites."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [p for p in root.rglob("*.py") if not skipped.intersection(p.relative_to(root).parts)]
+    return sorted(files)
+
+
+def _text_documents(path: Path) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return  # a few stdlib files are deliberately not UTF-8; they are skipped, not guessed
+    elif suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise DataError(f"{path}:{line_no} is not JSON: fix or remove that line") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise DataError(f"{path}:{line_no} has no string field 'text': each line needs one")
+                yield record["text"]
+    elif suffix == ".parquet":
+        yield from _parquet_documents(path)
+
+
+def _parquet_documents(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq  # host only
+
+    parquet = pq.ParquetFile(path)
+    if "text" not in parquet.schema_arrow.names:
+        raise DataError(f"{path} has no 'text' column (columns: {parquet.schema_arrow.names})")
+    for batch in parquet.iter_batches(columns=["text"]):
+        yield from (text for text in batch.column(0).to_pylist() if isinstance(text, str))
+
+
+def _download(url: str, target: Path, progress: Progress) -> Path:
+    """Download `url` to `target`, resuming a partial `.part` file, with retries and backoff."""
+    if target.exists():
+        return target
+    partial = target.with_name(target.name + ".part")
+    for attempt in range(1, DOWNLOAD_RETRIES + 1):
+        have = partial.stat().st_size if partial.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                # A server that ignores Range answers 200 with the whole file: start over.
+                mode = "ab" if have and response.status == 206 else "wb"
+                with open(partial, mode) as handle:
+                    shutil.copyfileobj(response, handle, 1 << 20)
+            partial.rename(target)
+            progress(f"downloaded {url} ({target.stat().st_size / 1e6:.1f} MB)")
+            return target
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416:  # the part file is already complete
+                partial.rename(target)
+                return target
+            if exc.code < 500 and exc.code != 429:
+                raise DataError(f"download of {url} failed: HTTP {exc.code}; check the URL") from None
+            error: Exception = exc
+        except (urllib.error.URLError, OSError) as exc:
+            error = exc
+        progress(f"download of {url} failed ({error}); retry {attempt}/{DOWNLOAD_RETRIES}")
+        time.sleep(min(2.0**attempt * 0.1, 10.0))
+    raise DataError(f"download of {url} failed {DOWNLOAD_RETRIES} times: check the network or the URL")
+
+
+def _download_all(urls: list[str], cache_dir: Path, progress: Progress) -> list[Path]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    targets = [cache_dir / f"{i:05d}-{Path(url.split('?')[0]).name or 'shard.parquet'}" for i, url in enumerate(urls)]
+    done = 0
+    with ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
+        for _ in pool.map(lambda pair: _download(pair[0], pair[1], progress), zip(urls, targets, strict=True)):
+            done += 1
+            progress(f"shards {done}/{len(urls)}")
+    return targets
+
+
+def collect_documents(source: str, download_dir: Path, progress: Progress = print) -> list[str]:
+    """Documents of `source`: 'stdlib', a local file or folder, or comma-separated parquet URLs."""
+    if source == "stdlib":
+        files = _stdlib_files()
+    elif source.startswith(("http://", "https://")):
+        files = _download_all([u.strip() for u in source.split(",") if u.strip()], download_dir, progress)
+    else:
+        root = Path(source).expanduser()
+        if not root.exists():
+            raise DataError(f"data source {source!r} does not exist: give 'stdlib', a file, a folder or URLs")
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    documents = [doc for path in files for doc in _text_documents(path) if doc.strip()]
+    progress(f"collected {len(documents)} documents ({sum(map(len, documents)) / 1e6:.1f} M characters) from {source}")
+    return documents
+
+
+def is_val_document(text: str) -> bool:
+    """The pinned split: a document's own content decides, so adding documents moves no others."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 1000 < VAL_PER_MILLE
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: BPE trained with `tokenizers` on the host, used through tiktoken everywhere
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Map the printable characters of byte-level BPE back to the bytes they stand for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_for_byte = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in char_for_byte:
+            char_for_byte[b] = chr(256 + extra)
+            extra += 1
+    return {char: b for b, char in char_for_byte.items()}
+
+
+def train_tokenizer(documents: list[str], vocab_size: int) -> dict[str, Any]:
+    """Train byte-level BPE; returns the serialisable tokenizer (pattern, ranked token bytes, BOS)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers  # host only
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,  # one id is left for BOS
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    byte_of = _byte_level_alphabet()
+    # HF assigns ids in merge order, so an id is a valid tiktoken rank.
+    by_id = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    tokens = [bytes(byte_of[ch] for ch in piece) for piece, _ in by_id]
+    return {"format": "autoresearch-bpe-1", "pattern": SPLIT_PATTERN,
+            "tokens": [base64.b64encode(t).decode("ascii") for t in tokens], "bos": BOS_TOKEN}
+
+
+def _encoding_from_json(data: dict[str, Any], name: str) -> tiktoken.Encoding:
+    tokens = [base64.b64decode(t) for t in data["tokens"]]
+    ranks = {token: rank for rank, token in enumerate(tokens)}
+    if len(ranks) != len(tokens):
+        raise DataError(f"tokenizer {name} has duplicate tokens: run `autoresearch prepare` again")
+    return tiktoken.Encoding(name=name, pat_str=data["pattern"], mergeable_ranks=ranks,
+                             special_tokens={data["bos"]: len(tokens)})
+
+
+def load_tokenizer(split_dir: str | Path) -> tiktoken.Encoding:
+    """The split's tokenizer, after checking its checksum against the split's meta.json."""
+    split_dir = Path(split_dir)
+    meta = _read_json(split_dir / "meta.json")
+    path = split_dir / "tokenizer.json"
+    if not path.exists():
+        raise DataError(f"{path} is missing: run `autoresearch prepare` to rebuild the data")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != meta.get("tokenizer_sha256"):
+        raise DataError(f"{path} does not match the checksum in {split_dir / 'meta.json'} (corrupted or edited): "
+                        "delete the data folder and run `autoresearch prepare` again")
+    encoding = _encoding_from_json(json.loads(raw), name=f"autoresearch-{meta.get('vocab_size')}")
+    if encoding.n_vocab != meta.get("vocab_size"):
+        raise DataError(f"{path} has {encoding.n_vocab} tokens but meta.json says {meta.get('vocab_size')}: "
+                        "run `autoresearch prepare` again")
+    return encoding
+
+
+def bos_id(encoding: tiktoken.Encoding) -> int:
+    return encoding.encode_single_token(BOS_TOKEN)
+
+
+def token_byte_lengths(encoding: tiktoken.Encoding) -> torch.Tensor:
+    """UTF-8 byte length of every token id, from its raw bytes (a token may be a partial UTF-8
+    sequence: decoding it to text would count replacement characters instead). Special tokens: 0."""
+    special_ids = {encoding.encode_single_token(token) for token in encoding.special_tokens_set}
+    lengths = [0 if i in special_ids else len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)]
+    return torch.tensor(lengths, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation (host side)
+
+def _token_dtype(vocab_size: int) -> np.dtype[Any]:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _write_split(split: str, documents: list[str], encoding: tiktoken.Encoding, tokenizer_raw: bytes,
+                 directory: Path, common: dict[str, Any]) -> dict[str, Any]:
+    directory.mkdir()
+    dtype = _token_dtype(encoding.n_vocab)
+    bos = bos_id(encoding)
+    with open(directory / "tokens.bin", "wb") as handle:
+        num_tokens = 0
+        for start in range(0, len(documents), 1024):
+            for ids in encoding.encode_ordinary_batch(documents[start:start + 1024], num_threads=os.cpu_count() or 1):
+                row = np.asarray([bos, *ids], dtype=dtype)
+                handle.write(row.tobytes())
+                num_tokens += len(row)
+    (directory / "tokenizer.json").write_bytes(tokenizer_raw)
+    meta = {**common, "split": split, "dtype": dtype.name, "bos_id": bos, "num_documents": len(documents),
+            "num_bytes": sum(len(d.encode("utf-8")) for d in documents), "num_tokens": num_tokens,
+            "tokens_sha256": _sha256_file(directory / "tokens.bin")}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _is_prepared(out_dir: Path, input_sha256: str) -> bool:
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("input_sha256") == input_sha256 and all(
+        (out_dir / split / name).exists() for split in ("train", "val")
+        for name in ("tokens.bin", "tokenizer.json", "meta.json"))
+
+
+def prepare_data(source: str, out_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                 progress: Progress = print) -> Path:
+    """Prepare `source` into `out_dir` (layout in the module docstring); a no-op when unchanged."""
+    if not 256 + 1 < vocab_size <= 2**32:
+        raise DataError(f"vocab_size {vocab_size} is out of range: use more than 257 (bytes + BOS)")
+    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    documents = collect_documents(source, out_dir / ".downloads", progress)
+    fingerprint = hashlib.sha256(f"v{PREPARE_VERSION}:{vocab_size}:{SPLIT_PATTERN}".encode())
+    for doc in documents:
+        fingerprint.update(hashlib.sha256(doc.encode("utf-8")).digest())
+    input_sha256 = fingerprint.hexdigest()
+    if _is_prepared(out_dir, input_sha256):
+        progress(f"{out_dir} is already prepared from these inputs: nothing to do")
+        return out_dir
+
+    val_docs = [d for d in documents if is_val_document(d)]
+    train_docs = [d for d in documents if not is_val_document(d)]
+    if len(val_docs) < 1 or len(train_docs) < 2:
+        raise DataError(f"{source!r} gave {len(documents)} documents, too few for a train and a val split: "
+                        "use a source with more documents (e.g. more files, or a .jsonl with one text per line)")
+    progress(f"split: {len(train_docs)} train / {len(val_docs)} val documents; training BPE (vocab {vocab_size})")
+    tokenizer_raw = (json.dumps(train_tokenizer(train_docs, vocab_size)) + "\n").encode()
+    encoding = _encoding_from_json(json.loads(tokenizer_raw), name=f"autoresearch-{vocab_size}")
+    common = {"prepare_version": PREPARE_VERSION, "source": source, "input_sha256": input_sha256,
+              "vocab_size": encoding.n_vocab, "python": sys.version.split()[0],
+              "tokenizer_sha256": hashlib.sha256(tokenizer_raw).hexdigest()}
+
+    # Build beside the final folders and swap in at the end, so a crash leaves the old data intact.
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    try:
+        split_meta = {}
+        for split, docs in (("train", train_docs), ("val", val_docs)):
+            progress(f"tokenizing {split} ({len(docs)} documents)")
+            split_meta[split] = _write_split(split, docs, encoding, tokenizer_raw, staging / split, common)
+        top_meta = {**common, "counts": {s: {k: m[k] for k in ("num_documents", "num_bytes", "num_tokens")}
+                                         for s, m in split_meta.items()},
+                    "checksums": {f"{s}/tokens.bin": m["tokens_sha256"] for s, m in split_meta.items()}}
+        (out_dir / "meta.json").unlink(missing_ok=True)  # invalidates the old data first
+        for split in ("train", "val"):
+            if (out_dir / split).exists():
+                shutil.rmtree(out_dir / split)
+            (staging / split).rename(out_dir / split)
+            for path in (out_dir / split).iterdir():
+                path.chmod(0o444)
+        (out_dir / "meta.json").write_text(json.dumps(top_meta, indent=2) + "\n")
+        (out_dir / "meta.json").chmod(0o444)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress(f"prepared {out_dir} in {time.monotonic() - started:.1f} s: "
+             f"{split_meta['train']['num_tokens']:,} train / {split_meta['val']['num_tokens']:,} val tokens")
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading prepared data (container side)
+
+def read_split_meta(split_dir: str | Path) -> dict[str, Any]:
+    return _read_json(Path(split_dir) / "meta.json")
+
+
+def load_tokens(split_dir: str | Path) -> np.ndarray:
+    """The split's token stream as a read-only memmap (no tokenizing at training time)."""
+    split_dir = Path(split_dir)
+    meta = read_split_meta(split_dir)
+    path = split_dir / "tokens.bin"
+    if not path.exists():
+        raise DataError(f"{path} is missing: run `autoresearch prepare` to rebuild the data")
+    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(tokens) != meta["num_tokens"]:
+        raise DataError(f"{path} holds {len(tokens)} tokens, meta.json says {meta['num_tokens']}: "
+                        "the data is damaged; run `autoresearch prepare` again")
+    return tokens
+
+
+class TokenLoader:
+    """Training batches (x, y) of shape (batch_size, seq_len) from a split's token file.
+
+    The stream is cut into rows of seq_len + 1 tokens, visited in a seeded random order per epoch.
+    On CUDA, rows are staged in pinned memory and copied asynchronously."""
+
+    def __init__(self, split_dir: str | Path, batch_size: int, seq_len: int, device: str | torch.device = "cpu",
+                 seed: int = 0) -> None:
+        self.tokens = load_tokens(split_dir)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.device = torch.device(device)
+        self.num_rows = (len(self.tokens) - 1) // seq_len
+        if self.num_rows < batch_size:
+            raise DataError(f"the split has {len(self.tokens)} tokens, fewer than one batch of "
+                            f"{batch_size}×{seq_len}: use a smaller batch or prepare more data")
+        self.generator = np.random.default_rng(seed)
+        self.epoch, self._order, self._cursor = 0, self.generator.permutation(self.num_rows), 0
+        self._pinned = self.device.type == "cuda"
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cursor + self.batch_size > self.num_rows:
+            self.epoch += 1
+            self._order, self._cursor = self.generator.permutation(self.num_rows), 0
+        starts = self._order[self._cursor:self._cursor + self.batch_size] * self.seq_len
+        self._cursor += self.batch_size
+        rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        batch = torch.from_numpy(rows)
+        if self._pinned:
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+
+def eval_token_window(split_dir: str | Path, max_tokens: int = EVAL_TOKENS, seq_len: int = SEQ_LEN) -> np.ndarray:
+    """The fixed prefix of the val stream that is scored: whole rows of seq_len targets, plus one."""
+    tokens = load_tokens(split_dir)
+    rows = min(max_tokens, len(tokens) - 1) // seq_len
+    if rows < 1:
+        raise DataError(f"the val split has {len(tokens)} tokens, fewer than one row of {seq_len}: "
+                        "prepare a bigger corpus or raise AUTORESEARCH_EVAL_TOKENS")
+    return np.asarray(tokens[:rows * seq_len + 1], dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: bits per byte
+
+@torch.no_grad()
+def evaluate_bpb(model: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray | torch.Tensor,
+                 token_bytes: torch.Tensor, seq_len: int = SEQ_LEN, batch_size: int = EVAL_BATCH_SIZE,
+                 device: str | torch.device = "cpu") -> float:
+    """val_bpb = sum of target nats / (ln 2 × sum of target UTF-8 bytes); zero-byte (special) targets
+    are excluded from both sums. `tokens` holds rows × seq_len + 1 ids; `model` maps (B, T) int64
+    ids to (B, T, V) logits."""
+    stream = torch.as_tensor(tokens, dtype=torch.int64)
+    rows = (len(stream) - 1) // seq_len
+    inputs = stream[:rows * seq_len].view(rows, seq_len)
+    targets = stream[1:rows * seq_len + 1].view(rows, seq_len)
+    token_bytes = token_bytes.to(device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, rows, batch_size):
+        x = inputs[start:start + batch_size].to(device)
+        y = targets[start:start + batch_size].to(device)
+        logits = model(x).float()
+        nats = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        nbytes = token_bytes[y.reshape(-1)]
+        total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
+        total_bytes += nbytes.sum()
+    if total_bytes.item() == 0:
+        raise DataError("the evaluated tokens hold no bytes: the val split is empty or only special tokens")
+    return float(total_nats.item() / (math.log(2) * total_bytes.item()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint format: a torch.export program, (B, SEQ_LEN) int64 ids -> (B, SEQ_LEN, V) logits
+
+def export_checkpoint(model: torch.nn.Module, out_dir: str | Path, device: str | torch.device = "cpu") -> Path:
+    """Export `model` (eval mode, fp32) with a dynamic batch dimension to out_dir/model.pt2."""
+    path = Path(out_dir) / CHECKPOINT_NAME
+    example = torch.zeros(2, SEQ_LEN, dtype=torch.int64, device=device)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> torch.export.ExportedProgram:
+    """Load an exported program without running any of the candidate's Python code."""
+    if not Path(path).is_file():
+        raise DataError(f"checkpoint {path} is missing: the train stage must write {CHECKPOINT_NAME}")
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:  # torch raises many types for a damaged archive
+        raise DataError(f"checkpoint {path} is not a loadable torch.export program ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}): save it with trainer.prepare.export_checkpoint") from None

@@ -1,0 +1,336 @@
+"""Baseline GPT pretraining: the one file the research agent edits.
+
+Trains a small GPT on the prepared TRAIN split for a fixed wall-clock budget, then exports the model
+(`torch.export`) to $AUTORESEARCH_OUT_DIR/model.pt2 for the trusted eval stage, which computes val_bpb.
+Model: RoPE, QK-norm, ReLU² MLP, logit soft-cap, untied embeddings. Optimizers: Muon for the 2-D
+matrices of the transformer blocks, AdamW for embeddings, the LM head and scalars.
+CUDA: bf16 autocast, torch.compile, SDPA (flash) attention. CPU: fp32 and small presets.
+Environment: AUTORESEARCH_TIME_BUDGET (s), AUTORESEARCH_COMPILE_BUDGET (s), AUTORESEARCH_SEED,
+AUTORESEARCH_PRESET (auto|gpu|cpu|tiny), AUTORESEARCH_DATA_DIR, AUTORESEARCH_OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.prepare import SEQ_LEN, TokenLoader, export_checkpoint, read_split_meta
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters (edit freely)
+
+PRESETS = {
+    "gpu":  dict(depth=8, model_dim=512, n_head=4, seq_len=SEQ_LEN, device_batch=64, grad_accum=8),
+    "cpu":  dict(depth=4, model_dim=128, n_head=2, seq_len=SEQ_LEN, device_batch=1, grad_accum=1),
+    "tiny": dict(depth=2, model_dim=64, n_head=2, seq_len=128, device_batch=8, grad_accum=1),
+}
+EMBEDDING_LR = 0.2          # AdamW, token embedding (scaled by (model_dim/768)^-0.5)
+UNEMBEDDING_LR = 0.004      # AdamW, LM head (same scaling)
+SCALAR_LR = 0.02            # AdamW, any 0-/1-D parameter
+MATRIX_LR = 0.02            # Muon, every 2-D matrix inside the blocks
+MUON_MOMENTUM = 0.95
+ADAM_BETAS = (0.8, 0.95)
+WARMUP_FRACTION = 0.02      # of the time budget: linear LR warm-up
+WARMDOWN_FRACTION = 0.4     # of the time budget: linear decay to FINAL_LR_FRACTION at the end
+FINAL_LR_FRACTION = 0.0
+LOGIT_SOFTCAP = 15.0
+LOSS_EXPLOSION = 50.0       # a loss above this (or NaN) stops the run at once
+PRINT_EVERY_SECONDS = 2.0
+
+# Dense bf16 peak FLOP/s by device-name substring (first match wins, so longer names come first).
+PEAK_BF16_FLOPS = (
+    ("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+    ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("A10", 125e12),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    depth: int
+    model_dim: int
+    n_head: int
+    max_seq_len: int = SEQ_LEN
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.model_dim // config.n_head
+        self.c_q = nn.Linear(config.model_dim, config.model_dim, bias=False)
+        self.c_k = nn.Linear(config.model_dim, config.model_dim, bias=False)
+        self.c_v = nn.Linear(config.model_dim, config.model_dim, bias=False)
+        self.c_proj = nn.Linear(config.model_dim, config.model_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)  # QK-norm, then RoPE
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.model_dim, 4 * config.model_dim, bias=False)
+        self.c_proj = nn.Linear(4 * config.model_dim, config.model_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x), cos, sin)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.model_dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        head_dim = config.model_dim // config.n_head
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos()[None, None], persistent=False)
+        self.register_buffer("sin", angles.sin()[None, None], persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        bound = 3**0.5 * self.config.model_dim**-0.5  # uniform with std 1/sqrt(fan_in)
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)  # each block starts as the identity
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        T = idx.size(1)
+        cos, sin = self.cos[:, :, :T], self.sin[:, :, :T]
+        x = rms_norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(rms_norm(x)).float()
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer: Muon (momentum, then orthogonalized by a Newton-Schulz iteration)
+
+@torch.no_grad()
+def orthogonalize(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    a, b, c = 3.4445, -4.7750, 2.0315  # quintic coefficients that push singular values towards 1 fast
+    x = grad.bfloat16() if grad.is_cuda else grad.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float = MUON_MOMENTUM) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = orthogonalize(p.grad.lerp(buf, group["momentum"]))  # Nesterov
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+
+
+def build_optimizers(model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
+    dim_scale = (model.config.model_dim / 768) ** -0.5
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    scalars = [p for p in model.blocks.parameters() if p.ndim < 2]
+    adam_groups = [
+        dict(params=[model.wte.weight], lr=EMBEDDING_LR * dim_scale),
+        dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * dim_scale),
+    ]
+    if scalars:
+        adam_groups.append(dict(params=scalars, lr=SCALAR_LR))
+    adamw = torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0,
+                              fused=device.type == "cuda")
+    optimizers: list[torch.optim.Optimizer] = [adamw, Muon(matrices, lr=MATRIX_LR)]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(progress: float) -> float:
+    """LR factor from the elapsed fraction of the time budget: warm-up, flat, linear warm-down."""
+    if progress < WARMUP_FRACTION:
+        return (progress + 1e-3) / WARMUP_FRACTION
+    if progress < 1.0 - WARMDOWN_FRACTION:
+        return 1.0
+    remaining = max(0.0, 1.0 - progress) / WARMDOWN_FRACTION
+    return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * remaining
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+def peak_flops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), 0.0)
+
+
+def fail(message: str) -> None:
+    print(f"FAIL: {message}", flush=True)
+    sys.exit(1)
+
+
+def main() -> None:
+    started = time.perf_counter()
+    time_budget = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300"))
+    compile_budget = float(os.environ.get("AUTORESEARCH_COMPILE_BUDGET", "120"))
+    seed = int(os.environ.get("AUTORESEARCH_SEED", "0"))
+    data_dir = os.environ.get("AUTORESEARCH_DATA_DIR", "/data")
+    out_dir = os.environ.get("AUTORESEARCH_OUT_DIR", "/out")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset_name = os.environ.get("AUTORESEARCH_PRESET", "auto")
+    if preset_name == "auto":
+        preset_name = "gpu" if device.type == "cuda" else "cpu"
+    if preset_name not in PRESETS:
+        fail(f"unknown preset {preset_name!r}: use one of auto, {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    vocab_size = int(read_split_meta(data_dir)["vocab_size"])
+    config = GPTConfig(vocab_size=vocab_size, depth=preset["depth"], model_dim=preset["model_dim"],
+                       n_head=preset["n_head"])
+    model = GPT(config).to(device)
+    model.init_weights()
+    optimizers = build_optimizers(model, device)
+    train_model = torch.compile(model) if device.type == "cuda" else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    seq_len, device_batch, grad_accum = preset["seq_len"], preset["device_batch"], preset["grad_accum"]
+    tokens_per_step = seq_len * device_batch * grad_accum
+    num_params = sum(p.numel() for p in model.parameters())
+    embedding_params = model.wte.weight.numel()
+    flops_per_token = 6 * (num_params - embedding_params) + 12 * config.depth * config.model_dim * seq_len
+    gpu_peak = peak_flops(device)
+    # The first steps pay for compilation and allocator warm-up: timed apart, bounded, not in the budget.
+    warmup_steps = 2 if device.type == "cuda" else 1
+    print(f"preset {preset_name} on {device}: {num_params / 1e6:.2f}M params, depth {config.depth}, "
+          f"dim {config.model_dim}, {tokens_per_step:,} tokens/step, budget {time_budget:.0f} s", flush=True)
+
+    loader = TokenLoader(data_dir, device_batch, seq_len, device, seed=seed)
+    x, y = loader.next_batch()
+    step, training_time, warmup_time, last_print = 0, 0.0, 0.0, -math.inf
+    while True:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_start = time.perf_counter()
+        multiplier = lr_multiplier(training_time / time_budget)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * multiplier
+        for _ in range(grad_accum):
+            with autocast:
+                loss = train_model(x, y)
+            (loss / grad_accum).backward()
+            x, y = loader.next_batch()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # also synchronizes the device, so the step time below is real
+        if not math.isfinite(loss_value) or loss_value > LOSS_EXPLOSION:
+            fail(f"loss is {loss_value} at step {step}: training diverged (lower the learning rates?)")
+        step_time = time.perf_counter() - step_start
+        if step < warmup_steps:
+            warmup_time += step_time
+            if warmup_time > compile_budget:
+                fail(f"warm-up (compilation) took {warmup_time:.0f} s, over the {compile_budget:.0f} s budget")
+        else:
+            training_time += step_time
+        step += 1
+        now = time.perf_counter()
+        if now - last_print >= PRINT_EVERY_SECONDS or training_time >= time_budget:
+            last_print = now
+            tok_per_s = tokens_per_step / step_time
+            mfu = 100 * flops_per_token * tok_per_s / gpu_peak if gpu_peak else 0.0
+            print(f"step {step:05d} ({100 * min(training_time / time_budget, 1):5.1f}%) | loss {loss_value:.4f} | "
+                  f"lr× {multiplier:.2f} | dt {1000 * step_time:.0f} ms | tok/s {tok_per_s:,.0f} | mfu {mfu:.1f}% | "
+                  f"epoch {loader.epoch}", flush=True)
+        if training_time >= time_budget:
+            break
+
+    trained_steps = max(step - warmup_steps, 0)
+    tokens_per_second = trained_steps * tokens_per_step / training_time if training_time else 0.0
+    mfu_percent = 100 * flops_per_token * tokens_per_second / gpu_peak if gpu_peak else 0.0
+    if device.type == "cuda":
+        peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"training done; exporting the model to {out_dir}", flush=True)
+    export_checkpoint(model.float().cpu(), out_dir)
+
+    print("---")
+    print(f"training_seconds: {training_time:.1f}")
+    print(f"total_seconds:    {time.perf_counter() - started:.1f}")
+    print(f"peak_vram_mb:     {peak_memory_mb:.1f}")
+    print(f"mfu_percent:      {mfu_percent:.2f}")
+    print(f"total_tokens_M:   {step * tokens_per_step / 1e6:.3f}")
+    print(f"num_steps:        {step}")
+    print(f"num_params_M:     {num_params / 1e6:.1f}")
+    print(f"depth:            {config.depth}")
+
+
+if __name__ == "__main__":
+    main()

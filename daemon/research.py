@@ -1,0 +1,751 @@
+"""The research loop: baseline, noise floor, then candidates proposed by the agent, judged and recorded.
+
+Work is done in small steps (`ResearchSession.step(lane, stop)`), each running at most one experiment
+on one lane and returning whether there may be more work; `run(stop)` drives one thread per lane and
+watches the stop condition (grace period, kill), leases and the heartbeat. Tests call `step` directly.
+
+Order of work in a session, shared by every lane: queued rows first (retries, confirmations), then
+the baseline, then the noise floor (the baseline again with other seeds), then candidates. While a
+lane trains, its `Proposer` already asks the agent for the next candidate (pipelining), so the GPU
+does not wait for the LLM; a proposal made against a best that has changed meanwhile is rebased
+(its edits re-applied to the new best) or, when they no longer apply, asked for again.
+
+Every state change goes through the store with the expected previous state; an experiment that
+fails for a reason of ours (sandbox down, database gone) is pushed back (marked `interrupted`, a
+copy queued with attempt + 1) before the error is re-raised, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import difflib
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from daemon.agents import Agent, CrashInfo, HistoryItem, Proposal, ProposalContext
+from daemon.agents.edits import apply_edits, validate_candidate
+from daemon.config import Settings
+from daemon.errors import AgentError, AgentFatal, CostCapReached, InvalidProposal, WorkspaceError
+from daemon.judge import Decision, Verdict, judge, judge_confirmed
+from daemon.lanes import Lane, LaunchGate
+from daemon.logs import bind_experiment, get_logger
+from daemon.stop import StopCondition
+from daemon.store.records import SESSION_OPEN, ExperimentRecord, SessionRecord
+from daemon.workspace import Workspace
+from sandbox.spec import Cancel, RunStatus
+
+log = get_logger("autoresearch.research")
+
+ACTIVE = ("running", "evaluating")
+CRASH_STATUSES = ("crashed", "timeout", "oom", "invalid")
+MAX_ATTEMPTS = 3  # an experiment pushed back this often (sandbox or DB trouble) is not retried again
+MAX_INVALID_PROPOSALS = 10  # in a row: the agent is stuck (duplicates, edits that never apply)
+CONFIRM_SEED_OFFSET = 1000
+_SUMMARY_FIELDS = {
+    "training_seconds": "training_seconds", "total_seconds": "total_seconds", "peak_vram_mb": "peak_vram_mb",
+    "mfu_percent": "mfu_percent", "total_tokens_M": "total_tokens_m", "num_params_M": "num_params_m",
+}
+_SUMMARY_INT_FIELDS = {"num_steps": "num_steps", "depth": "depth"}
+
+
+class Runner(Protocol):
+    """`daemon.runner.StageRunner`: train + eval of one experiment in the sandbox."""
+
+    def run(self, experiment_id: int, attempt: int, source: str, seed: int, gpu_uuid: str | None = None,
+            cancel: Cancel | None = None, on_stage: Callable[[str], None] | None = None) -> Any: ...
+
+
+class Heartbeat(Protocol):
+    def beat(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A proposal and what it was made against."""
+
+    proposal: Proposal
+    parent_id: int | None
+    fix_of: int | None  # the crashed experiment this proposal tries to fix
+
+
+class Proposer:
+    """Asks the agent for a lane's next proposals in a worker thread, so they are ready when the lane is."""
+
+    def __init__(self, agent: Agent, context: Callable[[CrashInfo | None], ProposalContext], lane: str,
+                 pipelined: bool = True) -> None:
+        self._agent = agent
+        self._pipelined = pipelined
+        self._context = context
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"propose-{lane}")
+        self._pending: deque[Future[Prepared]] = deque()
+        self._lock = threading.Lock()
+
+    def _ask(self, crash: CrashInfo | None) -> Prepared:
+        ctx = self._context(crash)
+        proposal = self._agent.propose(ctx)
+        return Prepared(proposal, ctx.best_id, crash.experiment_id if crash is not None else None)
+
+    def prefetch(self, crash: CrashInfo | None = None) -> None:
+        """Start preparing one more proposal (a crash fix when `crash` is given)."""
+        with self._lock:
+            self._pending.append(self._executor.submit(self._ask, crash))
+
+    def prepare_ahead(self) -> None:
+        """Pipelining: start the next proposal now, while the lane trains (no-op when not pipelined)."""
+        if self._pipelined:
+            self.ensure_pending()
+
+    def ensure_pending(self) -> None:
+        with self._lock:
+            empty = not self._pending
+        if empty:
+            self.prefetch()
+
+    def take(self, stop: StopCondition) -> Prepared | None:
+        """The oldest prepared proposal (waiting for it if needed); None when a stop came first.
+
+        Agent errors are raised here, in the lane's thread.
+        """
+        self.ensure_pending()
+        with self._lock:
+            future = self._pending[0]
+        while not future.done():
+            if stop.reason() is not None:
+                return None
+            stop.wait(0.2)
+        with self._lock:
+            self._pending.popleft()
+        return future.result()
+
+    def close(self) -> None:
+        with self._lock:
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _Running:
+    lane: Lane
+    cancel: Cancel
+    started: float
+    stopping_kill: bool = False
+
+
+@dataclass
+class _AwaitingConfirm:
+    """A close-call candidate (kept `evaluating`) waiting for its confirmation run."""
+
+    val_bpb: float
+    fields: dict[str, Any]
+
+
+@dataclass
+class SessionSummary:
+    session_id: int
+    tag: str
+    stop_reason: str
+    status: str  # completed | interrupted | failed
+    counts: dict[str, int] = field(default_factory=dict)
+    baseline_val_bpb: float | None = None
+    best_val_bpb: float | None = None
+    best_id: int | None = None
+
+
+def outcome_fields(outcome: Any) -> dict[str, Any]:
+    """Store fields of a runner outcome (metrics only from the eval stage; the summary is informational)."""
+    fields: dict[str, Any] = {}
+    summary = getattr(outcome, "summary", None) or {}
+    for key, column in _SUMMARY_FIELDS.items():
+        if isinstance(summary.get(key), int | float):
+            fields[column] = float(summary[key])
+    for key, column in _SUMMARY_INT_FIELDS.items():
+        if isinstance(summary.get(key), int | float):
+            fields[column] = int(summary[key])
+    if outcome.val_bpb is not None:
+        fields["val_bpb"] = float(outcome.val_bpb)
+    if getattr(outcome, "eval_seconds", None) is not None:
+        fields["eval_seconds"] = float(outcome.eval_seconds)
+    if getattr(outcome, "probe", None):
+        fields["probe"] = str(outcome.probe)
+    train = getattr(outcome, "train", None)
+    if train is not None:
+        fields["exit_code"] = train.exit_code
+        fields["oom"] = bool(train.oom_killed)
+    fields["log_tail"] = str(getattr(outcome, "log_tail", "") or "")[-8000:]
+    if getattr(outcome, "error", ""):
+        fields["error"] = str(outcome.error)[:2000]
+    return fields
+
+
+def _baseline_failure(experiment_id: int, status: str, error: str, log_tail: str) -> str:
+    last_lines = " | ".join(line.strip() for line in log_tail.strip().splitlines()[-2:])
+    return f"the baseline train.py {status} (experiment {experiment_id}): {error.strip()[:200]}: {last_lines[-300:]}"
+
+
+def unified_diff(parent: str, child: str) -> str:
+    return "".join(difflib.unified_diff(parent.splitlines(keepends=True), child.splitlines(keepends=True),
+                                        "a/train.py", "b/train.py"))
+
+
+class ResearchSession:
+    """One research session (a night, a window, an `autoresearch once`) over one or more lanes."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Any,
+        workspace: Workspace,
+        runner: Runner,
+        agent: Agent,
+        lanes: list[Lane],
+        owner: str,
+        metrics: Any = None,
+        heartbeat: Heartbeat | None = None,
+        gate: LaunchGate | None = None,
+        trigger: str = "once",
+        max_experiments: int | None = None,
+        lease_seconds: float = 90.0,
+        cost_since: datetime | None = None,
+        pipelined: bool = True,
+    ) -> None:
+        if not lanes:
+            raise ValueError("a research session needs at least one lane")
+        self.settings = settings
+        self.store = store
+        self.workspace = workspace
+        self.runner = runner
+        self.agent = agent
+        self.lanes = lanes
+        self.owner = owner
+        self.metrics = metrics
+        self.heartbeat = heartbeat
+        self.gate = gate
+        self.trigger = trigger
+        self.max_experiments = max_experiments
+        self.lease_seconds = lease_seconds
+        self.cost_since = cost_since
+        self.pipelined = pipelined
+        self.session: SessionRecord | None = None
+        self._lock = threading.RLock()
+        self._running: dict[int, _Running] = {}
+        self._awaiting: dict[int, _AwaitingConfirm] = {}
+        self._launched_candidates = 0
+        self._crash_streak = 0
+        self._invalid_streak = 0
+        self._fix_attempts: set[int] = set()
+        self._fatal: str | None = None
+        self._proposers: dict[str, Proposer] = {}
+        self._program_md = ""
+
+    # -- session life --------------------------------------------------------------------------
+
+    @property
+    def session_id(self) -> int:
+        if self.session is None:
+            raise RuntimeError("ResearchSession.open() was not called")
+        return self.session.id
+
+    def open(self, *, resume: bool = True, attach_to: int | None = None,
+             orphans: tuple[int, ...] = ()) -> SessionRecord:
+        """Resume the latest open session (after a crash of the daemon) or start a new one.
+
+        `attach_to` joins an existing session (ended or not) to add work to it (`autoresearch try`);
+        `orphans` are experiments that start-up reconciliation marked interrupted: in a resumed
+        session a copy of each is queued again, so the interrupted work is redone.
+        """
+        self._program_md = self.workspace.program_md()
+        if attach_to is not None:
+            session = self.store.get_session(attach_to)
+            if session is None:
+                raise WorkspaceError(f"session {attach_to} does not exist", hint="see `autoresearch status`")
+        else:
+            latest = self.store.latest_session() if resume else None
+            if latest is not None and latest.status == SESSION_OPEN:
+                session = latest
+                log.info("resuming the open session", session=session.id, tag=session.tag)
+            else:
+                tag = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+                session = self.store.create_session(tag, self.trigger, self._program_md, self._config_snapshot())
+                log.info("session started", session=session.id, tag=tag, lanes=[lane.name for lane in self.lanes])
+        self.session = session
+        for experiment_id in orphans:
+            record = self.store.get_experiment(experiment_id)
+            if record is not None and record.session_id == session.id:
+                self._retry_copy(record, "redoing work interrupted by a daemon crash")
+        self._publish_known_numbers()
+        return session
+
+    def _config_snapshot(self) -> dict[str, Any]:
+        # The key is a secret and stays out of the database.
+        data = self.settings.model_dump(mode="json", exclude={"agent": {"api_key", "api_key_file"}})
+        return dict(data)
+
+    def _publish_known_numbers(self) -> None:
+        if self.metrics is None:
+            return
+        baseline, best = self.store.baseline(self.session_id), self.store.best(self.session_id)
+        if baseline is not None and baseline.val_bpb is not None:
+            self.metrics.baseline(baseline.val_bpb)
+        if best is not None and best.val_bpb is not None:
+            self.metrics.best(best.val_bpb, best.finished_at)
+        floor = self.store.noise_floor(self.session_id)
+        self.metrics.noise_std(floor.std)
+        self.metrics.training_budget_seconds.set(self.settings.training.time_budget_s)
+
+    def run(self, stop: StopCondition) -> SessionSummary:
+        """Run every lane until the stop condition (or lack of work) ends them; then end the session."""
+        if self.session is None:
+            self.open()
+        errors: list[BaseException] = []
+
+        def lane_main(lane: Lane) -> None:
+            try:
+                while self.step(lane, stop):
+                    pass
+            except BaseException as exc:  # one lane's failure stops the session; re-raised below
+                errors.append(exc)
+                stop.request_stop(f"lane {lane.name} failed: {type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=lane_main, args=(lane,), name=f"lane-{lane.name}", daemon=True)
+                   for lane in self.lanes]
+        for thread in threads:
+            thread.start()
+        last_renewal = time.monotonic()
+        try:
+            while any(thread.is_alive() for thread in threads):
+                self._beat()
+                if stop.kill_due():
+                    self._kill_running(RunStatus.INTERRUPTED)
+                if time.monotonic() - last_renewal >= self.lease_seconds / 4:
+                    self._renew_leases()
+                    last_renewal = time.monotonic()
+                for thread in threads:
+                    thread.join(timeout=0.2)
+        finally:
+            for proposer in self._proposers.values():
+                proposer.close()
+        reason = stop.reason() or ("experiment count reached" if self._exhausted() else "no more work")
+        status = "failed" if (errors or self._fatal) else ("interrupted" if "SIG" in reason else "completed")
+        summary = self.summary(self._fatal or reason, status)
+        if self.session is not None and self.session.status == SESSION_OPEN:
+            self.store.end_session(self.session_id, status)
+        log.info("session ended", session=self.session_id, reason=summary.stop_reason, status=status,
+                 counts=summary.counts, best_val_bpb=summary.best_val_bpb)
+        if errors:
+            raise errors[0]
+        return summary
+
+    def summary(self, stop_reason: str, status: str) -> SessionSummary:
+        rows = self.store.list_experiments(session_id=self.session_id, limit=100_000)
+        best, baseline = self.store.best(self.session_id), self.store.baseline(self.session_id)
+        return SessionSummary(
+            self.session_id, self.session.tag if self.session else "", stop_reason, status,
+            dict(Counter(row.status for row in rows)),
+            baseline.val_bpb if baseline is not None else None,
+            best.val_bpb if best is not None else None,
+            best.id if best is not None else None,
+        )
+
+    @property
+    def fatal(self) -> str | None:
+        """Why the session cannot go on (the baseline failed, the agent is unusable), or None."""
+        return self._fatal
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def step(self, lane: Lane, stop: StopCondition) -> bool:
+        """Run at most one experiment on `lane`; False when this lane has nothing more to do."""
+        self._beat()
+        if self._fatal is not None:
+            stop.request_stop(self._fatal)
+            return False
+        if stop.reason() is not None:
+            return False
+        if self.gate is not None and lane.gpu_uuid is not None and not self.gate.may_launch(lane.gpu_uuid):
+            stop.wait(1.0)  # window closed for this GPU or a foreign job holds it: look again soon
+            return True
+        experiment = self._next_experiment(lane, stop)
+        if experiment is None:
+            if self._fatal is not None or stop.reason() is not None:
+                return False
+            if self._exhausted() and not self._work_in_flight():
+                return False
+            stop.wait(0.2)  # another lane is measuring the baseline/noise, or a confirmation is due
+            return True
+        self._execute(lane, experiment, stop)
+        return True
+
+    def _exhausted(self) -> bool:
+        return self.max_experiments is not None and self._launched_candidates >= self.max_experiments
+
+    def _work_in_flight(self) -> bool:
+        with self._lock:
+            return bool(self._running) or bool(self._awaiting)
+
+    def _claim(self, lane: Lane) -> ExperimentRecord | None:
+        record: ExperimentRecord | None = self.store.claim_next(
+            self.session_id, self.owner, lane.name, lane.gpu_uuid, self.lease_seconds)
+        if record is not None:
+            with self._lock:
+                self._running[record.id] = _Running(lane, Cancel(), time.monotonic())
+        return record
+
+    def _next_experiment(self, lane: Lane, stop: StopCondition) -> ExperimentRecord | None:
+        with self._lock:
+            claimed = self._claim(lane)
+            if claimed is not None:
+                return claimed
+            rows = self.store.list_experiments(session_id=self.session_id, limit=100_000)
+            if not self._baseline_ready(rows):
+                return self._plan_baseline(lane, rows)
+            noise = [r for r in rows if r.kind == "noise" and r.status not in ("interrupted", "preempted")]
+            if len(noise) < self.settings.judge.noise_runs:
+                seed = 1 + sum(1 for r in rows if r.kind == "noise")
+                self._proposer(lane).prepare_ahead()  # the first candidate is prepared meanwhile
+                self.store.create_experiment(self.session_id, "noise", self._baseline_row(rows).source,
+                                             description=f"noise floor: baseline with seed {seed}", seed=seed)
+                return self._claim(lane)
+            if any(r.kind in ("baseline", "noise") and r.status in ("queued", *ACTIVE) for r in rows):
+                return None
+            if self._exhausted():
+                return None
+        return self._plan_candidate(lane, stop)
+
+    def _baseline_ready(self, rows: list[ExperimentRecord]) -> bool:
+        return any(r.kind == "baseline" and r.status == "kept" for r in rows)
+
+    def _baseline_row(self, rows: list[ExperimentRecord]) -> ExperimentRecord:
+        return next(r for r in rows if r.kind == "baseline" and r.status == "kept")
+
+    def _plan_baseline(self, lane: Lane, rows: list[ExperimentRecord]) -> ExperimentRecord | None:
+        baselines = [r for r in rows if r.kind == "baseline"]
+        if any(r.status in ("queued", *ACTIVE) for r in baselines):
+            return None  # another lane measures it
+        if any(r.status in CRASH_STATUSES for r in baselines):
+            failed = next(r for r in baselines if r.status in CRASH_STATUSES)
+            self._fatal = _baseline_failure(failed.id, failed.status, failed.error, failed.log_tail)
+            return None
+        source = self.workspace.baseline_source()
+        self._proposer(lane).prepare_ahead()
+        self.store.create_experiment(self.session_id, "baseline", source, description="baseline", seed=0)
+        return self._claim(lane)
+
+    def _plan_candidate(self, lane: Lane, stop: StopCondition) -> ExperimentRecord | None:
+        prepared = self._take_proposal(lane, stop)
+        if prepared is None:
+            return None
+        proposal, source, parent = prepared
+        with self._lock:
+            if self._exhausted():
+                return None
+            record = self.store.create_experiment(
+                self.session_id, "candidate", source, parent_id=parent.id, description=proposal.proposal.description,
+                hypothesis=proposal.proposal.hypothesis, diff=unified_diff(parent.source, source), seed=0)
+            if proposal.fix_of is not None:
+                self._fix_attempts.add(record.id)
+            self._launched_candidates += 1
+            return self._claim(lane)
+
+    def _take_proposal(self, lane: Lane, stop: StopCondition) -> tuple[Prepared, str, ExperimentRecord] | None:
+        """The lane's next proposal, rebased onto the current best when that changed; None on stop."""
+        proposer = self._proposer(lane)
+        backoff = 1.0
+        while stop.reason() is None and self._fatal is None:
+            try:
+                prepared = proposer.take(stop)
+            except CostCapReached as exc:
+                stop.request_stop(f"cost cap reached: {exc}")
+                return None
+            except AgentFatal as exc:
+                self._fatal = f"the agent cannot continue: {exc}" + (f" ({exc.hint})" if exc.hint else "")
+                return None
+            except InvalidProposal as exc:
+                self._count_invalid(str(exc))
+                continue
+            except AgentError as exc:
+                log.warning("agent failed; retrying after a pause", lane=lane.name, error=str(exc),
+                            retry_in_s=backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+                continue
+            if prepared is None:
+                return None
+            proposer.prepare_ahead()  # the next proposal is prepared while this one trains
+            best = self.store.best(self.session_id)
+            if best is None:
+                raise RuntimeError("a candidate was planned before the baseline was kept")
+            source = prepared.proposal.source
+            try:
+                if prepared.parent_id != best.id:
+                    source = apply_edits(best.source, prepared.proposal.edits)
+                    log.info("proposal rebased onto the new best", lane=lane.name, best=best.id,
+                             made_against=prepared.parent_id)
+                validate_candidate(source, self.store.seen_hashes(self.session_id))
+            except InvalidProposal as exc:
+                self._count_invalid(f"stale proposal re-asked: {exc}")
+                continue
+            self._invalid_streak = 0
+            return prepared, source, best
+        return None
+
+    def _count_invalid(self, why: str) -> None:
+        self._invalid_streak += 1
+        log.warning("proposal not usable", reason=why[:300], in_a_row=self._invalid_streak)
+        if self._invalid_streak >= MAX_INVALID_PROPOSALS:
+            self._fatal = (f"the agent produced {self._invalid_streak} unusable proposals in a row "
+                           f"(last: {why[:200]})")
+
+    def _proposer(self, lane: Lane) -> Proposer:
+        with self._lock:
+            if lane.name not in self._proposers:
+                self._proposers[lane.name] = Proposer(self.agent, self._context, lane.name, self.pipelined)
+            return self._proposers[lane.name]
+
+    def _context(self, crash: CrashInfo | None) -> ProposalContext:
+        best = self.store.best(self.session_id)
+        baseline = self.store.baseline(self.session_id)
+        best_source = best.source if best is not None else self.workspace.baseline_source()
+        best_val = best.val_bpb if best is not None else None
+        history = tuple(
+            HistoryItem(r.id, r.status, r.val_bpb,
+                        (r.val_bpb - best_val) if r.val_bpb is not None and best_val is not None else None,
+                        r.description)
+            for r in self.store.history(self.session_id, self.settings.agent.history_size))
+        return ProposalContext(
+            session_id=self.session_id, program_md=self._program_md, best_source=best_source,
+            best_id=best.id if best is not None else None, best_val_bpb=best_val,
+            baseline_val_bpb=baseline.val_bpb if baseline is not None else None, history=history,
+            seen_hashes=frozenset(self.store.seen_hashes(self.session_id)), crash=crash,
+            cost_since=self.cost_since,
+        )
+
+    # -- running one experiment ----------------------------------------------------------------
+
+    def _execute(self, lane: Lane, experiment: ExperimentRecord, stop: StopCondition) -> None:
+        with self._lock:
+            running = self._running[experiment.id]
+        if stop.kill_due():
+            running.cancel.set(RunStatus.INTERRUPTED)
+        if self.gate is not None and lane.gpu_uuid is not None:
+            self.gate.attach_run(lane.gpu_uuid, running.cancel)
+        if self.metrics is not None:
+            self.metrics.lane_busy(lane.name, True)
+        with bind_experiment(experiment.id, lane=lane.name, kind=experiment.kind):
+            log.info("experiment started", attempt=experiment.attempt, seed=experiment.seed,
+                     description=experiment.description[:120])
+            try:
+                outcome = self.runner.run(
+                    experiment.id, experiment.attempt, experiment.source, experiment.seed,
+                    gpu_uuid=lane.gpu_uuid, cancel=running.cancel,
+                    on_stage=lambda stage: self._on_stage(experiment.id, stage))
+                self._finish(lane, experiment, outcome, running)
+            except BaseException as exc:
+                self._push_back(experiment, f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                if self.gate is not None and lane.gpu_uuid is not None:
+                    self.gate.detach_run(lane.gpu_uuid)
+                if self.metrics is not None:
+                    self.metrics.lane_busy(lane.name, False)
+                with self._lock:
+                    self._running.pop(experiment.id, None)
+
+    def _on_stage(self, experiment_id: int, stage: str) -> None:
+        if stage == "eval":
+            self.store.transition(experiment_id, "running", "evaluating")
+
+    def _finish(self, lane: Lane, experiment: ExperimentRecord, outcome: Any, running: _Running) -> None:
+        fields = outcome_fields(outcome)
+        status = str(getattr(outcome.status, "value", outcome.status))
+        if self.metrics is not None:
+            self._observe_stages(outcome)
+        if status == "ok" and outcome.val_bpb is not None:
+            self._ensure_evaluating(experiment.id)
+            final = self._judge(experiment, float(outcome.val_bpb), fields)
+            self._crash_streak = 0
+        elif status in ("interrupted", "preempted", "infra_error"):
+            final = "preempted" if status == "preempted" else "interrupted"
+            fields.setdefault("error", f"sandbox run {status}")
+            self.store.transition(experiment.id, ACTIVE, final, **fields)
+            killed_by_stop = status == "interrupted" and running.cancel.reason is RunStatus.INTERRUPTED
+            if not killed_by_stop:
+                self._retry_copy(experiment, f"sandbox run {status}")
+            self._abandon_confirmation(experiment, f"its confirmation run was {final}")
+        else:
+            final = status if status in CRASH_STATUSES else "invalid"
+            self.store.transition(experiment.id, ACTIVE, final, **fields)
+            self._after_crash(lane, experiment, final, fields)
+        with bind_experiment(experiment.id, lane=lane.name, kind=experiment.kind):
+            log.info("experiment finished", status=final, val_bpb=fields.get("val_bpb"),
+                     seconds=round(time.monotonic() - running.started, 1))
+        self.workspace.write_results(self.store.results_tsv(self.session_id))
+        if self.metrics is not None:
+            self.metrics.experiment_finished(experiment.kind, final, lane.name, fields.get("val_bpb"),
+                                             time.monotonic() - running.started)
+            self.metrics.consecutive_crashes(self._crash_streak)
+
+    def _observe_stages(self, outcome: Any) -> None:
+        overhead = getattr(outcome, "overhead_seconds", None) or {}
+        for stage, result in (("train", outcome.train), ("eval", outcome.eval)):
+            if result is not None:
+                self.metrics.stage_finished(stage, result.wall_seconds, float(overhead.get(stage, 0.0)))
+
+    def _ensure_evaluating(self, experiment_id: int) -> None:
+        current = self.store.get_experiment(experiment_id)
+        if current is not None and current.status == "running":
+            self.store.transition(experiment_id, "running", "evaluating")
+
+    def _judge(self, experiment: ExperimentRecord, val_bpb: float, fields: dict[str, Any]) -> str:
+        """Record a measured experiment; returns its final status (or `evaluating` awaiting confirmation)."""
+        sid = self.session_id
+        if experiment.kind == "baseline":
+            self.store.transition(experiment.id, "evaluating", "kept", commit=self._main_commit(), **fields)
+            self.store.add_noise(sid, experiment.id, val_bpb, experiment.seed)
+            if self.metrics is not None:
+                self.metrics.baseline(val_bpb)
+                self.metrics.best(val_bpb)
+            self._publish_noise()
+            return "kept"
+        if experiment.kind == "noise":
+            self.store.transition(experiment.id, "evaluating", "measured", **fields)
+            self.store.add_noise(sid, experiment.id, val_bpb, experiment.seed)
+            self._publish_noise()
+            return "measured"
+        if experiment.kind == "confirm":
+            self.store.transition(experiment.id, "evaluating", "measured", **fields)
+            self._settle_confirmation(experiment, val_bpb)
+            return "measured"
+        best = self.store.best(sid)
+        if best is None or best.val_bpb is None:
+            raise RuntimeError(f"experiment {experiment.id} measured before the session had a best")
+        std = self.store.noise_floor(sid).std
+        verdict = judge(val_bpb, best.val_bpb, std, self.settings.judge)
+        log.info("verdict", experiment_id=experiment.id, decision=verdict.decision.value, reason=verdict.reason)
+        if verdict.decision is Decision.KEEP:
+            self._keep(experiment, fields, verdict)
+            return "kept"
+        if verdict.decision is Decision.CONFIRM:
+            with self._lock:
+                self._awaiting[experiment.id] = _AwaitingConfirm(val_bpb, fields)
+                self.store.create_experiment(
+                    sid, "confirm", experiment.source, parent_id=experiment.id,
+                    description=f"confirm #{experiment.id}: {experiment.description}"[:500],
+                    hypothesis=verdict.reason, seed=experiment.seed + CONFIRM_SEED_OFFSET + experiment.id)
+            return "evaluating"
+        self.store.transition(experiment.id, "evaluating", "discarded", **fields)
+        return "discarded"
+
+    def _keep(self, experiment: ExperimentRecord, fields: dict[str, Any], verdict: Verdict) -> None:
+        val_bpb = fields["val_bpb"]
+        message = f"{experiment.description or 'experiment'} (val_bpb {val_bpb:.6f}, -{verdict.improvement:.6f})"
+        commit = self.workspace.commit_kept(self.session.tag if self.session else "session", experiment.source,
+                                            f"{message}\n\nexperiment {experiment.id}: {verdict.reason}")
+        self.store.transition(experiment.id, "evaluating", "kept", commit=commit, **fields)
+        if self.metrics is not None:
+            self.metrics.best(val_bpb)
+        log.info("new best kept", experiment_id=experiment.id, val_bpb=val_bpb, commit=commit[:12])
+
+    def _settle_confirmation(self, confirm: ExperimentRecord, val_bpb: float) -> None:
+        with self._lock:
+            awaiting = self._awaiting.pop(confirm.parent_id, None) if confirm.parent_id is not None else None
+        if awaiting is None or confirm.parent_id is None:
+            return  # its candidate was settled already (e.g. redone after a daemon crash)
+        candidate = self.store.get_experiment(confirm.parent_id)
+        best = self.store.best(self.session_id)
+        if candidate is None or best is None or best.val_bpb is None:
+            return
+        verdict = judge_confirmed([awaiting.val_bpb, val_bpb], best.val_bpb,
+                                  self.store.noise_floor(self.session_id).std, self.settings.judge)
+        log.info("confirmation verdict", experiment_id=candidate.id, decision=verdict.decision.value,
+                 reason=verdict.reason)
+        if verdict.decision is Decision.KEEP:
+            self._keep(candidate, awaiting.fields, verdict)
+        else:
+            self.store.transition(candidate.id, "evaluating", "discarded", **awaiting.fields)
+        self.workspace.write_results(self.store.results_tsv(self.session_id))
+
+    def _abandon_confirmation(self, confirm: ExperimentRecord, why: str) -> None:
+        if confirm.kind != "confirm" or confirm.parent_id is None:
+            return
+        with self._lock:
+            awaiting = self._awaiting.pop(confirm.parent_id, None)
+        if awaiting is not None:
+            self.store.transition(confirm.parent_id, "evaluating", "discarded", **{**awaiting.fields, "error": why})
+
+    def _after_crash(self, lane: Lane, experiment: ExperimentRecord, status: str, fields: dict[str, Any]) -> None:
+        if experiment.kind == "baseline":
+            self._fatal = _baseline_failure(experiment.id, status, str(fields.get("error", "")),
+                                            str(fields.get("log_tail", "")))
+            return
+        if experiment.kind == "noise":
+            return
+        if experiment.kind == "confirm":
+            self._abandon_confirmation(experiment, f"its confirmation run {status}")
+            return
+        self._crash_streak += 1
+        limit = self.settings.judge.max_consecutive_crashes
+        if self._crash_streak >= limit:
+            log.error("too many consecutive crashes; stopping the session", crashes=self._crash_streak)
+            self._fatal = f"{self._crash_streak} experiments crashed in a row (judge.max_consecutive_crashes)"
+            return
+        if experiment.kind == "candidate" and experiment.id not in self._fix_attempts:
+            # One fix attempt: the agent sees the failure (fenced, truncated) and may repair the idea.
+            self._proposer(lane).prefetch(CrashInfo(experiment.id, experiment.description, status,
+                                                    str(fields.get("log_tail", ""))[-4000:], experiment.diff))
+
+    def _push_back(self, experiment: ExperimentRecord, why: str) -> None:
+        """Before an error propagates: mark the experiment interrupted and queue it again."""
+        try:
+            current = self.store.get_experiment(experiment.id)
+            if current is not None and current.status in ACTIVE:
+                self.store.transition(experiment.id, ACTIVE, "interrupted", error=why[:2000])
+                self._retry_copy(experiment, why)
+        except Exception as exc:  # the store may be the reason; lease expiry requeues it on the next start
+            log.error("could not push the experiment back", experiment_id=experiment.id, error=str(exc)[:300])
+
+    def _retry_copy(self, experiment: ExperimentRecord, why: str) -> ExperimentRecord | None:
+        if experiment.kind == "confirm" or experiment.attempt >= MAX_ATTEMPTS:
+            return None
+        copy: ExperimentRecord = self.store.create_experiment(
+            experiment.session_id, experiment.kind, experiment.source, parent_id=experiment.parent_id,
+            description=experiment.description, hypothesis=experiment.hypothesis, diff=experiment.diff,
+            seed=experiment.seed, attempt=experiment.attempt + 1)
+        log.info("experiment queued again", experiment_id=experiment.id, retry_id=copy.id, why=why[:200])
+        return copy
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
+
+    def _kill_running(self, reason: RunStatus) -> None:
+        with self._lock:
+            for running in self._running.values():
+                if running.cancel.reason is None:
+                    log.warning("killing the running experiment", lane=running.lane.name, reason=reason.value)
+                    running.cancel.set(reason)
+
+    def _renew_leases(self) -> None:
+        with self._lock:
+            held = [*self._running, *self._awaiting]
+        for experiment_id in held:
+            try:
+                self.store.renew_lease(experiment_id, self.owner, self.lease_seconds)
+            except Exception as exc:  # a DB hiccup: the next renewal tries again well before expiry
+                log.warning("lease renewal failed", experiment_id=experiment_id, error=str(exc)[:200])
+
+    def _publish_noise(self) -> None:
+        if self.metrics is not None:
+            self.metrics.noise_std(self.store.noise_floor(self.session_id).std)
+
+    def _main_commit(self) -> str:
+        return self.workspace.main_commit()

@@ -1,0 +1,170 @@
+"""The long-lived parts of a daemon process, built from settings: store, sandbox, runner, agent, metrics.
+
+`open_runtime` also runs start-up reconciliation, so every command that executes experiments
+(`run`, `once`, `try`) starts from a database and a sandbox that agree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.agents import Agent, SystemClock, make_agent
+from daemon.config import Settings
+from daemon.errors import AutoresearchError, ConfigError
+from daemon.http import DaemonHTTPServer, Heartbeat, start_http_server
+from daemon.lanes import Lane, plan_lanes
+from daemon.logs import get_logger
+from daemon.metrics import Metrics
+from daemon.reconcile import Reconciled, reconcile
+from daemon.runner import StageRunner
+from daemon.store.records import AgentCallRecord
+from daemon.workspace import Workspace
+from sandbox import docker_available, open_backend
+from sandbox.base import Backend
+from sandbox.errors import BackendUnavailable
+from sandbox.gpu import GpuProbe, NoGpuProbe
+from sandbox.labels import owner_id
+from sandbox.spec import Limits
+
+log = get_logger("autoresearch.runtime")
+TRAINER_DIR = Path(__file__).resolve().parent.parent / "trainer"
+# Developer knobs passed to the sandbox as they are (tests make evaluation small and the model tiny).
+PASSTHROUGH_ENV = ("AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_PRESET")
+LOCAL_WARNING = (
+    "WARNING: no Docker engine with the trainer image: running candidates with the LOCAL backend "
+    "(no mount namespace, weaker isolation). Fine for a demo on your laptop, never on a shared server."
+)
+
+
+class MeteredCallSink:
+    """The store as the agents' call sink, also feeding the agent metrics and tonight's cost gauge."""
+
+    def __init__(self, store: Any, metrics: Metrics, cost_since: datetime, cap_usd: float) -> None:
+        self.store, self.metrics, self.since, self.cap_usd = store, metrics, cost_since, cap_usd
+
+    def record_agent_call(self, record: AgentCallRecord) -> object:
+        stored = self.store.record_agent_call(record)
+        self.metrics.agent_call(record.provider, record.model, record.outcome, input_tokens=record.input_tokens,
+                                output_tokens=record.output_tokens, cache_read_tokens=record.cache_read_tokens,
+                                cache_write_tokens=record.cache_write_tokens, cost_usd=record.cost_usd,
+                                latency_s=record.latency_s)
+        self.metrics.cost(self.store.cost_since(self.since), self.cap_usd)
+        return stored
+
+    def cost_since(self, since: datetime) -> float:
+        return float(self.store.cost_since(since))
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    workspace: Workspace
+    store: Any
+    backend: Backend
+    runner: StageRunner
+    agent: Agent
+    lanes: list[Lane]
+    probe: GpuProbe
+    metrics: Metrics
+    heartbeat: Heartbeat
+    owner: str
+    reconciled: Reconciled
+    server: DaemonHTTPServer | None = None
+    cost_since: datetime = field(default_factory=lambda: SystemClock().now())
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+
+def choose_backend(settings: Settings, *, daemon: bool) -> Backend:
+    """The configured sandbox; `auto` falls back to local loudly, except for the daemon, which refuses."""
+    kind = settings.sandbox.backend
+    instance = settings.instance_name
+    if kind == "auto" and daemon and not docker_available():
+        raise ConfigError("the daemon will not run candidates without Docker isolation (no engine answers)",
+                          hint="start Docker (`make services`), or set [sandbox] backend = 'local' explicitly "
+                               "on a single-user development machine")
+    try:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backend = open_backend(kind, settings.sandbox.image, instance)
+    except BackendUnavailable as exc:
+        raise AutoresearchError(str(exc), hint="see `autoresearch doctor`") from None
+    if backend.name == "local" and kind == "auto":
+        if daemon:
+            raise ConfigError(
+                f"the daemon will not fall back to the local backend ({'; '.join(str(w.message) for w in caught)})",
+                hint="build the image (`autoresearch image build`), or set [sandbox] backend = 'local' explicitly")
+        print(LOCAL_WARNING, file=sys.stderr)
+    return backend
+
+
+def default_probe() -> GpuProbe:
+    try:
+        from sandbox.gpu import NvmlProbe
+
+        return NvmlProbe()
+    except Exception:  # no driver / no NVML library: a CPU machine
+        return NoGpuProbe()
+
+
+def sandbox_env(settings: Settings) -> dict[str, str]:
+    env = {
+        "AUTORESEARCH_TIME_BUDGET": str(settings.training.time_budget_s),
+        "AUTORESEARCH_COMPILE_BUDGET": str(settings.training.compile_budget_s),
+        "AUTORESEARCH_PRESET": settings.training.preset,
+    }
+    env.update({key: os.environ[key] for key in PASSTHROUGH_ENV if key in os.environ})
+    return env
+
+
+def make_runner(settings: Settings, backend: Backend, workspace: Workspace, probe: GpuProbe) -> StageRunner:
+    sandbox, training = settings.sandbox, settings.training
+    common = dict(memory_bytes=int(sandbox.memory_gb * 1024**3), cpus=sandbox.cpus, pids=sandbox.pids,
+                  shm_bytes=int(sandbox.shm_gb * 1024**3), tmpfs_bytes=int(sandbox.tmpfs_gb * 1024**3))
+    train_limits = Limits(timeout_s=training.time_budget_s + training.compile_budget_s + training.startup_grace_s,
+                          **common)  # type: ignore[arg-type]
+    eval_limits = Limits(timeout_s=sandbox.eval_timeout_s, **common)  # type: ignore[arg-type]
+    return StageRunner(backend, image=sandbox.image, trainer_dir=TRAINER_DIR, data_dir=settings.data_dir,
+                       work_dir=workspace.runs_dir, instance=settings.instance_name, train_limits=train_limits,
+                       eval_limits=eval_limits, env=sandbox_env(settings), gpu_probe=probe,
+                       gpu_release_timeout_s=sandbox.gpu_release_timeout_s)
+
+
+def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = None, serve_http: bool = True,
+                 agent: Agent | None = None) -> Runtime:
+    from daemon.store import open_store
+
+    workspace = Workspace.open(settings.workspace)
+    store = open_store(settings.database_url, retry_seconds=settings.database.retry_seconds,
+                       pool_size=settings.database.pool_size)
+    backend = choose_backend(settings, daemon=daemon)
+    reconciled = reconcile(store, backend, settings.instance_name)
+    probe = probe if probe is not None else default_probe()
+    lanes = plan_lanes(settings.gpus, probe)
+    runner = make_runner(settings, backend, workspace, probe)
+    metrics = Metrics(training_budget_s=settings.training.time_budget_s,
+                      cost_cap_usd=settings.agent.nightly_cost_cap_usd)
+    clock = SystemClock()
+    since = clock.now()
+    sink = MeteredCallSink(store, metrics, since, settings.agent.nightly_cost_cap_usd)
+    agent = agent if agent is not None else make_agent(settings, sink, clock)
+    heartbeat = Heartbeat(max_age_s=max(60.0, settings.training.time_budget_s))
+    runtime = Runtime(settings, workspace, store, backend, runner, agent, lanes, probe, metrics, heartbeat,
+                      owner_id(settings.instance_name), reconciled, cost_since=since)
+    if serve_http and settings.metrics.port != 0:
+        runtime.server = start_http_server(settings.metrics.host, settings.metrics.port, metrics.registry,
+                                           db_ping=store.ping, heartbeat=heartbeat)
+        log.info("metrics endpoint", url=runtime.server.url)
+    return runtime

@@ -1,0 +1,115 @@
+"""`autoresearch run`: the foreground daemon. The scheduler opens windows; each window is one session.
+
+Between windows the process idles (heartbeat, watchdog) until the next one opens or an idle GPU
+joins. SIGTERM ends the daemon: the running session finishes its experiments within the grace
+period (a second SIGTERM kills them, recorded `interrupted`); nothing is lost either way.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from daemon.config import Settings
+from daemon.logs import get_logger
+from daemon.notify import SystemdNotifier
+from daemon.research import ResearchSession
+from daemon.runtime import Runtime, open_runtime
+from daemon.scheduler import Scheduler, SystemClock, Window
+from daemon.stop import StopCondition
+
+log = get_logger("autoresearch.service")
+
+
+@dataclass(frozen=True)
+class _Trigger:
+    kind: str  # window | idle
+    window: Window | None = None
+
+
+class Service:
+    """Turns scheduler events into research sessions, one at a time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.clock = SystemClock()
+        self.triggers: queue.Queue[_Trigger] = queue.Queue()
+        self.shutdown = threading.Event()
+        self.signals = 0
+        self.current_stop: StopCondition | None = None
+        gpu_uuids = [lane.gpu_uuid for lane in runtime.lanes if lane.gpu_uuid is not None]
+        self.scheduler = Scheduler(
+            self.settings.scheduler, self.clock, runtime.probe,
+            on_window_open=lambda window: self.triggers.put(_Trigger("window", window)),
+            on_gpu_joined=lambda uuid: self.triggers.put(_Trigger("idle")),
+            gpu_uuids=gpu_uuids or None, metrics=runtime.metrics)
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.signals += 1
+        self.shutdown.set()
+        stop = self.current_stop
+        if stop is not None:
+            stop.signal(signal.Signals(signum).name)
+        self.triggers.put(_Trigger("shutdown"))
+
+    def serve(self) -> int:
+        notifier = SystemdNotifier.from_environ()
+        self.scheduler.start()
+        notifier.ready("waiting for a window")
+        watchdog = notifier.start_watchdog(lambda: (self.runtime.heartbeat.age() or 0.0) < 120.0)
+        try:
+            while not self.shutdown.is_set():
+                self.runtime.heartbeat.beat()
+                try:
+                    trigger = self.triggers.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if trigger.kind == "shutdown":
+                    break
+                self._run_session(trigger, notifier)
+        finally:
+            notifier.stopping("shutting down")
+            watchdog.stop()
+            self.scheduler.shutdown()
+        return 0
+
+    def _run_session(self, trigger: _Trigger, notifier: SystemdNotifier) -> None:
+        now: datetime = self.clock.now()
+        remaining = trigger.window.remaining(now).total_seconds() if trigger.window is not None else None
+        stop = StopCondition(deadline=None if remaining is None else time.monotonic() + remaining,
+                             grace_s=self.settings.scheduler.grace_s)
+        self.current_stop = stop
+        if self.shutdown.is_set():
+            stop.request_stop("shutting down")
+        runtime = self.runtime
+        session = ResearchSession(
+            settings=self.settings, store=runtime.store, workspace=runtime.workspace, runner=runtime.runner,
+            agent=runtime.agent, lanes=runtime.lanes, owner=runtime.owner, metrics=runtime.metrics,
+            heartbeat=runtime.heartbeat, gate=self.scheduler, trigger=trigger.kind,
+            cost_since=trigger.window.start if trigger.window is not None else now)
+        record = session.open(orphans=runtime.reconciled.interrupted)
+        notifier.status(f"session {record.id} running")
+        try:
+            summary = session.run(stop)
+            log.info("session done", session=summary.session_id, reason=summary.stop_reason, status=summary.status)
+        finally:
+            self.current_stop = None
+            runtime.metrics.window(False)
+            notifier.status("waiting for a window")
+
+
+def serve(settings: Settings) -> int:
+    runtime = open_runtime(settings, daemon=True)
+    service = Service(runtime)
+    previous = {sig: signal.signal(sig, service.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return service.serve()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        runtime.close()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `make demo`: a short research session on embedded defaults, on this machine, in ./demo-workspace.
+# init -> prepare (stdlib corpus) -> once (offline agent, short CPU budget) -> results table + report.
+# Uses Docker when an engine answers and the offline trainer image can be built; else the local
+# backend (with a loud warning). Idempotent: a second run reuses the workspace, data and image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+AR="$VENV/bin/autoresearch"
+WS=${DEMO_WORKSPACE:-demo-workspace}
+EXPERIMENTS=${DEMO_EXPERIMENTS:-3}
+BUDGET=${DEMO_BUDGET:-20}
+say() { printf '[demo] %s\n' "$*"; }
+
+export AUTORESEARCH_WORKSPACE="$PWD/$WS"
+export AUTORESEARCH_TRAINING__PRESET=${AUTORESEARCH_TRAINING__PRESET:-cpu}
+export AUTORESEARCH_AGENT__PROVIDER=offline
+export AUTORESEARCH_METRICS__PORT=0
+export AUTORESEARCH_JUDGE__NOISE_RUNS=${AUTORESEARCH_JUDGE__NOISE_RUNS:-1}
+export AUTORESEARCH_DATA__VOCAB_SIZE=${AUTORESEARCH_DATA__VOCAB_SIZE:-2048}
+
+say "workspace $WS (program.md, baseline train.py, git repo)"
+"$AR" init "$WS"
+
+if "$VENV/bin/python" -c 'import sandbox, sys; sys.exit(0 if sandbox.docker_available() else 1)'; then
+  say "Docker answers: building (or reusing) the offline trainer image"
+  if "$AR" image build --offline; then
+    export AUTORESEARCH_SANDBOX__BACKEND=docker
+  else
+    say "offline image build failed: using the local backend"
+    export AUTORESEARCH_SANDBOX__BACKEND=local
+  fi
+else
+  say "no Docker engine: using the local backend (weaker isolation)"
+  export AUTORESEARCH_SANDBOX__BACKEND=local
+fi
+
+say "preparing data from the Python standard library (tokenizer + token files; skipped when done)"
+"$AR" prepare --source stdlib
+
+say "research session: baseline, noise floor, $EXPERIMENTS candidates, ${BUDGET}s training each"
+"$AR" once --experiments "$EXPERIMENTS" --budget "$BUDGET"
+
+say "morning report"
+"$AR" report
+say "done: results in $WS/results.tsv; kept changes on the git branch autoresearch/* in $WS"

@@ -69,6 +69,7 @@ class TrainingConfig(_Section):
     compile_budget_s: float = Field(120.0, ge=0, description="bounded warm-up (torch.compile) outside the budget")
     preset: Literal["auto", "gpu", "cpu", "tiny"] = "auto"
     startup_grace_s: float = Field(120.0, ge=0, description="imports, data loading, checkpoint save")
+    eval_tokens: int = Field(0, ge=0, description="target tokens scored by the eval stage; 0 = the trainer's fixed default")
 
 
 class ModelPrice(_Section):

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,8 +32,6 @@ from sandbox.spec import Limits
 
 log = get_logger("autoresearch.runtime")
 TRAINER_DIR = Path(__file__).resolve().parent.parent / "trainer"
-# Developer knobs passed to the sandbox as they are (tests make evaluation small and the model tiny).
-PASSTHROUGH_ENV = ("AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_PRESET")
 LOCAL_WARNING = (
     "WARNING: no Docker engine with the trainer image: running candidates with the LOCAL backend "
     "(no mount namespace, weaker isolation). Fine for a demo on your laptop, never on a shared server."
@@ -125,7 +122,8 @@ def sandbox_env(settings: Settings) -> dict[str, str]:
         "AUTORESEARCH_COMPILE_BUDGET": str(settings.training.compile_budget_s),
         "AUTORESEARCH_PRESET": settings.training.preset,
     }
-    env.update({key: os.environ[key] for key in PASSTHROUGH_ENV if key in os.environ})
+    if settings.training.eval_tokens:
+        env["AUTORESEARCH_EVAL_TOKENS"] = str(settings.training.eval_tokens)
     return env
 
 

@@ -25,7 +25,7 @@ TINY_ENV = {
     "AUTORESEARCH_SANDBOX__BACKEND": "local",
     "AUTORESEARCH_TRAINING__PRESET": "tiny",
     "AUTORESEARCH_TRAINING__TIME_BUDGET_S": "2",
-    "AUTORESEARCH_EVAL_TOKENS": "2048",
+    "AUTORESEARCH_TRAINING__EVAL_TOKENS": "2048",
     "AUTORESEARCH_AGENT__PROVIDER": "offline",
 }
 
@@ -54,13 +54,12 @@ def fresh_db(postgres_url: str) -> str:
 
 
 def test_session_records_baseline_noise_candidate_and_serves_metrics(
-        workspace: Workspace, prepared_data: Path, fresh_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        workspace: Workspace, prepared_data: Path, fresh_db: str) -> None:
     """A session runs baseline, noise floor and a candidate; DB, results.tsv and /metrics agree."""
-    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", TINY_ENV["AUTORESEARCH_EVAL_TOKENS"])
     port = _free_port()
     settings = load_settings(
         None, workspace=workspace.root, database={"url": fresh_db}, data={"dir": prepared_data},
-        sandbox={"backend": "local"}, training={"preset": "tiny", "time_budget_s": 2},
+        sandbox={"backend": "local"}, training={"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048},
         agent={"provider": "offline"}, judge={"noise_runs": 1}, metrics={"port": port})
     runtime = open_runtime(settings, daemon=False)
     try:

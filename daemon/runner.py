@@ -1,0 +1,199 @@
+"""One experiment through the sandbox: the train stage (candidate), then the eval stage (trusted harness).
+
+The research loop calls `StageRunner.run` and gets a `StageOutcome` whose status maps onto the store's
+experiment statuses. `val_bpb` comes only from the eval stage's `result.json`; whatever the candidate
+prints is informational. The candidate's environment is minimal and the eval settings never reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox import labels
+from sandbox.base import Backend
+from sandbox.gpu import GpuProbe, wait_for_gpu_release
+from sandbox.outfiles import is_safe_regular_file
+from sandbox.spec import Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
+
+TRAINER_TARGET = "/opt/autoresearch/trainer"
+CHECKPOINT_NAME = "model.pt2"
+# Only these reach the candidate; AUTORESEARCH_EVAL_TOKENS is for the eval stage alone.
+TRAIN_ENV_KEYS = ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_COMPILE_BUDGET", "AUTORESEARCH_PRESET")
+EVAL_ENV_KEYS = ("AUTORESEARCH_EVAL_TOKENS",)
+TRAIN_COMMAND = ("python3", "-m", "trainer.harness", "train", "--candidate", "/candidate/train.py",
+                 "--data", "/data", "--out", "/out")
+EVAL_COMMAND = ("python3", "-m", "trainer.harness", "eval", "--checkpoint", f"/checkpoint/{CHECKPOINT_NAME}",
+                "--data", "/data", "--out", "/out")
+_KILLED = (RunStatus.TIMEOUT, RunStatus.OOM, RunStatus.PREEMPTED, RunStatus.INTERRUPTED)
+_TRAIN_STATUS = {
+    RunStatus.FAILED: "crashed",
+    RunStatus.TIMEOUT: "timeout",
+    RunStatus.OOM: "oom",
+    RunStatus.PREEMPTED: "preempted",
+    RunStatus.INTERRUPTED: "interrupted",
+    RunStatus.INFRA_ERROR: "infra_error",
+}
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What one experiment's two stages produced, classified for the store."""
+
+    status: str  # ok | crashed | timeout | oom | invalid | interrupted | preempted | infra_error
+    val_bpb: float | None
+    summary: dict[str, float]
+    train: RunResult
+    eval: RunResult | None
+    probe: str
+    error: str
+    log_tail: str
+    train_seconds: float
+    eval_seconds: float
+    overhead_seconds: dict[str, float]
+    gpu_quarantined: bool = field(default=False)
+
+
+def _json_file(result: RunResult, name: str) -> dict[str, Any] | None:
+    raw = result.files.get(name)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _numbers(data: object) -> dict[str, float]:
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): float(v) for k, v in data.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _finite(value: object) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+class StageRunner:
+    """Runs experiments' train and eval stages on one backend, in per-run folders under `work_dir`."""
+
+    def __init__(self, backend: Backend, *, image: str, trainer_dir: Path, data_dir: Path, work_dir: Path,
+                 instance: str, train_limits: Limits, eval_limits: Limits, env: dict[str, str],
+                 gpu_probe: GpuProbe | None = None, gpu_release_timeout_s: float = 60.0) -> None:
+        for split in ("train", "val"):
+            if not (data_dir / split).is_dir():
+                from daemon.errors import WorkspaceError
+
+                raise WorkspaceError(f"prepared data has no {split}/ split in {data_dir}",
+                                     hint="run `autoresearch prepare` first")
+        self.backend = backend
+        self.image = image
+        self.trainer_dir = trainer_dir.resolve()
+        self.data_dir = data_dir.resolve()
+        self.work_dir = work_dir.resolve()
+        self.instance = instance
+        self.train_limits = train_limits
+        self.eval_limits = eval_limits
+        self.train_env = {k: v for k, v in env.items() if k in TRAIN_ENV_KEYS}
+        self.eval_env = {k: v for k, v in env.items() if k in EVAL_ENV_KEYS}
+        self.gpu_probe = gpu_probe
+        self.gpu_release_timeout_s = gpu_release_timeout_s
+
+    def _name(self, experiment_id: int, attempt: int, stage: str) -> str:
+        safe_instance = re.sub(r"[^a-zA-Z0-9_.-]", "-", self.instance)
+        return f"autoresearch-{safe_instance}-{experiment_id}-{attempt}-{stage}"
+
+    def _spec(self, experiment_id: int, attempt: int, stage: str, command: tuple[str, ...],
+              mounts: tuple[Mount, ...], env: dict[str, str], limits: Limits, gpu_uuid: str | None) -> RunSpec:
+        return RunSpec(
+            name=self._name(experiment_id, attempt, stage),
+            command=command,
+            image=self.image,
+            mounts=(Mount(self.trainer_dir, TRAINER_TARGET), *mounts),
+            env={"PYTHONPATH": "/opt/autoresearch", **env},
+            limits=limits,
+            gpu_uuid=gpu_uuid,
+            labels=labels.run_labels(self.instance, experiment_id, stage, attempt),
+        )
+
+    def _released(self, result: RunResult, gpu_uuid: str | None) -> bool:
+        """After a killed GPU run, whether its memory came back (False: quarantine the GPU)."""
+        if gpu_uuid is None or self.gpu_probe is None or result.status not in _KILLED:
+            return True
+        return wait_for_gpu_release(self.gpu_probe, gpu_uuid, timeout_s=self.gpu_release_timeout_s)
+
+    def run(self, experiment_id: int, attempt: int, source: str, seed: int, gpu_uuid: str | None = None,
+            cancel: Cancel | None = None, on_stage: Callable[[str], None] | None = None) -> StageOutcome:
+        run_dir = self.work_dir / f"{experiment_id}-{attempt}"
+        # A retry after a crash starts from a clean folder: half-written outputs must not leak in.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        candidate_dir = run_dir / "candidate"
+        candidate_dir.mkdir(parents=True)
+        (candidate_dir / "train.py").write_text(source)
+        candidate_dir.chmod(0o755)
+        (candidate_dir / "train.py").chmod(0o644)
+        train_out, eval_out = run_dir / "train_out", run_dir / "eval_out"
+
+        if on_stage is not None:
+            on_stage("train")
+        train = self.backend.run(self._spec(
+            experiment_id, attempt, "train", TRAIN_COMMAND,
+            (Mount(candidate_dir, "/candidate"), Mount(self.data_dir / "train", "/data"), Mount(train_out, "/out", True)),
+            {**self.train_env, "AUTORESEARCH_SEED": str(seed)}, self.train_limits, gpu_uuid,
+        ), cancel)
+        train_json = _json_file(train, "train.json") or {}
+        summary = _numbers(train_json.get("summary"))
+        inner_train = _finite(train_json.get("wall_seconds"))
+        overhead = {"train": max(0.0, train.wall_seconds - inner_train)} if inner_train is not None else {}
+
+        def finish(status: str, error: str, *, eval_result: RunResult | None = None, val_bpb: float | None = None,
+                   probe: str = "", eval_seconds: float = 0.0) -> StageOutcome:
+            last = eval_result if eval_result is not None else train
+            quarantined = not self._released(last, gpu_uuid)
+            (train_out / CHECKPOINT_NAME).unlink(missing_ok=True)  # large, and never reused
+            tail = train.output_tail if eval_result is None or eval_result.ok else (
+                f"{train.output_tail}\n--- eval ---\n{eval_result.output_tail}")
+            return StageOutcome(status=status, val_bpb=val_bpb, summary=summary, train=train, eval=eval_result,
+                                probe=probe, error=error, log_tail=tail, train_seconds=train.wall_seconds,
+                                eval_seconds=eval_seconds, overhead_seconds=overhead, gpu_quarantined=quarantined)
+
+        if not train.ok:
+            reason = train.error or f"train stage ended {train.status.value} (exit {train.exit_code})"
+            return finish(_TRAIN_STATUS[train.status], reason)
+        if not is_safe_regular_file(train_out / CHECKPOINT_NAME):
+            return finish("crashed", f"train stage left no regular {CHECKPOINT_NAME} checkpoint")
+
+        if on_stage is not None:
+            on_stage("eval")
+        evaluation = self.backend.run(self._spec(
+            experiment_id, attempt, "eval", EVAL_COMMAND,
+            (Mount(self.data_dir / "val", "/data"), Mount(train_out, "/checkpoint"), Mount(eval_out, "/out", True)),
+            dict(self.eval_env), self.eval_limits, gpu_uuid,
+        ), cancel)
+        result = _json_file(evaluation, "result.json")
+        eval_seconds = evaluation.wall_seconds
+        inner_eval = _finite((result or {}).get("eval_seconds"))
+        if inner_eval is not None:
+            overhead["eval"] = max(0.0, evaluation.wall_seconds - inner_eval)
+        if not evaluation.ok or result is None:
+            status = _TRAIN_STATUS.get(evaluation.status, "crashed")
+            why = evaluation.error or f"eval stage ended {evaluation.status.value} (exit {evaluation.exit_code})"
+            if evaluation.ok:
+                why = "eval stage wrote no readable result.json"
+            return finish(status, why, eval_result=evaluation, eval_seconds=eval_seconds)
+        probe = str(result.get("probe", ""))
+        val_bpb = _finite(result.get("val_bpb"))
+        if result.get("status") != "ok" or val_bpb is None or probe != "passed":
+            why = str(result.get("error") or "") or f"eval judged the checkpoint invalid (probe: {probe or 'missing'})"
+            return finish("invalid", why, eval_result=evaluation, probe=probe, eval_seconds=eval_seconds)
+        return finish("ok", "", eval_result=evaluation, val_bpb=val_bpb, probe=probe, eval_seconds=eval_seconds)

@@ -1,0 +1,213 @@
+"""The production backend: one hardened Docker container per stage, killed from outside at its limit."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest, LogConfig, Ulimit
+from docker.types import Mount as DockerMount
+
+from sandbox import labels as L
+from sandbox.base import ReapedRun
+from sandbox.errors import BackendUnavailable, InvalidSpec
+from sandbox.outfiles import prepare_out_dir, read_out_files
+from sandbox.spec import Cancel, RunResult, RunSpec, RunStatus
+from sandbox.tail import sanitize_tail
+
+SANDBOX_USER = "1000:1000"
+# How often a waiting run checks its Cancel; the wait itself returns at once when the container exits.
+POLL_SECONDS = 0.5
+KILL_WAIT_SECONDS = 30.0
+# docker json-file keeps at most this much output per container; the tail is cut from it.
+LOG_MAX_SIZE = "8m"
+LOG_TAIL_LINES = 400
+WAIT_ERRORS = (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError)
+
+
+def _connect(timeout: float = 60.0) -> Any:
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+    except Exception as exc:
+        raise BackendUnavailable(
+            f"no Docker engine answers ({type(exc).__name__}: {exc}); start dockerd or use backend 'local'"
+        ) from None
+    return client
+
+
+def _kill_and_wait(container: Any) -> None:
+    # APIError: it exited between our deadline and the kill; a wait error: the caller force-removes it.
+    with contextlib.suppress(docker.errors.APIError):
+        container.kill()
+    with contextlib.suppress(*WAIT_ERRORS):
+        container.wait(timeout=KILL_WAIT_SECONDS)
+
+
+def collect_result(container: Any, out_dir: Path, tail_bytes: int, wall_seconds: float,
+                   killed_as: RunStatus | None) -> RunResult:
+    """Read an exited container's state, output tail and out files into a `RunResult`."""
+    container.reload()
+    state = container.attrs.get("State", {})
+    exit_code = state.get("ExitCode")
+    oom = bool(state.get("OOMKilled"))
+    try:
+        logs = container.logs(stdout=True, stderr=True, tail=LOG_TAIL_LINES)
+    except docker.errors.APIError:
+        logs = b""
+    out = read_out_files(out_dir)
+    if killed_as is not None:
+        status = killed_as
+    elif oom:
+        status = RunStatus.OOM
+    elif exit_code == 0:
+        status = RunStatus.OK
+    else:
+        status = RunStatus.FAILED
+    return RunResult(
+        status=status,
+        exit_code=exit_code,
+        wall_seconds=wall_seconds,
+        output_tail=sanitize_tail(logs, tail_bytes),
+        files=out.files,
+        oom_killed=oom,
+        error=out.describe_refused(),
+    )
+
+
+class DockerBackend:
+    """Runs each `RunSpec` in its own container with the hardening listed in the sandbox docstring."""
+
+    name = "docker"
+
+    def __init__(self, instance: str, client: Any = None) -> None:
+        self.instance = instance
+        self.client = client if client is not None else _connect()
+
+    # --- container configuration -------------------------------------------------------------------
+
+    def _create_kwargs(self, spec: RunSpec) -> dict[str, Any]:
+        limits = spec.limits
+        for mount in spec.mounts:
+            if not mount.source.exists():
+                raise InvalidSpec(f"{spec.name}: mount source {mount.source} does not exist")
+        mounts = [
+            DockerMount(target=m.target, source=str(m.source.resolve()), type="bind", read_only=not m.writable)
+            for m in spec.mounts
+        ]
+        device_requests = []
+        if spec.gpu_uuid is not None:
+            # Exactly this GPU, by UUID: never count=-1 ("all").
+            device_requests.append(DeviceRequest(driver="nvidia", device_ids=[spec.gpu_uuid], capabilities=[["gpu"]]))
+        run_labels = {**spec.labels, L.INSTANCE: spec.labels.get(L.INSTANCE, self.instance)}
+        return {
+            "image": spec.image,
+            "command": list(spec.command),
+            "name": spec.name,
+            "environment": dict(spec.env),
+            "working_dir": spec.workdir,
+            "user": SANDBOX_USER,
+            "labels": run_labels,
+            "mounts": mounts,
+            "network_mode": "none",
+            "read_only": True,
+            "tmpfs": {"/tmp": f"rw,exec,nosuid,nodev,size={limits.tmpfs_bytes},uid=1000,gid=1000"},
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "pids_limit": limits.pids,
+            "mem_limit": limits.memory_bytes,
+            "memswap_limit": limits.memory_bytes,
+            "nano_cpus": int(limits.cpus * 1e9),
+            "shm_size": limits.shm_bytes,
+            "ulimits": [
+                Ulimit(name="fsize", soft=limits.out_file_max_bytes, hard=limits.out_file_max_bytes),
+                Ulimit(name="nofile", soft=4096, hard=4096),
+                Ulimit(name="core", soft=0, hard=0),
+            ],
+            "log_config": LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE, "max-file": "1"}),
+            "device_requests": device_requests,
+            "detach": True,
+        }
+
+    def _create(self, spec: RunSpec) -> Any:
+        kwargs = self._create_kwargs(spec)
+        try:
+            return self.client.containers.create(**kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+        # The deterministic name exists: a retry after a crash. Reuse a never-started container,
+        # otherwise it is a stale run whose result the reaper already had its chance to collect.
+        existing = self.client.containers.get(spec.name)
+        if existing.status == "created":
+            return existing
+        existing.remove(force=True)
+        return self.client.containers.create(**kwargs)
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def run(self, spec: RunSpec, cancel: Cancel | None = None) -> RunResult:
+        out_dir = spec.out_mount().source
+        prepare_out_dir(out_dir)
+        started = time.monotonic()
+        container = None
+        try:
+            try:
+                container = self._create(spec)
+                container.start()
+            except docker.errors.ImageNotFound:
+                return RunResult(RunStatus.INFRA_ERROR, None, time.monotonic() - started,
+                                 error=f"image {spec.image!r} not found: run `autoresearch image build`")
+            except (docker.errors.APIError, *WAIT_ERRORS) as exc:
+                return RunResult(RunStatus.INFRA_ERROR, None, time.monotonic() - started,
+                                 error=f"container {spec.name} did not start: {exc}")
+            killed_as = self._wait(container, spec.limits.timeout_s, started, cancel)
+            return collect_result(container, spec.out_mount().source, spec.limits.output_tail_bytes,
+                                  time.monotonic() - started, killed_as)
+        finally:
+            if container is not None:
+                self._remove(container)
+
+    def _wait(self, container: Any, timeout_s: float, started: float, cancel: Cancel | None) -> RunStatus | None:
+        """Wait for exit; on the deadline or a cancel, kill and return the status the run ends with."""
+        deadline = started + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                _kill_and_wait(container)
+                return RunStatus.TIMEOUT
+            if cancel is not None and cancel.reason is not None:
+                _kill_and_wait(container)
+                return cancel.reason
+            try:
+                container.wait(timeout=max(0.1, min(POLL_SECONDS, remaining)))
+                return None
+            except WAIT_ERRORS:
+                continue
+
+    def _remove(self, container: Any) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+
+    # --- reconciliation ------------------------------------------------------------------------------
+
+    def reap(self, owner_alive: Callable[[str], bool]) -> list[ReapedRun]:
+        from sandbox.reaper import reap_containers
+
+        return reap_containers(self.client, self.instance, owner_alive)
+
+    def has_image(self, image: str) -> bool:
+        try:
+            self.client.images.get(image)
+        except docker.errors.ImageNotFound:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.client.close()

@@ -94,7 +94,7 @@ def cmd_once(args: argparse.Namespace, settings: Settings) -> int:
             settings=settings, store=runtime.store, workspace=runtime.workspace, runner=runtime.runner,
             agent=runtime.agent, lanes=runtime.lanes, owner=runtime.owner, metrics=runtime.metrics,
             heartbeat=runtime.heartbeat, trigger="once", max_experiments=args.experiments,
-            cost_since=runtime.cost_since)
+            cost_since=runtime.cost_since, live=runtime.live)
         record = session.open(orphans=runtime.reconciled.interrupted)
         print(f"session {record.id} ({record.tag}): lanes {', '.join(lane.name for lane in runtime.lanes)}, "
               f"budget {settings.training.time_budget_s:g} s, agent {runtime.agent.name}", flush=True)
@@ -128,14 +128,14 @@ def cmd_try(args: argparse.Namespace, settings: Settings) -> int:
             raise WorkspaceError("no session has a measured baseline to compare against",
                                  hint="run `autoresearch once -n 0` first (baseline + noise floor)")
         try:
-            validate_candidate(source, runtime.store.seen_hashes(target.id))
+            source_hash = validate_candidate(source, runtime.store.seen_hashes(target.id))
         except InvalidProposal as exc:
             raise AutoresearchError(f"{path} was not run: {exc}", hint="fix the file and try again") from None
         best = runtime.store.best(target.id)
         record = runtime.store.create_experiment(
             target.id, "manual", source, parent_id=best.id if best else None,
             description=args.description or f"manual: {path.name}", hypothesis="hand-written by a researcher",
-            diff=unified_diff(best.source, source) if best else "")
+            diff=unified_diff(best.source, source) if best else "", source_hash=source_hash)
         session = ResearchSession(
             settings=settings, store=runtime.store, workspace=runtime.workspace, runner=runtime.runner,
             agent=runtime.agent, lanes=runtime.lanes[:1], owner=runtime.owner, metrics=runtime.metrics,

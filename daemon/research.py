@@ -28,12 +28,20 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from daemon.agents import Agent, CrashInfo, HistoryItem, Proposal, ProposalContext
-from daemon.agents.edits import apply_edits, validate_candidate
+from daemon.agents.edits import apply_edits, normalized_hash, validate_candidate
 from daemon.config import Settings
-from daemon.errors import AgentError, AgentFatal, CostCapReached, InvalidProposal, WorkspaceError
+from daemon.errors import (
+    AgentError,
+    AgentFatal,
+    CostCapReached,
+    InvalidProposal,
+    TransitionError,
+    WorkspaceError,
+)
 from daemon.judge import Decision, Verdict, judge, judge_confirmed
 from daemon.lanes import Lane, LaunchGate
 from daemon.logs import bind_experiment, get_logger
+from daemon.statuspage import LiveState
 from daemon.stop import StopCondition
 from daemon.store.records import SESSION_OPEN, ExperimentRecord, SessionRecord
 from daemon.workspace import Workspace
@@ -44,6 +52,7 @@ log = get_logger("autoresearch.research")
 ACTIVE = ("running", "evaluating")
 CRASH_STATUSES = ("crashed", "timeout", "oom", "invalid")
 MAX_ATTEMPTS = 3  # an experiment pushed back this often (sandbox or DB trouble) is not retried again
+CARRY_OVER_SESSIONS = 5  # how many earlier sessions are searched for work a stop cut short
 MAX_INVALID_PROPOSALS = 10  # in a row: the agent is stuck (duplicates, edits that never apply)
 CONFIRM_SEED_OFFSET = 1000
 _SUMMARY_FIELDS = {
@@ -215,6 +224,7 @@ class ResearchSession:
         lease_seconds: float = 90.0,
         cost_since: datetime | None = None,
         pipelined: bool = True,
+        live: LiveState | None = None,
     ) -> None:
         if not lanes:
             raise ValueError("a research session needs at least one lane")
@@ -233,6 +243,7 @@ class ResearchSession:
         self.lease_seconds = lease_seconds
         self.cost_since = cost_since
         self.pipelined = pipelined
+        self.live = live
         self.session: SessionRecord | None = None
         self._lock = threading.RLock()
         self._running: dict[int, _Running] = {}
@@ -244,6 +255,7 @@ class ResearchSession:
         self._fatal: str | None = None
         self._proposers: dict[str, Proposer] = {}
         self._program_md = ""
+        self._leftovers: list[ExperimentRecord] = []
 
     # -- session life --------------------------------------------------------------------------
 
@@ -276,12 +288,57 @@ class ResearchSession:
                 session = self.store.create_session(tag, self.trigger, self._program_md, self._config_snapshot())
                 log.info("session started", session=session.id, tag=tag, lanes=[lane.name for lane in self.lanes])
         self.session = session
+        if self.live is not None:
+            self.live.set_session(session.id)
+            for lane in self.lanes:
+                self._show_lane(lane, "idle")
         for experiment_id in orphans:
             record = self.store.get_experiment(experiment_id)
             if record is not None and record.session_id == session.id:
                 self._retry_copy(record, "redoing work interrupted by a daemon crash")
+        self._leftovers = self._find_leftovers() if attach_to is None else []
         self._publish_known_numbers()
         return session
+
+    def _find_leftovers(self) -> list[ExperimentRecord]:
+        """Candidates of earlier sessions that a stop cut short (or left queued) and no session has redone.
+
+        Grouped by normalized source hash, the newest row of each idea decides: interrupted, preempted
+        or still queued means its work was not done. They run in this session after its noise floor.
+        """
+        earlier = [s for s in self.store.list_sessions(CARRY_OVER_SESSIONS + 1) if s.id < self.session_id]
+        newest: dict[str, ExperimentRecord] = {}
+        for session in earlier[:CARRY_OVER_SESSIONS]:
+            for row in self.store.list_experiments(session_id=session.id, limit=100_000):
+                if row.kind in ("candidate", "manual") and row.source_hash and (row.source_hash not in newest or row.id > newest[row.source_hash].id):
+                    newest[row.source_hash] = row
+        unfinished = ("interrupted", "preempted", "queued")
+        leftovers = sorted((row for row in newest.values() if row.status in unfinished and row.attempt < MAX_ATTEMPTS),
+                           key=lambda row: row.id)
+        if leftovers:
+            log.info("earlier sessions left unfinished work; it is redone after the noise floor",
+                     experiments=[row.id for row in leftovers])
+        return leftovers
+
+    def _carry_leftover(self, lane: Lane) -> ExperimentRecord | None:
+        """Queue and claim the next leftover of an earlier session (attempt + 1), or None when none is left."""
+        seen = self.store.seen_hashes(self.session_id)
+        while self._leftovers:
+            row = self._leftovers.pop(0)
+            if row.source_hash in seen:
+                continue  # already redone here (a resumed session)
+            best = self.store.best(self.session_id)
+            copy = self.store.create_experiment(
+                self.session_id, row.kind, row.source, parent_id=best.id if best is not None else None,
+                description=row.description, hypothesis=row.hypothesis,
+                diff=unified_diff(best.source, row.source) if best is not None else row.diff,
+                seed=row.seed, attempt=row.attempt + 1, source_hash=row.source_hash)
+            log.info("redoing work an earlier session left unfinished", experiment_id=row.id, retry_id=copy.id,
+                     previous_status=row.status)
+            if row.kind == "candidate":
+                self._launched_candidates += 1
+            return self._claim(lane)
+        return None
 
     def _config_snapshot(self) -> dict[str, Any]:
         # The key is a secret and stays out of the database.
@@ -332,7 +389,17 @@ class ResearchSession:
         finally:
             for proposer in self._proposers.values():
                 proposer.close()
+            for lane in self.lanes:
+                self._show_lane(lane, "stopped", reason=stop.reason() or "")
         reason = stop.reason() or ("experiment count reached" if self._exhausted() else "no more work")
+        with self._lock:
+            unconfirmed = list(self._awaiting)
+        for candidate_id in unconfirmed:
+            try:
+                self._interrupt_awaiting(candidate_id, f"the session ended before its confirmation run ({reason})")
+            except Exception as exc:  # the lease expires and start-up reconciliation finds it
+                log.error("could not interrupt an unconfirmed candidate", experiment_id=candidate_id,
+                          error=str(exc)[:300])
         status = "failed" if (errors or self._fatal) else ("interrupted" if "SIG" in reason else "completed")
         summary = self.summary(self._fatal or reason, status)
         if self.session is not None and self.session.status == SESSION_OPEN:
@@ -370,6 +437,7 @@ class ResearchSession:
         if stop.reason() is not None:
             return False
         if self.gate is not None and lane.gpu_uuid is not None and not self.gate.may_launch(lane.gpu_uuid):
+            self._show_lane(lane, "paused", reason="no window for this GPU, or a foreign process uses it")
             stop.wait(1.0)  # window closed for this GPU or a foreign job holds it: look again soon
             return True
         experiment = self._next_experiment(lane, stop)
@@ -410,13 +478,18 @@ class ResearchSession:
             if len(noise) < self.settings.judge.noise_runs:
                 seed = 1 + sum(1 for r in rows if r.kind == "noise")
                 self._proposer(lane).prepare_ahead()  # the first candidate is prepared meanwhile
-                self.store.create_experiment(self.session_id, "noise", self._baseline_row(rows).source,
-                                             description=f"noise floor: baseline with seed {seed}", seed=seed)
+                baseline = self._baseline_row(rows)
+                self.store.create_experiment(self.session_id, "noise", baseline.source,
+                                             description=f"noise floor: baseline with seed {seed}", seed=seed,
+                                             source_hash=baseline.source_hash)
                 return self._claim(lane)
             if any(r.kind in ("baseline", "noise") and r.status in ("queued", *ACTIVE) for r in rows):
                 return None
             if self._exhausted():
                 return None
+            carried = self._carry_leftover(lane)
+            if carried is not None:
+                return carried
         return self._plan_candidate(lane, stop)
 
     def _baseline_ready(self, rows: list[ExperimentRecord]) -> bool:
@@ -435,27 +508,37 @@ class ResearchSession:
             return None
         source = self.workspace.baseline_source()
         self._proposer(lane).prepare_ahead()
-        self.store.create_experiment(self.session_id, "baseline", source, description="baseline", seed=0)
+        self.store.create_experiment(self.session_id, "baseline", source, description="baseline", seed=0,
+                                     source_hash=normalized_hash(source))
         return self._claim(lane)
 
     def _plan_candidate(self, lane: Lane, stop: StopCondition) -> ExperimentRecord | None:
         prepared = self._take_proposal(lane, stop)
         if prepared is None:
             return None
-        proposal, source, parent = prepared
+        proposal, source, parent, source_hash = prepared
         with self._lock:
             if self._exhausted():
                 return None
+            if source_hash in self.store.seen_hashes(self.session_id):
+                # Another lane queued the same source while this one waited for the lock.
+                self._count_invalid("duplicate of an experiment queued meanwhile")
+                return None
             record = self.store.create_experiment(
                 self.session_id, "candidate", source, parent_id=parent.id, description=proposal.proposal.description,
-                hypothesis=proposal.proposal.hypothesis, diff=unified_diff(parent.source, source), seed=0)
+                hypothesis=proposal.proposal.hypothesis, diff=unified_diff(parent.source, source), seed=0,
+                source_hash=source_hash)
             if proposal.fix_of is not None:
                 self._fix_attempts.add(record.id)
             self._launched_candidates += 1
             return self._claim(lane)
 
-    def _take_proposal(self, lane: Lane, stop: StopCondition) -> tuple[Prepared, str, ExperimentRecord] | None:
-        """The lane's next proposal, rebased onto the current best when that changed; None on stop."""
+    def _take_proposal(self, lane: Lane,
+                       stop: StopCondition) -> tuple[Prepared, str, ExperimentRecord, str] | None:
+        """The lane's next proposal, rebased onto the current best when that changed; None on stop.
+
+        Returns (proposal, candidate source, parent, normalized source hash).
+        """
         proposer = self._proposer(lane)
         backoff = 1.0
         while stop.reason() is None and self._fatal is None:
@@ -488,12 +571,12 @@ class ResearchSession:
                     source = apply_edits(best.source, prepared.proposal.edits)
                     log.info("proposal rebased onto the new best", lane=lane.name, best=best.id,
                              made_against=prepared.parent_id)
-                validate_candidate(source, self.store.seen_hashes(self.session_id))
+                source_hash = validate_candidate(source, self.store.seen_hashes(self.session_id))
             except InvalidProposal as exc:
-                self._count_invalid(f"stale proposal re-asked: {exc}")
+                self._count_invalid(f"proposal refused, asking again: {exc}")
                 continue
             self._invalid_streak = 0
-            return prepared, source, best
+            return prepared, source, best, source_hash
         return None
 
     def _count_invalid(self, why: str) -> None:
@@ -538,6 +621,7 @@ class ResearchSession:
             self.gate.attach_run(lane.gpu_uuid, running.cancel)
         if self.metrics is not None:
             self.metrics.lane_busy(lane.name, True)
+        self._show_lane(lane, "running", experiment)
         with bind_experiment(experiment.id, lane=lane.name, kind=experiment.kind):
             log.info("experiment started", attempt=experiment.attempt, seed=experiment.seed,
                      description=experiment.description[:120])
@@ -545,8 +629,16 @@ class ResearchSession:
                 outcome = self.runner.run(
                     experiment.id, experiment.attempt, experiment.source, experiment.seed,
                     gpu_uuid=lane.gpu_uuid, cancel=running.cancel,
-                    on_stage=lambda stage: self._on_stage(experiment.id, stage))
+                    on_stage=lambda stage: self._on_stage(lane, experiment, stage))
                 self._finish(lane, experiment, outcome, running)
+            except TransitionError as exc:
+                if not self._lease_lost(experiment.id):
+                    self._push_back(experiment, f"{type(exc).__name__}: {exc}")
+                    raise
+                # Our lease expired and another daemon took the experiment over: its run stands, ours is dropped.
+                log.warning("lease lost; leaving the experiment to its new owner", error=str(exc)[:300])
+                with self._lock:
+                    self._awaiting.pop(experiment.id, None)
             except BaseException as exc:
                 self._push_back(experiment, f"{type(exc).__name__}: {exc}")
                 raise
@@ -555,18 +647,41 @@ class ResearchSession:
                     self.gate.detach_run(lane.gpu_uuid)
                 if self.metrics is not None:
                     self.metrics.lane_busy(lane.name, False)
+                self._show_lane(lane, "idle")
                 with self._lock:
                     self._running.pop(experiment.id, None)
 
-    def _on_stage(self, experiment_id: int, stage: str) -> None:
+    def _show_lane(self, lane: Lane, state: str, experiment: ExperimentRecord | None = None,
+                   reason: str = "") -> None:
+        """Keep the status page's view of the lane current."""
+        if self.live is not None:
+            self.live.set_lane(lane.name, lane.gpu_uuid, state,
+                               experiment_id=experiment.id if experiment is not None else None,
+                               description=experiment.description if experiment is not None else "", reason=reason)
+
+    def _transition(self, experiment_id: int, expected: str | tuple[str, ...], new: str,
+                    **fields: Any) -> ExperimentRecord:
+        """A state change of one of our leased rows: refused (TransitionError) once another owner took it over."""
+        record: ExperimentRecord = self.store.transition(experiment_id, expected, new, owner=self.owner, **fields)
+        return record
+
+    def _lease_lost(self, experiment_id: int) -> bool:
+        current = self.store.get_experiment(experiment_id)
+        return current is not None and current.lease_owner != self.owner
+
+    def _on_stage(self, lane: Lane, experiment: ExperimentRecord, stage: str) -> None:
         if stage == "eval":
-            self.store.transition(experiment_id, "running", "evaluating")
+            self._transition(experiment.id, "running", "evaluating")
+            self._show_lane(lane, "evaluating", experiment)
 
     def _finish(self, lane: Lane, experiment: ExperimentRecord, outcome: Any, running: _Running) -> None:
         fields = outcome_fields(outcome)
         status = str(getattr(outcome.status, "value", outcome.status))
         if self.metrics is not None:
             self._observe_stages(outcome)
+            if lane.gpu_uuid is not None:
+                # The runner checks after each killed run whether the GPU's memory came back.
+                self.metrics.gpu_quarantined(lane.gpu_uuid, bool(getattr(outcome, "gpu_quarantined", False)))
         if status == "ok" and outcome.val_bpb is not None:
             self._ensure_evaluating(experiment.id)
             final = self._judge(experiment, float(outcome.val_bpb), fields)
@@ -574,14 +689,17 @@ class ResearchSession:
         elif status in ("interrupted", "preempted", "infra_error"):
             final = "preempted" if status == "preempted" else "interrupted"
             fields.setdefault("error", f"sandbox run {status}")
-            self.store.transition(experiment.id, ACTIVE, final, **fields)
+            self._transition(experiment.id, ACTIVE, final, **fields)
             killed_by_stop = status == "interrupted" and running.cancel.reason is RunStatus.INTERRUPTED
-            if not killed_by_stop:
+            if killed_by_stop:
+                # The session is ending: the next session redoes it (see `_find_leftovers`).
+                self._interrupt_awaiting(experiment.parent_id, "its confirmation run was cut short by a stop")
+            else:
                 self._retry_copy(experiment, f"sandbox run {status}")
             self._abandon_confirmation(experiment, f"its confirmation run was {final}")
         else:
             final = status if status in CRASH_STATUSES else "invalid"
-            self.store.transition(experiment.id, ACTIVE, final, **fields)
+            self._transition(experiment.id, ACTIVE, final, **fields)
             self._after_crash(lane, experiment, final, fields)
         with bind_experiment(experiment.id, lane=lane.name, kind=experiment.kind):
             log.info("experiment finished", status=final, val_bpb=fields.get("val_bpb"),
@@ -601,13 +719,13 @@ class ResearchSession:
     def _ensure_evaluating(self, experiment_id: int) -> None:
         current = self.store.get_experiment(experiment_id)
         if current is not None and current.status == "running":
-            self.store.transition(experiment_id, "running", "evaluating")
+            self._transition(experiment_id, "running", "evaluating")
 
     def _judge(self, experiment: ExperimentRecord, val_bpb: float, fields: dict[str, Any]) -> str:
         """Record a measured experiment; returns its final status (or `evaluating` awaiting confirmation)."""
         sid = self.session_id
         if experiment.kind == "baseline":
-            self.store.transition(experiment.id, "evaluating", "kept", commit=self._main_commit(), **fields)
+            self._transition(experiment.id, "evaluating", "kept", commit=self._main_commit(), **fields)
             self.store.add_noise(sid, experiment.id, val_bpb, experiment.seed)
             if self.metrics is not None:
                 self.metrics.baseline(val_bpb)
@@ -615,12 +733,12 @@ class ResearchSession:
             self._publish_noise()
             return "kept"
         if experiment.kind == "noise":
-            self.store.transition(experiment.id, "evaluating", "measured", **fields)
+            self._transition(experiment.id, "evaluating", "measured", **fields)
             self.store.add_noise(sid, experiment.id, val_bpb, experiment.seed)
             self._publish_noise()
             return "measured"
         if experiment.kind == "confirm":
-            self.store.transition(experiment.id, "evaluating", "measured", **fields)
+            self._transition(experiment.id, "evaluating", "measured", **fields)
             self._settle_confirmation(experiment, val_bpb)
             return "measured"
         best = self.store.best(sid)
@@ -638,9 +756,10 @@ class ResearchSession:
                 self.store.create_experiment(
                     sid, "confirm", experiment.source, parent_id=experiment.id,
                     description=f"confirm #{experiment.id}: {experiment.description}"[:500],
-                    hypothesis=verdict.reason, seed=experiment.seed + CONFIRM_SEED_OFFSET + experiment.id)
+                    hypothesis=verdict.reason, seed=experiment.seed + CONFIRM_SEED_OFFSET + experiment.id,
+                    source_hash=experiment.source_hash)
             return "evaluating"
-        self.store.transition(experiment.id, "evaluating", "discarded", **fields)
+        self._transition(experiment.id, "evaluating", "discarded", **fields)
         return "discarded"
 
     def _keep(self, experiment: ExperimentRecord, fields: dict[str, Any], verdict: Verdict) -> None:
@@ -648,7 +767,7 @@ class ResearchSession:
         message = f"{experiment.description or 'experiment'} (val_bpb {val_bpb:.6f}, -{verdict.improvement:.6f})"
         commit = self.workspace.commit_kept(self.session.tag if self.session else "session", experiment.source,
                                             f"{message}\n\nexperiment {experiment.id}: {verdict.reason}")
-        self.store.transition(experiment.id, "evaluating", "kept", commit=commit, **fields)
+        self._transition(experiment.id, "evaluating", "kept", commit=commit, **fields)
         if self.metrics is not None:
             self.metrics.best(val_bpb)
         log.info("new best kept", experiment_id=experiment.id, val_bpb=val_bpb, commit=commit[:12])
@@ -669,8 +788,15 @@ class ResearchSession:
         if verdict.decision is Decision.KEEP:
             self._keep(candidate, awaiting.fields, verdict)
         else:
-            self.store.transition(candidate.id, "evaluating", "discarded", **awaiting.fields)
+            self._transition(candidate.id, "evaluating", "discarded", **awaiting.fields)
         self.workspace.write_results(self.store.results_tsv(self.session_id))
+
+    def _interrupt_awaiting(self, candidate_id: int | None, why: str) -> None:
+        """A close-call candidate whose confirmation cannot happen in this session: interrupted, redone later."""
+        with self._lock:
+            awaiting = self._awaiting.pop(candidate_id, None) if candidate_id is not None else None
+        if awaiting is not None and candidate_id is not None:
+            self._transition(candidate_id, "evaluating", "interrupted", **{**awaiting.fields, "error": why})
 
     def _abandon_confirmation(self, confirm: ExperimentRecord, why: str) -> None:
         if confirm.kind != "confirm" or confirm.parent_id is None:
@@ -678,7 +804,7 @@ class ResearchSession:
         with self._lock:
             awaiting = self._awaiting.pop(confirm.parent_id, None)
         if awaiting is not None:
-            self.store.transition(confirm.parent_id, "evaluating", "discarded", **{**awaiting.fields, "error": why})
+            self._transition(confirm.parent_id, "evaluating", "discarded", **{**awaiting.fields, "error": why})
 
     def _after_crash(self, lane: Lane, experiment: ExperimentRecord, status: str, fields: dict[str, Any]) -> None:
         if experiment.kind == "baseline":
@@ -706,7 +832,7 @@ class ResearchSession:
         try:
             current = self.store.get_experiment(experiment.id)
             if current is not None and current.status in ACTIVE:
-                self.store.transition(experiment.id, ACTIVE, "interrupted", error=why[:2000])
+                self._transition(experiment.id, ACTIVE, "interrupted", error=why[:2000])
                 self._retry_copy(experiment, why)
         except Exception as exc:  # the store may be the reason; lease expiry requeues it on the next start
             log.error("could not push the experiment back", experiment_id=experiment.id, error=str(exc)[:300])
@@ -717,7 +843,7 @@ class ResearchSession:
         copy: ExperimentRecord = self.store.create_experiment(
             experiment.session_id, experiment.kind, experiment.source, parent_id=experiment.parent_id,
             description=experiment.description, hypothesis=experiment.hypothesis, diff=experiment.diff,
-            seed=experiment.seed, attempt=experiment.attempt + 1)
+            seed=experiment.seed, attempt=experiment.attempt + 1, source_hash=experiment.source_hash)
         log.info("experiment queued again", experiment_id=experiment.id, retry_id=copy.id, why=why[:200])
         return copy
 
@@ -742,6 +868,20 @@ class ResearchSession:
                 self.store.renew_lease(experiment_id, self.owner, self.lease_seconds)
             except Exception as exc:  # a DB hiccup: the next renewal tries again well before expiry
                 log.warning("lease renewal failed", experiment_id=experiment_id, error=str(exc)[:200])
+                self._stop_if_taken_over(experiment_id)
+
+    def _stop_if_taken_over(self, experiment_id: int) -> None:
+        """Another daemon owns this experiment now (our lease expired): stop running our copy of it."""
+        try:
+            lost = self._lease_lost(experiment_id)
+        except Exception:  # the database is still away; the next renewal looks again
+            return
+        if lost:
+            with self._lock:
+                running = self._running.get(experiment_id)
+            if running is not None and running.cancel.reason is None:
+                log.warning("lease taken over by another owner; stopping our run", experiment_id=experiment_id)
+                running.cancel.set(RunStatus.INTERRUPTED)
 
     def _publish_noise(self) -> None:
         if self.metrics is not None:

@@ -21,6 +21,7 @@ from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.reconcile import Reconciled, reconcile
 from daemon.runner import StageRunner
+from daemon.statuspage import LiveState, render_status_page
 from daemon.store.records import AgentCallRecord
 from daemon.workspace import Workspace
 from sandbox import docker_available, open_backend
@@ -71,6 +72,7 @@ class Runtime:
     heartbeat: Heartbeat
     owner: str
     reconciled: Reconciled
+    live: LiveState = field(default_factory=LiveState)
     server: DaemonHTTPServer | None = None
     cost_since: datetime = field(default_factory=lambda: SystemClock().now())
 
@@ -159,10 +161,12 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
     sink = MeteredCallSink(store, metrics, since, settings.agent.nightly_cost_cap_usd)
     agent = agent if agent is not None else make_agent(settings, sink, clock)
     heartbeat = Heartbeat(max_age_s=max(60.0, settings.training.time_budget_s))
+    live = LiveState()
     runtime = Runtime(settings, workspace, store, backend, runner, agent, lanes, probe, metrics, heartbeat,
-                      owner_id(settings.instance_name), reconciled, cost_since=since)
+                      owner_id(settings.instance_name), reconciled, live, cost_since=since)
     if serve_http and settings.metrics.port != 0:
         runtime.server = start_http_server(settings.metrics.host, settings.metrics.port, metrics.registry,
-                                           db_ping=store.ping, heartbeat=heartbeat)
+                                           db_ping=store.ping, heartbeat=heartbeat,
+                                           status_page=lambda: render_status_page(store, live))
         log.info("metrics endpoint", url=runtime.server.url)
     return runtime

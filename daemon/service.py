@@ -42,11 +42,14 @@ class Service:
         self.shutdown = threading.Event()
         self.signals = 0
         self.current_stop: StopCondition | None = None
+        self.orphans = runtime.reconciled.interrupted  # redone once, by the first session
         gpu_uuids = [lane.gpu_uuid for lane in runtime.lanes if lane.gpu_uuid is not None]
         self.scheduler = Scheduler(
             self.settings.scheduler, self.clock, runtime.probe,
             on_window_open=lambda window: self.triggers.put(_Trigger("window", window)),
             on_gpu_joined=lambda uuid: self.triggers.put(_Trigger("idle")),
+            # Our own sandboxes' processes on a GPU must not count as a foreign job.
+            own_pids=runtime.backend.active_pids,
             gpu_uuids=gpu_uuids or None, metrics=runtime.metrics)
 
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -60,7 +63,11 @@ class Service:
     def serve(self) -> int:
         notifier = SystemdNotifier.from_environ()
         self.scheduler.start()
+        upcoming = self.scheduler.next_window()
+        self.runtime.live.set_window(None, upcoming)
         notifier.ready("waiting for a window")
+        log.info("daemon ready", lanes=[lane.name for lane in self.runtime.lanes],
+                 next_window=upcoming.start.isoformat() if upcoming is not None else None)
         watchdog = notifier.start_watchdog(lambda: (self.runtime.heartbeat.age() or 0.0) < 120.0)
         try:
             while not self.shutdown.is_set():
@@ -87,12 +94,14 @@ class Service:
         if self.shutdown.is_set():
             stop.request_stop("shutting down")
         runtime = self.runtime
+        runtime.live.set_window(trigger.window, self.scheduler.next_window())
         session = ResearchSession(
             settings=self.settings, store=runtime.store, workspace=runtime.workspace, runner=runtime.runner,
             agent=runtime.agent, lanes=runtime.lanes, owner=runtime.owner, metrics=runtime.metrics,
             heartbeat=runtime.heartbeat, gate=self.scheduler, trigger=trigger.kind,
-            cost_since=trigger.window.start if trigger.window is not None else now)
-        record = session.open(orphans=runtime.reconciled.interrupted)
+            cost_since=trigger.window.start if trigger.window is not None else now, live=runtime.live)
+        record = session.open(orphans=self.orphans)
+        self.orphans = ()
         notifier.status(f"session {record.id} running")
         try:
             summary = session.run(stop)
@@ -100,6 +109,7 @@ class Service:
         finally:
             self.current_stop = None
             runtime.metrics.window(False)
+            runtime.live.set_window(None, self.scheduler.next_window())
             notifier.status("waiting for a window")
 
 

@@ -29,3 +29,10 @@ class Backend(Protocol):
     def reap(self, owner_alive: Callable[[str], bool]) -> list[ReapedRun]:
         """Reconcile leftovers carrying our labels; `owner_alive(owner_id)` says if their daemon still lives."""
         ...
+
+    def active_pids(self) -> set[int]:
+        """Host PIDs of every process of this backend's runs that are running now.
+
+        The scheduler passes them to the GPU probe as our own, so our training never looks like a foreign job.
+        """
+        ...

@@ -202,6 +202,22 @@ class DockerBackend:
 
         return reap_containers(self.client, self.instance, owner_alive)
 
+    def active_pids(self) -> set[int]:
+        """Host PIDs inside this instance's running containers (`docker top` lists them as the host sees them)."""
+        running = self.client.containers.list(filters={"label": f"{L.INSTANCE}={self.instance}", "status": "running"})
+        pids: set[int] = set()
+        for container in running:
+            try:
+                top = container.top()
+            except docker.errors.APIError:  # it exited between the listing and the look inside
+                continue
+            titles = top.get("Titles") or []
+            if "PID" not in titles:
+                continue
+            column = titles.index("PID")
+            pids.update(int(row[column]) for row in top.get("Processes") or [] if str(row[column]).isdigit())
+        return pids
+
     def has_image(self, image: str) -> bool:
         try:
             self.client.images.get(image)

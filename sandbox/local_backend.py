@@ -48,6 +48,29 @@ def _probe_unshare() -> tuple[str, ...] | None:
     return None
 
 
+def _descendants(root_pids: set[int]) -> set[int]:
+    """`root_pids` and every process below them, from the parent links in /proc (PID-namespace children included)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                # The command name may hold spaces and parentheses: the fields after the last ')' are fixed.
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:  # the process exited while we looked
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    pending = list(root_pids)
+    while pending:
+        pid = pending.pop()
+        if pid not in found:
+            found.add(pid)
+            pending.extend(children.get(pid, ()))
+    return found
+
+
 def rewrite_path(value: str, mounts: tuple[Mount, ...]) -> str:
     """Map a container path (or an env value starting with one) to its host source path."""
     for mount in sorted(mounts, key=lambda m: len(m.target), reverse=True):
@@ -82,6 +105,8 @@ class LocalBackend:
         self.project_root = project_root
         self.unshare_prefix = _probe_unshare()
         self.network_isolated = self.unshare_prefix is not None
+        self._running: set[subprocess.Popen[bytes]] = set()
+        self._running_lock = threading.Lock()
         if not self.network_isolated:
             warnings.warn(
                 "local sandbox: this kernel refuses network/PID namespaces (unshare); candidates run WITH "
@@ -136,7 +161,13 @@ class LocalBackend:
             assert proc.stdout is not None
             reader = _TailReader(proc.stdout, spec.limits.output_tail_bytes)
             reader.start()
-            killed_as = self._wait(proc, spec.limits.timeout_s, started, cancel)
+            with self._running_lock:
+                self._running.add(proc)
+            try:
+                killed_as = self._wait(proc, spec.limits.timeout_s, started, cancel)
+            finally:
+                with self._running_lock:
+                    self._running.discard(proc)
             reader.join(KILL_WAIT_SECONDS)
             wall = time.monotonic() - started
         return self._result(proc.returncode, killed_as, reader.data, spec, wall)
@@ -181,6 +212,12 @@ class LocalBackend:
         out = read_out_files(spec.out_mount().source)
         return RunResult(status=status, exit_code=returncode, wall_seconds=wall, output_tail=tail,
                          files=out.files, oom_killed=oom, error=out.describe_refused())
+
+    def active_pids(self) -> set[int]:
+        """Host PIDs of the running stages: each subprocess and everything it started."""
+        with self._running_lock:
+            roots = {proc.pid for proc in self._running if proc.poll() is None}
+        return _descendants(roots) if roots else set()
 
     def reap(self, owner_alive: Callable[[str], bool]) -> list[ReapedRun]:
         """Nothing to reconcile: local runs are not registered anywhere outside the daemon process."""

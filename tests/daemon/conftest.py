@@ -1,0 +1,65 @@
+"""Fixtures for the daemon's loop tests: a database of their own, a workspace, tiny CPU settings."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import Settings, load_settings
+from daemon.workspace import Workspace
+from tests.conftest import PG_ADMIN_URL
+
+TINY_TRAINING = {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture()
+def own_db(postgres_url: str) -> Iterator[str]:
+    """A fresh Postgres database for one test (no other test's sessions in it), dropped afterwards."""
+    import sqlalchemy
+
+    name = f"autoresearch_loop_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path, baseline_source: str) -> Workspace:
+    return Workspace.init(tmp_path / "ws", baseline_source=baseline_source)
+
+
+@pytest.fixture()
+def tiny_settings(workspace: Workspace, prepared_data: Path, own_db: str) -> Any:
+    """Settings for an in-process session: local sandbox, tiny CPU training, offline agent, no noise runs."""
+
+    def make(**overrides: Any) -> Settings:
+        sections: dict[str, Any] = {
+            "workspace": workspace.root, "database": {"url": own_db}, "data": {"dir": prepared_data},
+            "sandbox": {"backend": "local"}, "training": dict(TINY_TRAINING), "agent": {"provider": "offline"},
+            "judge": {"noise_runs": 0}, "metrics": {"port": 0},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(sections.get(key), dict):
+                sections[key] = {**sections[key], **value}
+            else:
+                sections[key] = value
+        return load_settings(None, **sections)
+
+    return make

@@ -56,7 +56,7 @@ class SandboxConfig(_Section):
     backend: Literal["auto", "docker", "local"] = "auto"
     image: str = "autoresearch-trainer:latest"
     memory_gb: float = Field(16.0, gt=0)
-    cpus: float = Field(4.0, gt=0)
+    cpus: float = Field(0.0, ge=0, description="CPU quota per run; 0 = every CPU of the host (capped at that)")
     pids: int = Field(4096, ge=64)
     shm_gb: float = Field(2.0, gt=0)
     tmpfs_gb: float = Field(4.0, gt=0)

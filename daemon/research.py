@@ -250,6 +250,8 @@ class ResearchSession:
         self._awaiting: dict[int, _AwaitingConfirm] = {}
         self._launched_candidates = 0
         self._crash_streak = 0
+        self._infra_streak = 0  # sandbox failures in a row (engine down, bad limits): not the candidate's fault
+        self._quarantined: set[str] = set()  # GPUs whose memory did not come back after a killed run
         self._invalid_streak = 0
         self._fix_attempts: set[int] = set()
         self._fatal: str | None = None
@@ -435,6 +437,9 @@ class ResearchSession:
             stop.request_stop(self._fatal)
             return False
         if stop.reason() is not None:
+            return False
+        if lane.gpu_uuid in self._quarantined:
+            self._show_lane(lane, "stopped", reason="GPU quarantined: its memory was not released after a kill")
             return False
         if self.gate is not None and lane.gpu_uuid is not None and not self.gate.may_launch(lane.gpu_uuid):
             self._show_lane(lane, "paused", reason="no window for this GPU, or a foreign process uses it")
@@ -682,6 +687,10 @@ class ResearchSession:
             if lane.gpu_uuid is not None:
                 # The runner checks after each killed run whether the GPU's memory came back.
                 self.metrics.gpu_quarantined(lane.gpu_uuid, bool(getattr(outcome, "gpu_quarantined", False)))
+        if lane.gpu_uuid is not None and getattr(outcome, "gpu_quarantined", False):
+            self._quarantined.add(lane.gpu_uuid)
+            log.error("GPU quarantined: no more experiments on it this session", lane=lane.name, gpu=lane.gpu_uuid)
+        self._count_infra_error(status, str(fields.get("error") or f"sandbox run {status}"))
         if status == "ok" and outcome.val_bpb is not None:
             self._ensure_evaluating(experiment.id)
             final = self._judge(experiment, float(outcome.val_bpb), fields)
@@ -709,6 +718,16 @@ class ResearchSession:
             self.metrics.experiment_finished(experiment.kind, final, lane.name, fields.get("val_bpb"),
                                              time.monotonic() - running.started)
             self.metrics.consecutive_crashes(self._crash_streak)
+
+    def _count_infra_error(self, status: str, error: str) -> None:
+        """A sandbox that keeps failing is a broken set-up: stop the session instead of retrying forever."""
+        if status != "infra_error":
+            self._infra_streak = 0
+            return
+        self._infra_streak += 1
+        if self._infra_streak >= MAX_ATTEMPTS:
+            self._fatal = (f"the sandbox failed {self._infra_streak} runs in a row: {error[:300]} "
+                           "(check `autoresearch doctor` and the [sandbox] settings)")
 
     def _observe_stages(self, outcome: Any) -> None:
         overhead = getattr(outcome, "overhead_seconds", None) or {}

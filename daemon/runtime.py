@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -131,7 +132,9 @@ def sandbox_env(settings: Settings) -> dict[str, str]:
 
 def make_runner(settings: Settings, backend: Backend, workspace: Workspace, probe: GpuProbe) -> StageRunner:
     sandbox, training = settings.sandbox, settings.training
-    common = dict(memory_bytes=int(sandbox.memory_gb * 1024**3), cpus=sandbox.cpus, pids=sandbox.pids,
+    host_cpus = float(os.cpu_count() or 1)  # Docker refuses a quota above the host's CPU count
+    cpus = min(sandbox.cpus or host_cpus, host_cpus)
+    common = dict(memory_bytes=int(sandbox.memory_gb * 1024**3), cpus=cpus, pids=sandbox.pids,
                   shm_bytes=int(sandbox.shm_gb * 1024**3), tmpfs_bytes=int(sandbox.tmpfs_gb * 1024**3))
     train_limits = Limits(timeout_s=training.time_budget_s + training.compile_budget_s + training.startup_grace_s,
                           **common)  # type: ignore[arg-type]

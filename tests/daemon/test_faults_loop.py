@@ -104,9 +104,11 @@ class ScriptedGpuProbe:
     def __init__(self) -> None:
         self.foreign: set[int] = set()
         self.sandbox_pids: Callable[[], set[int]] = set
+        self.memory_used_mb = 100.0
 
     def gpus(self) -> list[GpuInfo]:
-        return [GpuInfo(GPU, 0, "Scripted GPU", memory_used_mb=100.0, memory_total_mb=80_000.0, utilization=0.0)]
+        return [GpuInfo(GPU, 0, "Scripted GPU", memory_used_mb=self.memory_used_mb, memory_total_mb=80_000.0,
+                        utilization=0.0)]
 
     def foreign_processes(self, uuid: str, own_pids: Iterable[int]) -> list[int]:
         return sorted((self.sandbox_pids() | self.foreign) - set(own_pids))
@@ -218,3 +220,63 @@ def test_duplicate_proposal_is_refused(tiny_settings: Any) -> None:
     assert [r.description for r in candidates] == ["first idea", "second idea"]
     assert len({r.source_hash for r in candidates}) == 2 and all(r.source_hash for r in candidates)
     assert len(server.requests) >= 3
+
+
+@pytest.mark.docker
+def test_a_sandbox_that_keeps_failing_ends_the_session(tiny_settings: Any, trainer_image: str) -> None:
+    """Runs that fail as infra errors (here: the image vanished) stop the session after 3, not loop forever."""
+    import uuid
+
+    import docker
+
+    client = docker.from_env()
+    alias = f"autoresearch-trainer:vanishing-{uuid.uuid4().hex[:8]}"
+    client.images.get(trainer_image).tag(*alias.split(":"))
+    try:
+        runtime = open_runtime(tiny_settings(sandbox={"backend": "docker", "image": alias}), daemon=False)
+    finally:
+        client.images.remove(alias)  # only the alias: the image itself stays
+    try:
+        session = _session(runtime, max_experiments=2)
+        session.open()
+        summary = session.run(StopCondition(grace_s=0))
+        rows = runtime.store.list_experiments(session_id=summary.session_id, limit=20)
+        assert [r.status for r in rows] == ["interrupted"] * 3
+        assert summary.status == "failed"
+        assert "the sandbox failed 3 runs in a row" in summary.stop_reason
+        assert "autoresearch doctor" in summary.stop_reason
+    finally:
+        runtime.close()
+        client.close()
+
+
+def test_gpu_whose_memory_is_not_released_is_quarantined(tiny_settings: Any) -> None:
+    """After a killed run whose GPU memory stays in use, the lane stops launching and the gauge says quarantined."""
+    now = datetime.now(timezone.utc)
+    window = {"cron": f"{now.minute} {now.hour} * * *", "hours": 1.0, "name": "night"}
+    settings = tiny_settings(training={"time_budget_s": 120}, sandbox={"gpu_release_timeout_s": 0.5},
+                             scheduler={"windows": [window], "idle": {"preempt": True, "poll_seconds": 3600}})
+    probe = ScriptedGpuProbe()
+    runtime = open_runtime(settings, daemon=False, probe=probe)
+    probe.sandbox_pids = runtime.backend.active_pids
+    scheduler = Scheduler(settings.scheduler, SystemClock(), probe, on_window_open=lambda _window: None,
+                          own_pids=runtime.backend.active_pids, gpu_uuids=[GPU])
+    try:
+        scheduler.poll_gpus()
+        session = _session(runtime, max_experiments=0, gate=scheduler)
+        session.open()
+        thread, results = _in_background(lambda: session.run(StopCondition(grace_s=30)))
+        _wait_for("the sandbox's processes", lambda: bool(runtime.backend.active_pids()))
+        probe.memory_used_mb = 70_000.0  # a zombie context keeps the memory after the kill
+        probe.foreign.add(999_999)
+        scheduler.poll_gpus()
+        thread.join(90)
+        assert not thread.is_alive(), "the only lane is quarantined: the session ends by itself"
+        rows = runtime.store.list_experiments(session_id=session.session_id, limit=10)
+        assert [(r.kind, r.status) for r in rows] == [("baseline", "queued"), ("baseline", "preempted")]
+        scraped = runtime.metrics.registry.get_sample_value("autoresearch_gpu_quarantined", {"gpu": GPU})
+        assert scraped == 1.0
+        assert results and results[0].status != "failed"
+    finally:
+        scheduler.shutdown()
+        runtime.close()

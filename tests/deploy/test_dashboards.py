@@ -1,9 +1,9 @@
 """Grafana provisioning and the "autoresearch / night" dashboard: structure, and every query run for real.
 
 PromQL: a Prometheus process started here (deploy/prometheus/prometheus.yml with the test's target and a
-1 s interval, alerts.yml loaded) scrapes a real `daemon.http` /metrics endpoint while a short session is fed
-through the `daemon.metrics.Metrics` API. `metrics_target` is the one place to switch to a real short
-CPU session of the daemon. SQL: the real schema (`Store.upgrade()`) filled through the real Store API.
+1 s interval, alerts.yml loaded) scrapes the /metrics endpoint of a real daemon (`daemon.service.Service`)
+while it runs a short tiny CPU session (`metrics_endpoint`). SQL: the real schema (`Store.upgrade()`) filled
+through the real Store API.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,13 @@ import pytest
 import sqlalchemy
 import yaml
 
-from daemon.http import Heartbeat, start_http_server
-from daemon.metrics import Metrics
+from daemon.runtime import open_runtime
+from daemon.service import Service
 from daemon.store import AgentCallRecord, Store, open_store
+from daemon.workspace import Workspace
+from sandbox.gpu import GpuInfo
+from tests.e2e.support import empty_database, free_port, tiny_settings
+from tests.fakes.anthropic_server import FakeAnthropicServer, Reply, tool_reply
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = REPO / "grafana" / "dashboards"
@@ -41,6 +47,11 @@ EXPECTED_EMPTY_ALERTS = {
 }
 # Grafana's interval variables, given the values Grafana would pick for a short range.
 GRAFANA_INTERVALS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "10m"}
+GPU_UUID = "GPU-00000000-0000-0000-0000-00000000test"
+SESSION_CANDIDATES = 1
+# One distinct change per proposal (more than the session needs: the agent prepares ahead).
+PROPOSALS = [("WARMUP_FRACTION", "0.02", "0.05"), ("LOGIT_SOFTCAP", "15.0", "20.0"), ("MUON_MOMENTUM", "0.95", "0.9"),
+             ("WARMDOWN_FRACTION", "0.4", "0.5"), ("FINAL_LR_FRACTION", "0.0", "0.1")]
 
 
 def _dashboards() -> list[dict[str, Any]]:
@@ -137,56 +148,61 @@ def _get_json(url: str) -> dict[str, Any]:
         return json.loads(response.read())
 
 
-def _feed_short_session(metrics: Metrics, pause: float) -> None:
-    """A window with a baseline, noise runs, candidates (kept, discarded, crashed) and agent calls, over time."""
-    now = datetime.now(timezone.utc)
-    metrics.window(active=True, started_at=now)
-    metrics.gpu_quarantined("GPU-test-0", False)
-    metrics.foreign_processes("GPU-test-0", 0)
-    metrics.consecutive_crashes(0)
-    metrics.cost(tonight_usd=0.0, cap_usd=20.0)
-    steps: list[tuple[str, str, float | None]] = [
-        ("baseline", "kept", 1.2031), ("noise", "measured", 1.2040), ("candidate", "discarded", 1.2055),
-        ("candidate", "kept", 1.1987), ("candidate", "crashed", None), ("candidate", "discarded", 1.1990),
-    ]
-    cost = 0.0
-    for kind, status, val_bpb in steps:
-        metrics.lane_busy("gpu0", True)
-        time.sleep(pause)
-        metrics.stage_finished("train", seconds=4.0, overhead_s=0.4)
-        metrics.stage_finished("eval", seconds=1.0, overhead_s=0.3)
-        metrics.lane_busy("gpu0", False)
-        metrics.experiment_finished(kind, status, "gpu0", val_bpb=val_bpb, duration_s=6.0)
-        if kind == "baseline":
-            metrics.baseline(1.2031)
-            metrics.best(1.2031)
-        elif status == "kept" and val_bpb is not None:
-            metrics.best(val_bpb)
-        metrics.noise_std(0.0006)
-        metrics.consecutive_crashes(1 if status == "crashed" else 0)
-        if kind == "candidate":
-            cost += 0.07
-            metrics.agent_call("anthropic", "claude-sonnet-5-5", "ok", input_tokens=9000, output_tokens=1500,
-                               cache_read_tokens=6000, cache_write_tokens=800, cost_usd=0.07, latency_s=12.0)
-            metrics.cost(tonight_usd=cost)
-        time.sleep(pause)
+class _OneIdleGpu:
+    """The NVML seam: one idle GPU with no foreign process (on a CPU machine the lane trains on the CPU)."""
+
+    def gpus(self) -> list[GpuInfo]:
+        return [GpuInfo(GPU_UUID, 0, "Scripted GPU", memory_used_mb=0.0, memory_total_mb=80_000.0, utilization=0.0)]
+
+    def foreign_processes(self, uuid: str, own_pids: Iterable[int]) -> list[int]:
+        return []
+
+
+def _proposal(constant: str, old: str, new: str) -> Reply:
+    return tool_reply({"description": f"{constant} {old} -> {new}", "hypothesis": "may lower val_bpb",
+                       "edits": [{"search": f"{constant} = {old}", "replace": f"{constant} = {new}"}]},
+                      usage={"input_tokens": 9000, "output_tokens": 1500, "cache_read_input_tokens": 6000,
+                             "cache_creation_input_tokens": 800})
 
 
 @pytest.fixture(scope="module")
-def metrics_endpoint() -> Iterator[tuple[str, Callable[[], None]]]:
-    """(host:port of a real daemon /metrics endpoint, a function that runs a short session against it).
+def metrics_endpoint(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, prepared_data: Path,
+                     baseline_source: str) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(host:port of a real daemon's /metrics endpoint, a function that runs a short session on it).
 
-    To test against a real short CPU session instead, start the daemon here and return a function that
-    waits for its session to end.
+    The daemon is the real `Service` (scheduler, window open now, one lane on a scripted GPU, real tiny CPU
+    training in the local sandbox, real Postgres), its agent the real Anthropic SDK against the fake API.
+    The session function waits for the first candidate to start, sends SIGTERM (finish, then stop) and
+    returns once the daemon has stopped; the endpoint stays up for Prometheus until the module ends.
     """
-    metrics = Metrics(training_budget_s=5.0, cost_cap_usd=20.0)
-    heartbeat = Heartbeat(max_age_s=600)
-    heartbeat.beat()
-    server = start_http_server("127.0.0.1", 0, metrics.registry, db_ping=lambda: True, heartbeat=heartbeat)
-    try:
-        yield f"127.0.0.1:{server.port}", lambda: _feed_short_session(metrics, pause=0.6)
-    finally:
-        server.close()
+    with FakeAnthropicServer() as api:
+        api.enqueue(*[_proposal(*change) for change in PROPOSALS])
+        workspace = Workspace.init(tmp_path_factory.mktemp("daemon") / "ws", baseline_source=baseline_source)
+        settings = tiny_settings(
+            workspace.root, empty_database(postgres_url), prepared_data,
+            metrics={"port": free_port()},
+            agent={"provider": "anthropic", "api_key": "sk-test", "base_url": api.url, "retry_backoff_s": 0.01},
+            scheduler={"windows": [{"cron": "* * * * *", "hours": 1.0, "name": "test"}]})
+        runtime = open_runtime(settings, daemon=True, probe=_OneIdleGpu())
+        service = Service(runtime)
+
+        def run_session() -> None:
+            daemon = threading.Thread(target=service.serve, name="daemon", daemon=True)
+            daemon.start()
+            deadline = time.monotonic() + 240
+            while len(runtime.store.list_experiments(kind="candidate", limit=10)) < SESSION_CANDIDATES:
+                assert daemon.is_alive() and time.monotonic() < deadline, "the daemon did not reach its candidates"
+                time.sleep(0.5)
+            service.on_signal(signal.SIGTERM, None)
+            daemon.join(timeout=120)
+            assert not daemon.is_alive(), "the daemon did not stop after SIGTERM"
+
+        try:
+            assert runtime.server is not None
+            yield f"127.0.0.1:{runtime.server.port}", run_session
+        finally:
+            service.shutdown.set()
+            runtime.close()
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +273,8 @@ def _expand_grafana_intervals(expr: str) -> str:
 
 
 @pytest.mark.prometheus
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_every_promql_query_returns_data(live_prometheus: str) -> None:
     """Each Prometheus query of the dashboards returns at least one series from the scraped session."""
     queries = _targets("prometheus")
@@ -266,6 +284,8 @@ def test_every_promql_query_returns_data(live_prometheus: str) -> None:
 
 
 @pytest.mark.prometheus
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_every_alert_rule_evaluates_and_healthy_session_fires_none(live_prometheus: str) -> None:
     """Prometheus evaluates every alert rule without error; on a healthy session each is expected-empty."""
     rules = [rule for group in _get_json(f"{live_prometheus}/api/v1/rules")["data"]["groups"] for rule in group["rules"]]

@@ -36,6 +36,9 @@ import numpy as np
 import tiktoken
 import torch
 
+# The torch-free names live in trainer.layout; they are re-exported here for train.py.
+from trainer.layout import CHECKPOINT_NAME, DataError, read_json, read_split_meta
+
 # ---------------------------------------------------------------------------------------------
 # Constants shared by every candidate and by the trusted evaluation
 
@@ -46,7 +49,6 @@ DEFAULT_VOCAB_SIZE = 8192
 VAL_PER_MILLE = 100            # 10% of documents (chosen by content hash) form the pinned val split
 BOS_TOKEN = "<|bos|>"          # starts every document; the only special token
 PREPARE_VERSION = 1            # bump when the prepared layout or tokenization changes
-CHECKPOINT_NAME = "model.pt2"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 # GPT-4-style pre-tokenizer split, with digit groups of at most 2 for small vocabularies.
 SPLIT_PATTERN = (
@@ -58,25 +60,12 @@ DOWNLOAD_WORKERS = 4
 Progress = Callable[[str], None]
 
 
-class DataError(Exception):
-    """Prepared data or a data source is unusable; the message says what to do next."""
-
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: run `autoresearch prepare` to (re)build the data") from None
-    except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}): run `autoresearch prepare` again") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +226,7 @@ def _encoding_from_json(data: dict[str, Any], name: str) -> tiktoken.Encoding:
 def load_tokenizer(split_dir: str | Path) -> tiktoken.Encoding:
     """The split's tokenizer, after checking its checksum against the split's meta.json."""
     split_dir = Path(split_dir)
-    meta = _read_json(split_dir / "meta.json")
+    meta = read_json(split_dir / "meta.json")
     path = split_dir / "tokenizer.json"
     if not path.exists():
         raise DataError(f"{path} is missing: run `autoresearch prepare` to rebuild the data")
@@ -358,10 +347,6 @@ def prepare_data(source: str, out_dir: str | Path, vocab_size: int = DEFAULT_VOC
 
 # ---------------------------------------------------------------------------------------------
 # Reading prepared data (container side)
-
-def read_split_meta(split_dir: str | Path) -> dict[str, Any]:
-    return _read_json(Path(split_dir) / "meta.json")
-
 
 def load_tokens(split_dir: str | Path) -> np.ndarray:
     """The split's token stream as a read-only memmap (no tokenizing at training time)."""

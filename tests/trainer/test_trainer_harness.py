@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainer import harness
+from trainer import eval_stage, harness
 from trainer.prepare import export_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_ENV = {"AUTORESEARCH_PRESET": "tiny", "AUTORESEARCH_TIME_BUDGET": "4", "AUTORESEARCH_SEED": "0"}
 
 
-def _run_train(candidate: Path, data: Path, out: Path) -> subprocess.CompletedProcess[str]:
+def _run_train(candidate: Path, data: Path, out: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
     env.update(TINY_ENV, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run([sys.executable, "-m", "trainer.harness", "train", "--candidate", str(candidate),
                            "--data", str(data), "--out", str(out)],
-                          env=env, text=True, capture_output=True, timeout=300, check=False)
+                          env=env, text=True, capture_output=True, timeout=timeout, check=False)
 
 
 def _run_eval(checkpoint: Path, data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, dict]:
@@ -120,6 +123,90 @@ def test_clean_exit_without_checkpoint_is_exit_4(prepared_data: Path, tmp_path: 
     assert json.loads((tmp_path / "out" / "train.json").read_text())["summary"] == {"num_steps": 3.0}
 
 
+# Forks a sleeper that inherits stdout (so the pipe stays open), writes a checkpoint and exits 0.
+LINGERING_CHILD_CANDIDATE = """
+import os, subprocess, sys
+from pathlib import Path
+out = Path(os.environ["AUTORESEARCH_OUT_DIR"])
+sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]{extra})
+(out / "sleeper.pid").write_text(str(sleeper.pid))
+(out / "model.pt2").write_bytes(b"stand-in")
+print("---")
+print("num_steps: 7")
+"""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_train_stage_ends_when_the_candidate_exits(prepared_data: Path, tmp_path: Path) -> None:
+    """A background process holding the candidate's stdout neither stretches the stage nor survives it."""
+    candidate = tmp_path / "train.py"
+    candidate.write_text(LINGERING_CHILD_CANDIDATE.format(extra=""))
+    completed = _run_train(candidate, prepared_data / "train", tmp_path / "out", timeout=120)  # sleeper: 600 s
+    assert completed.returncode == 0, completed.stdout
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["summary"] == {"num_steps": 7.0}
+    sleeper = int((tmp_path / "out" / "sleeper.pid").read_text())
+    for _ in range(100):  # the kernel's reaping of the killed sleeper is asynchronous
+        if not _process_alive(sleeper):
+            break
+        time.sleep(0.05)
+    assert not _process_alive(sleeper)
+
+
+def test_train_stage_ends_when_an_escaped_process_holds_stdout(prepared_data: Path, tmp_path: Path) -> None:
+    """A sleeper in a session of its own (out of the harness's reach) still cannot hold the stage open."""
+    candidate = tmp_path / "train.py"
+    candidate.write_text(LINGERING_CHILD_CANDIDATE.format(extra=", start_new_session=True"))
+    try:
+        completed = _run_train(candidate, prepared_data / "train", tmp_path / "out", timeout=120)
+        assert completed.returncode == 0 and "num_steps: 7" in completed.stdout
+    finally:
+        pid_file = tmp_path / "out" / "sleeper.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_terminated_harness_takes_the_candidate_with_it(prepared_data: Path, tmp_path: Path) -> None:
+    """SIGTERM to the harness kills the candidate's whole session, which does not get the signal itself."""
+    candidate = tmp_path / "train.py"
+    candidate.write_text("import os, pathlib, time\n"
+                         "pathlib.Path(os.environ['AUTORESEARCH_OUT_DIR'], 'candidate.pid').write_text(str(os.getpid()))\n"
+                         "time.sleep(600)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    out = tmp_path / "out"
+    harness_process = subprocess.Popen([sys.executable, "-m", "trainer.harness", "train", "--candidate", str(candidate),
+                                        "--data", str(prepared_data / "train"), "--out", str(out)],
+                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (out / "candidate.pid").exists() or not (out / "candidate.pid").read_text():
+            assert harness_process.poll() is None, "the harness exited before the candidate started"
+            time.sleep(0.05)
+        candidate_pid = int((out / "candidate.pid").read_text())
+        harness_process.send_signal(signal.SIGTERM)
+        assert harness_process.wait(timeout=60) == 128 + signal.SIGTERM
+        for _ in range(100):
+            if not _process_alive(candidate_pid):
+                break
+            time.sleep(0.05)
+        assert not _process_alive(candidate_pid)
+    finally:
+        harness_process.kill()
+
+
+def test_train_stage_does_not_import_torch() -> None:
+    """The harness and the train stage's helpers load without torch (the candidate pays for its own)."""
+    code = "import sys, trainer.harness; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=False).returncode == 0
+
+
 @pytest.mark.parametrize("split", ["val", "."])
 def test_train_refuses_to_see_the_val_split(prepared_data: Path, tmp_path: Path, split: str) -> None:
     """The train stage exits 3 when its data folder is the val split or holds one."""
@@ -160,6 +247,15 @@ def test_causal_stand_in_model_passes_the_probe(prepared_data: Path, tmp_path: P
     export_checkpoint(_TokenModel(512), tmp_path)
     code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch)
     assert code == 0 and result["status"] == "ok" and math.isfinite(result["val_bpb"])
+
+
+def test_checkpoint_is_rewritten_for_another_device(tmp_path: Path) -> None:
+    """The eval stage's loader moves the whole exported program (weights and graph) to a non-CPU device."""
+    export_checkpoint(_TokenModel(512), tmp_path)
+    model, num_params = eval_stage._load_program(tmp_path / "model.pt2", torch.device("meta"))
+    logits = model(torch.zeros(3, 1024, dtype=torch.int64, device="meta"))
+    assert logits.device.type == "meta" and tuple(logits.shape) == (3, 1024, 512)
+    assert num_params == 512 * 8 + 8 * 512 + 512
 
 
 def test_checkpoint_for_another_vocabulary_is_rejected(prepared_data: Path, tmp_path: Path,

@@ -1,0 +1,27 @@
+"""Names and metadata of prepared data that need no torch: the train stage's harness imports only this,
+so it starts in milliseconds instead of paying for a torch import it never uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_NAME = "model.pt2"
+
+
+class DataError(Exception):
+    """Prepared data or a data source is unusable; the message says what to do next."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: run `autoresearch prepare` to (re)build the data") from None
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}): run `autoresearch prepare` again") from None
+
+
+def read_split_meta(split_dir: str | Path) -> dict[str, Any]:
+    return read_json(Path(split_dir) / "meta.json")

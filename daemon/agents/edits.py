@@ -42,7 +42,7 @@ FORBIDDEN_OS_CALLS = frozenset({
     "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
     "posix_spawn", "posix_spawnp",
 })
-TRUSTED_ONLY_MODULES = frozenset({"trainer.harness"})
+TRUSTED_ONLY_MODULES = frozenset({"trainer.harness", "trainer.eval_stage"})
 PREPARE_MODULE = "trainer.prepare"
 PREPARE_EVAL_NAMES = frozenset({"evaluate_bpb"})
 EVAL_ONLY_ENV = "AUTORESEARCH_EVAL_TOKENS"
@@ -164,9 +164,9 @@ def _import_problems(module: str, names: tuple[str, ...]) -> Iterable[str]:
     elif top in FORBIDDEN_MODULES:
         yield f"importing {module!r} is not allowed in train.py (no processes, network, native code or code loading)"
     elif any(module == trusted or module.startswith(trusted + ".") for trusted in TRUSTED_ONLY_MODULES) or (
-        module == "trainer" and "harness" in names
+        module == "trainer" and {"harness", "eval_stage"} & set(names)
     ):
-        yield "train.py must not import trainer.harness: the trusted harness is not the candidate's business"
+        yield "train.py must not import trainer.harness or trainer.eval_stage: the trusted evaluation is not the candidate's business"
     elif module == PREPARE_MODULE:
         for name in names:
             if name.startswith("_") or name == "*":

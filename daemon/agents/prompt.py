@@ -80,35 +80,42 @@ def tool_definition() -> dict[str, Any]:
     }
 
 
+PREPARE_MODULE_SEPARATOR = "\n# ---- next trainer module ----\n"
+
+
 def packaged_prepare_source() -> str:
-    """The text of the trusted trainer/prepare.py, read without importing it (it imports torch)."""
+    """The text of the trusted trainer/prepare.py (and trainer/layout.py, whose names it re-exports).
+
+    Read without importing (prepare.py imports torch). The two modules are joined as separate blocks
+    that `prepare_interface` parses one by one.
+    """
     # `trainer` is installed beside `daemon` (same distribution), in site-packages or the source tree.
-    path = Path(__file__).resolve().parents[2] / "trainer" / "prepare.py"
+    trainer_dir = Path(__file__).resolve().parents[2] / "trainer"
     try:
-        return path.read_text()
+        return PREPARE_MODULE_SEPARATOR.join((trainer_dir / name).read_text() for name in ("layout.py", "prepare.py"))
     except OSError as exc:
-        raise AgentFatal(f"cannot read {path}: {exc.strerror}", hint="reinstall autoresearch-daemon") from None
+        raise AgentFatal(f"cannot read {exc.filename}: {exc.strerror}", hint="reinstall autoresearch-daemon") from None
 
 
 def prepare_interface(prepare_source: str) -> str:
     """prepare.py's fixed constants and public function/class signatures (first docstring line each)."""
-    tree = ast.parse(prepare_source)
     constants: list[str] = []
     signatures: list[str] = []
-    for node in tree.body:
-        if isinstance(node, ast.Assign | ast.AnnAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names = [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()]
-            if names and node.value is not None and _is_literal(node.value):
-                constants.append(f"{' = '.join(names)} = {ast.unparse(node.value)}")
-        elif isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_"):
-            if isinstance(node, ast.FunctionDef):
-                returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-                header = f"def {node.name}({ast.unparse(node.args)}){returns}"
-            else:
-                header = f"class {node.name}"
-            summary = " ".join((ast.get_docstring(node) or "").strip().split("\n\n")[0].split())
-            signatures.append(header + (f"  # {summary}" if summary else ""))
+    for module_source in prepare_source.split(PREPARE_MODULE_SEPARATOR):
+        for node in ast.parse(module_source).body:
+            if isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()]
+                if names and node.value is not None and _is_literal(node.value):
+                    constants.append(f"{' = '.join(names)} = {ast.unparse(node.value)}")
+            elif isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_"):
+                if isinstance(node, ast.FunctionDef):
+                    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+                    header = f"def {node.name}({ast.unparse(node.args)}){returns}"
+                else:
+                    header = f"class {node.name}"
+                summary = " ".join((ast.get_docstring(node) or "").strip().split("\n\n")[0].split())
+                signatures.append(header + (f"  # {summary}" if summary else ""))
     lines = ["Constants:", *constants, "", "Public interface (import with `from trainer.prepare import ...`):",
              *signatures]
     return "\n".join(lines)

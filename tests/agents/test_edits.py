@@ -117,6 +117,8 @@ GUARD_CASES = {
     "os_fork": ("os.fork()\n", r"os.fork\(\) is not allowed"),
     "harness": ("from trainer import harness\n", "must not import trainer.harness"),
     "harness_module": ("import trainer.harness\n", "must not import trainer.harness"),
+    "eval_stage": ("from trainer import eval_stage\n", "must not import trainer.harness or trainer.eval_stage"),
+    "eval_stage_module": ("import trainer.eval_stage\n", "must not import trainer.harness or trainer.eval_stage"),
     "evaluate_bpb": ("from trainer.prepare import evaluate_bpb\n", "evaluation is done by the trusted harness"),
     "private_prepare": ("from trainer.prepare import _read_json\n", "public names only"),
     "patch_prepare": ("import trainer.prepare as prepare\nprepare.EVAL_TOKENS = 1\n", "must not change"),

@@ -40,6 +40,7 @@ class DockerSession:
     try_output: str
     report_output: str
     reports_dir: Path
+    cli_outputs: dict[str, str]  # stdout of `status`, `experiments --status kept`, `best` after the session
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +81,19 @@ def docker_session(tmp_path_factory: pytest.TempPathFactory, prepared_data: Path
     reported = subprocess.run([exe, "report", "--out", str(reports)], cwd=workspace.root, env=env, text=True,
                               capture_output=True, timeout=120, check=False)
     assert reported.returncode == 0, reported.stderr[-3000:]
+    cli_outputs = {}
+    for command in (["status"], ["experiments", "--status", "kept"], ["best"]):
+        done = subprocess.run([exe, *command], cwd=workspace.root, env=env, text=True, capture_output=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        cli_outputs[command[0]] = done.stdout
     store = open_store(settings.database_url)
     try:
         rows = sorted(store.list_experiments(session_id=summary.session_id, limit=1000), key=lambda r: r.id)
     finally:
         store.close()
-    yield DockerSession(workspace, summary, rows, metrics_text, health, status_page, tried.stdout, reported.stdout, reports)
+    yield DockerSession(workspace, summary, rows, metrics_text, health, status_page, tried.stdout, reported.stdout, reports,
+                        cli_outputs)
 
 
 def test_session_runs_baseline_noise_and_candidates_in_order(docker_session: DockerSession) -> None:
@@ -183,3 +191,20 @@ def test_status_page_lists_the_sessions_experiments(docker_session: DockerSessio
     for row in (r for r in docker_session.rows if r.kind != "manual"):
         assert html.escape(row.description) in page, row.description
     assert "<svg" in page
+
+
+def test_status_experiments_and_best_commands_show_the_session(docker_session: DockerSession) -> None:
+    """`status`, `experiments --status kept` and `best` print readable tables that agree with the database."""
+    kept = [r for r in docker_session.rows if r.status == "kept"]
+    best = min(kept, key=lambda r: r.val_bpb if r.val_bpb is not None else float("inf"))
+    baseline = next(r for r in docker_session.rows if r.kind == "baseline")
+    status = docker_session.cli_outputs["status"]
+    assert f"session {docker_session.summary.session_id} " in status
+    assert f"best: {best.val_bpb:.6f} (experiment {best.id})" in status
+    table = docker_session.cli_outputs["experiments"].splitlines()
+    assert table[0].split() == ["id", "kind", "status", "val_bpb", "lane", "attempt", "commit", "description"]
+    assert sorted(int(line.split()[0]) for line in table[2:]) == sorted(r.id for r in kept)
+    best_text = docker_session.cli_outputs["best"]
+    assert best_text.startswith(f"best val_bpb {best.val_bpb:.6f} (experiment {best.id}")
+    assert f"baseline {baseline.val_bpb:.6f}" in best_text
+    assert "--- a/train.py" in best_text and "+++ b/train.py" in best_text

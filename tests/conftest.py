@@ -7,6 +7,7 @@ where `make test` has set every service up (except a GPU, which CI never has: gp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -93,16 +94,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty Postgres database for this test run, dropped afterwards."""
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new, empty Postgres database named `<prefix>_<random>`, dropped (even if still in use) on exit."""
     import sqlalchemy
 
-    if (reason := _postgres_reason()) is not None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    name = f"autoresearch_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     # pre-ping: the store's restart test restarts Postgres, killing this engine's pooled connection
     admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
@@ -113,6 +110,17 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty Postgres database for this test run, dropped afterwards."""
+    if (reason := _postgres_reason()) is not None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with scratch_database("autoresearch_test") as url:
+        yield url
 
 
 @pytest.fixture()

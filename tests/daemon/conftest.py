@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,32 +10,16 @@ import pytest
 
 from daemon.config import Settings, load_settings
 from daemon.workspace import Workspace
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import scratch_database
 
 TINY_TRAINING = {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture()
 def own_db(postgres_url: str) -> Iterator[str]:
     """A fresh Postgres database for one test (no other test's sessions in it), dropped afterwards."""
-    import sqlalchemy
-
-    name = f"autoresearch_loop_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield postgres_url.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database("autoresearch_loop") as url:
+        yield url
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ from daemon.scheduler import Scheduler, SystemClock
 from daemon.stop import StopCondition
 from daemon.store.records import SESSION_OPEN, ExperimentRecord
 from sandbox.gpu import GpuInfo
-from tests.daemon.conftest import free_port
+from tests.e2e.support import free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 GPU = "GPU-00000000-fake"

@@ -17,7 +17,7 @@ import pytest
 
 from daemon.store import open_store
 from daemon.workspace import Workspace
-from tests.daemon.conftest import free_port
+from tests.e2e.support import free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 EXE = Path(os.sys.executable).parent / "autoresearch"

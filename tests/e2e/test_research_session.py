@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -18,6 +17,7 @@ from daemon.runtime import open_runtime
 from daemon.stop import StopCondition
 from daemon.store import open_store
 from daemon.workspace import Workspace
+from tests.e2e.support import empty_database, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -30,12 +30,6 @@ TINY_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture()
 def workspace(tmp_path: Path, baseline_source: str) -> Workspace:
     return Workspace.init(tmp_path / "ws", baseline_source=baseline_source)
@@ -44,19 +38,13 @@ def workspace(tmp_path: Path, baseline_source: str) -> Workspace:
 @pytest.fixture()
 def fresh_db(postgres_url: str) -> str:
     """The session database, emptied so each test starts with no sessions."""
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(postgres_url)
-    with engine.begin() as conn:
-        conn.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    return postgres_url
+    return empty_database(postgres_url)
 
 
 def test_session_records_baseline_noise_candidate_and_serves_metrics(
         workspace: Workspace, prepared_data: Path, fresh_db: str) -> None:
     """A session runs baseline, noise floor and a candidate; DB, results.tsv and /metrics agree."""
-    port = _free_port()
+    port = free_port()
     settings = load_settings(
         None, workspace=workspace.root, database={"url": fresh_db}, data={"dir": prepared_data},
         sandbox={"backend": "local"}, training={"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048},

@@ -99,7 +99,7 @@ def _bpb(value: float | None) -> str:
 
 
 def _duration(seconds: float) -> str:
-    minutes = int(seconds // 60)
+    minutes = int(max(seconds, 0.0) // 60)  # a lane state stamped a moment after `now` is "0 min", not negative
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 

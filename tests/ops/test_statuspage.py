@@ -30,7 +30,8 @@ def live_state(filled_session) -> LiveState:
     state.set_session(filled_session.session_id)
     state.set_lane("gpu0", "GPU-0000", "running", experiment_id=11, description=HOSTILE,
                    since=datetime(2026, 11, 5, 2, 55, tzinfo=timezone.utc))
-    state.set_lane("gpu1", "GPU-0001", "paused", reason="foreign process 999")
+    state.set_lane("gpu1", "GPU-0001", "paused", reason="foreign process 999",
+                   since=datetime(2026, 11, 5, 2, 30, tzinfo=timezone.utc))
     return state
 
 
@@ -44,6 +45,14 @@ def test_page_shows_window_and_lanes(page: str) -> None:
     assert "weeknights" in page and "4 h 00 min left" in page
     assert 'class="lane running"' in page and 'class="lane paused"' in page
     assert "foreign process 999" in page
+
+
+def test_lane_durations_are_shown_and_never_negative(filled_session, live_state: LiveState) -> None:
+    """Lanes show how long they are in their state; a state stamped after the page's clock shows 0 min."""
+    page = render_status_page(filled_session.store, live_state, now=NOW)
+    assert "<td>5 min</td>" in page and "<td>30 min</td>" in page
+    earlier = render_status_page(filled_session.store, live_state, now=datetime(2026, 11, 5, 2, 0, tzinfo=timezone.utc))
+    assert "<td>0 min</td>" in earlier and not re.search(r"<td>-\d+ min</td>", earlier)
 
 
 def test_page_lists_every_experiment_of_the_session(page: str) -> None:

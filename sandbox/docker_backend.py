@@ -18,7 +18,7 @@ from sandbox import labels as L
 from sandbox.base import ReapedRun
 from sandbox.errors import BackendUnavailable, InvalidSpec
 from sandbox.outfiles import prepare_out_dir, read_out_files
-from sandbox.spec import Cancel, RunResult, RunSpec, RunStatus
+from sandbox.spec import Cancel, RunResult, RunSpec, RunStatus, exit_status
 from sandbox.tail import sanitize_tail
 
 SANDBOX_USER = "1000:1000"
@@ -62,16 +62,8 @@ def collect_result(container: Any, out_dir: Path, tail_bytes: int, wall_seconds:
     except docker.errors.APIError:
         logs = b""
     out = read_out_files(out_dir)
-    if killed_as is not None:
-        status = killed_as
-    elif oom:
-        status = RunStatus.OOM
-    elif exit_code == 0:
-        status = RunStatus.OK
-    else:
-        status = RunStatus.FAILED
     return RunResult(
-        status=status,
+        status=exit_status(killed_as, oom, exit_code),
         exit_code=exit_code,
         wall_seconds=wall_seconds,
         output_tail=sanitize_tail(logs, tail_bytes),

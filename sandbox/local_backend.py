@@ -26,7 +26,7 @@ from typing import IO
 from sandbox.base import ReapedRun
 from sandbox.errors import BackendUnavailable, InvalidSpec
 from sandbox.outfiles import prepare_out_dir, read_out_files
-from sandbox.spec import Cancel, Mount, RunResult, RunSpec, RunStatus
+from sandbox.spec import Cancel, Mount, RunResult, RunSpec, RunStatus, exit_status
 from sandbox.tail import sanitize_tail
 
 POLL_SECONDS = 0.5
@@ -201,14 +201,7 @@ class LocalBackend:
         # No cgroup here: an OOM shows as the kernel's SIGKILL or, under RLIMIT_AS, as Python's MemoryError.
         last_line = tail.rstrip().rpartition("\n")[2]
         oom = killed_as is None and (returncode == -signal.SIGKILL or last_line.startswith("MemoryError"))
-        if killed_as is not None:
-            status = killed_as
-        elif oom:
-            status = RunStatus.OOM
-        elif returncode == 0:
-            status = RunStatus.OK
-        else:
-            status = RunStatus.FAILED
+        status = exit_status(killed_as, oom, returncode)
         out = read_out_files(spec.out_mount().source)
         return RunResult(status=status, exit_code=returncode, wall_seconds=wall, output_tail=tail,
                          files=out.files, oom_killed=oom, error=out.describe_refused())

@@ -23,6 +23,15 @@ class RunStatus(str, enum.Enum):
     INFRA_ERROR = "infra_error"  # the sandbox itself failed (engine down, create refused...)
 
 
+def exit_status(killed_as: RunStatus | None, oom: bool, exit_code: int | None) -> RunStatus:
+    """How a finished run ended: our own kill reason first, then the kernel's OOM kill, then the exit code."""
+    if killed_as is not None:
+        return killed_as
+    if oom:
+        return RunStatus.OOM
+    return RunStatus.OK if exit_code == 0 else RunStatus.FAILED
+
+
 @dataclass(frozen=True)
 class Mount:
     """A host path made visible inside the sandbox; read-only unless `writable`."""

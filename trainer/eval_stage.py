@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.export.passes import move_to_device_pass
 
-from trainer.harness import EXIT_USAGE, EXIT_WRONG_SPLIT, sha256_file, split_problem, write_json
+from trainer.harness import EXIT_USAGE, EXIT_WRONG_SPLIT, split_problem, write_json
+from trainer.layout import sha256_file
 from trainer.prepare import (
     EVAL_TOKENS,
     SEQ_LEN,

@@ -20,7 +20,6 @@ import argparse
 import codecs
 import contextlib
 import gc
-import hashlib
 import json
 import os
 import select
@@ -69,14 +68,6 @@ def split_problem(data_dir: Path, wanted: str) -> str | None:
     if split != wanted:
         return f"{data_dir} holds the {split!r} split; the {'eval' if wanted == 'val' else 'train'} stage needs {wanted!r}"
     return None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

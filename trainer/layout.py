@@ -3,6 +3,7 @@ so it starts in milliseconds instead of paying for a torch import it never uses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,15 @@ CHECKPOINT_NAME = "model.pt2"
 
 class DataError(Exception):
     """Prepared data or a data source is unusable; the message says what to do next."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (token files can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any]:

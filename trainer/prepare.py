@@ -37,7 +37,7 @@ import tiktoken
 import torch
 
 # The torch-free names live in trainer.layout; they are re-exported here for train.py.
-from trainer.layout import CHECKPOINT_NAME, DataError, read_json, read_split_meta
+from trainer.layout import CHECKPOINT_NAME, DataError, read_json, read_split_meta, sha256_file
 
 # ---------------------------------------------------------------------------------------------
 # Constants shared by every candidate and by the trusted evaluation
@@ -58,14 +58,6 @@ DOWNLOAD_RETRIES = 5
 DOWNLOAD_WORKERS = 4
 
 Progress = Callable[[str], None]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +267,7 @@ def _write_split(split: str, documents: list[str], encoding: tiktoken.Encoding, 
     (directory / "tokenizer.json").write_bytes(tokenizer_raw)
     meta = {**common, "split": split, "dtype": dtype.name, "bos_id": bos, "num_documents": len(documents),
             "num_bytes": sum(len(d.encode("utf-8")) for d in documents), "num_tokens": num_tokens,
-            "tokens_sha256": _sha256_file(directory / "tokens.bin")}
+            "tokens_sha256": sha256_file(directory / "tokens.bin")}
     (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

@@ -57,12 +57,17 @@ class Heartbeat:
 
 
 def health(db_ping: Callable[[], object], heartbeat: Heartbeat) -> tuple[bool, str]:
-    """(healthy, reason): the database answers and the research loop ticked recently."""
+    """(healthy, reason): the database answers and the research loop ticked recently.
+
+    `db_ping` says "unreachable" by raising or by returning False (as `Store.ping` does).
+    """
     try:
-        db_ping()
+        answered = db_ping()
     except Exception as exc:  # any failure of the ping means "unreachable"; the reason goes to the prober
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         return False, f"database unreachable: {type(exc).__name__}: {first_line}"
+    if answered is False:
+        return False, "database unreachable: the ping got no answer"
     age = heartbeat.age()
     if age is None:
         return False, "research loop has not started yet"

@@ -97,7 +97,7 @@ class AnthropicAgent:
                 messages.append({"role": "user", "content": feedback})
                 continue
             return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source)
-        raise AgentError(
+        raise InvalidProposal(
             f"the model gave no valid proposal in {self._config.repair_rounds + 1} replies; last problem: {problem}",
             hint="the next proposal starts afresh; raise agent.repair_rounds if this happens often",
         )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from daemon.agents import Edit, HistoryItem, Proposal, ProposalContext
 from daemon.agents.edits import apply_edits, normalized_hash, validate_candidate
-from daemon.errors import AgentError, InvalidProposal
+from daemon.errors import AgentFatal, InvalidProposal
 
 MAX_PAIR_TRIES = 400
 MAX_STEP_SCALE = 4.0
@@ -255,13 +255,19 @@ class OfflineAgent:
     name = "offline"
 
     def __init__(self) -> None:
+        # Per session (a new night starts again from the baseline and may retry last night's ideas).
+        self._session_id: int | None = None
         self._proposed: set[str] = set()  # also avoids repeats before the daemon records a proposal
         self._tried: set[tuple[str, tuple[Edit, ...]]] = set()
 
     def propose(self, ctx: ProposalContext) -> Proposal:
+        if ctx.session_id != self._session_id:
+            self._session_id = ctx.session_id
+            self._proposed.clear()
+            self._tried.clear()
         knobs = find_knobs(ctx.best_source)
         if not knobs:
-            raise AgentError("the offline agent found no hyperparameter constants in train.py",
+            raise AgentFatal("the offline agent found no hyperparameter constants in train.py",
                              hint="keep constants such as MATRIX_LR or DEPTH at module level, or use the Anthropic agent")
         history = sorted(ctx.history, key=lambda item: item.id)
         scale = _step_scale(history)
@@ -279,7 +285,7 @@ class OfflineAgent:
             first, second = rng.sample(ordered, 2)
             if first[0].name != second[0].name and (proposal := self._try(ctx, [first, second], scale)) is not None:
                 return proposal
-        raise AgentError("the offline agent found no untried configuration near the best",
+        raise AgentFatal("the offline agent found no untried configuration near the best",
                          hint="the search is exhausted around this train.py: use the Anthropic agent or edit train.py")
 
     def _try(self, ctx: ProposalContext, moves: list[Move], scale: float) -> Proposal | None:

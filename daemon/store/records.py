@@ -15,7 +15,9 @@ TERMINAL_STATUSES = (
 STATUSES = ("queued", *ACTIVE_STATUSES, *TERMINAL_STATUSES)
 
 # queued -> running happens only through claim_next, -> queued only through requeue_expired.
+# queued -> interrupted cancels work that will never run (a confirmation whose session ended).
 TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"interrupted"}),
     "running": frozenset(
         {"evaluating", "crashed", "timeout", "oom", "invalid", "interrupted", "preempted"}
     ),

@@ -413,18 +413,17 @@ class Store:
 
         return self._write("requeue_expired", work)
 
-    def interrupt_orphans(self, owner_prefix: str, reason: str) -> list[int]:
-        """Mark running/evaluating experiments leased to owners starting with `owner_prefix` interrupted."""
-        if not owner_prefix:
-            raise StoreError("interrupt_orphans needs a non-empty owner prefix",
-                             hint="pass this daemon instance's name so other daemons' work is left alone")
+    def interrupt_orphans(self, owner: str, reason: str) -> list[int]:
+        """Mark running/evaluating experiments leased to exactly `owner` (a dead daemon process) interrupted."""
+        if not owner:
+            raise StoreError("interrupt_orphans needs an owner",
+                             hint="pass the dead daemon process's owner id so other daemons' work is left alone")
         change_id = str(uuid.uuid4())
 
         def work(conn: Connection, _retried: bool) -> list[int]:
             conn.execute(
                 update(ExperimentRow)
-                .where(ExperimentRow.status.in_(ACTIVE_STATUSES),
-                       ExperimentRow.lease_owner.startswith(owner_prefix, autoescape=True))
+                .where(ExperimentRow.status.in_(ACTIVE_STATUSES), ExperimentRow.lease_owner == owner)
                 .values(status="interrupted", error=reason, finished_at=utcnow(), change_id=change_id)
             )
             return list(conn.scalars(select(ExperimentRow.id).where(ExperimentRow.change_id == change_id)

@@ -12,7 +12,7 @@ import pytest
 from daemon.agents import CrashInfo
 from daemon.agents.anthropic_agent import AnthropicAgent
 from daemon.config import AgentConfig
-from daemon.errors import AgentError, AgentFatal, ConfigError, CostCapReached
+from daemon.errors import AgentError, AgentFatal, ConfigError, CostCapReached, InvalidProposal
 from daemon.store.records import AgentCallRecord
 from tests.agents.support import BASELINE, MemorySink, RecordingClock, make_context
 from tests.fakes.anthropic_server import FakeAnthropicServer, error_reply, text_reply, tool_reply
@@ -85,7 +85,7 @@ def test_reply_without_tool_call_is_repaired(server: FakeAnthropicServer, make_a
 def test_repairs_run_out(server: FakeAnthropicServer, make_anthropic: MakeAgent) -> None:
     """After repair_rounds failed repairs the agent gives up with the last problem."""
     server.enqueue(*[tool_reply({"hypothesis": "no description"}) for _ in range(2)])
-    with pytest.raises(AgentError, match="no valid proposal in 2 replies; last problem: description is missing"):
+    with pytest.raises(InvalidProposal, match="no valid proposal in 2 replies; last problem: description is missing"):
         make_anthropic(repair_rounds=1).propose(make_context())
 
 

@@ -9,8 +9,12 @@ import pytest
 from daemon.agents import HistoryItem
 from daemon.agents.edits import apply_edits, normalized_hash, validate_candidate
 from daemon.agents.offline import OfflineAgent, find_knobs
-from daemon.errors import AgentError
+from daemon.errors import AgentFatal
 from tests.agents.support import BASELINE, make_context
+
+# One knob (LR) in an otherwise valid train.py: its neighbourhood is exhausted after a few proposals.
+TINY_SOURCE = ('import os\nLR = 0.5\nBUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))\n'
+               'from trainer.prepare import export_checkpoint\nexport_checkpoint(None, ".")\n')
 
 
 def test_fifty_proposals_are_valid_distinct_and_parse() -> None:
@@ -56,6 +60,27 @@ def test_steps_widen_after_failures() -> None:
 
 
 def test_source_without_knobs_is_refused() -> None:
-    """A train.py without recognisable constants gives a clear AgentError."""
-    with pytest.raises(AgentError, match="no hyperparameter constants"):
+    """A train.py without recognisable constants is a fatal agent error (no retry can help)."""
+    with pytest.raises(AgentFatal, match="no hyperparameter constants"):
         OfflineAgent().propose(make_context(best_source="print('hello')\n"))
+
+
+def test_a_new_session_may_retry_last_sessions_ideas() -> None:
+    """The memory of proposals is per session: after exhausting one night, the next night proposes again."""
+    agent = OfflineAgent()
+    first_night: list[str] = []
+    with pytest.raises(AgentFatal):
+        for _ in range(10_000):
+            first_night.append(agent.propose(make_context(session_id=1, best_source=TINY_SOURCE)).source)
+    assert agent.propose(make_context(session_id=2, best_source=TINY_SOURCE)).source in first_night
+
+
+def test_exhausted_search_is_fatal() -> None:
+    """After its valid proposals run out near the best, the agent says so as a fatal error."""
+    agent = OfflineAgent()
+    seen: set[str] = set()
+    with pytest.raises(AgentFatal, match="no untried configuration"):
+        for _ in range(10_000):
+            proposal = agent.propose(make_context(best_source=TINY_SOURCE, seen_hashes=frozenset(seen)))
+            seen.add(validate_candidate(proposal.source, frozenset(seen)))
+    assert len(seen) >= 2

@@ -190,6 +190,16 @@ def test_healthz_503_when_database_is_down(serve) -> None:
     assert "database unreachable" in body
 
 
+def test_healthz_503_when_the_ping_answers_false(serve) -> None:
+    """A ping that reports failure by returning False (as Store.ping does) gives 503 too."""
+    heartbeat = Heartbeat(60)
+    heartbeat.beat()
+    server = serve(Metrics(), lambda: False, heartbeat)
+    status, _, body = get(server.url + "/healthz")
+    assert status == 503
+    assert "database unreachable" in body
+
+
 def test_healthz_503_before_first_heartbeat(serve) -> None:
     """A loop that never ticked is not healthy."""
     server = serve(Metrics(), lambda: None, Heartbeat(60))

@@ -152,12 +152,12 @@ def test_requeue_expired_rejects_naive_time(store: Store) -> None:
 
 
 def test_interrupt_orphans_marks_only_that_owner(store: Store, session: SessionRecord) -> None:
-    """Active experiments of owners with the prefix become interrupted with the reason; others stay."""
+    """Active experiments of exactly that owner become interrupted with the reason; others stay."""
     _queue(store, session, 3)
     mine = store.claim_next(session.id, "host-a:100", "lane0", None, 60)
-    other = store.claim_next(session.id, "host-ab:5", "lane0", None, 60)
+    other = store.claim_next(session.id, "host-b:100", "lane0", None, 60)
     assert mine and other
-    assert store.interrupt_orphans("host-a:", "daemon restarted") == [mine.id]
+    assert store.interrupt_orphans("host-a:100", "daemon restarted") == [mine.id]
     interrupted = store.get_experiment(mine.id)
     assert interrupted is not None
     assert (interrupted.status, interrupted.error) == ("interrupted", "daemon restarted")
@@ -165,14 +165,18 @@ def test_interrupt_orphans_marks_only_that_owner(store: Store, session: SessionR
     assert store.get_experiment(other.id).status == "running"  # type: ignore[union-attr]
 
 
-def test_interrupt_orphans_treats_prefix_literally(store: Store, session: SessionRecord) -> None:
-    """LIKE wildcards in the prefix match only themselves."""
-    _queue(store, session, 1)
-    store.claim_next(session.id, "host-a:1", "lane0", None, 60)
-    assert store.interrupt_orphans("host_%", "x") == []
+def test_interrupt_orphans_leaves_a_live_owner_whose_id_extends_the_dead_ones(
+        store: Store, session: SessionRecord) -> None:
+    """A dead owner `host:12` does not take the work of a live `host:123` with it."""
+    _queue(store, session, 2)
+    dead = store.claim_next(session.id, "host:12", "lane0", None, 60)
+    live = store.claim_next(session.id, "host:123", "lane1", None, 60)
+    assert dead and live
+    assert store.interrupt_orphans("host:12", "x") == [dead.id]
+    assert store.get_experiment(live.id).status == "running"  # type: ignore[union-attr]
 
 
-def test_interrupt_orphans_rejects_empty_prefix(store: Store) -> None:
-    """An empty prefix (which would interrupt every daemon's work) is refused."""
-    with pytest.raises(StoreError, match="non-empty owner prefix"):
+def test_interrupt_orphans_rejects_empty_owner(store: Store) -> None:
+    """An empty owner is refused."""
+    with pytest.raises(StoreError, match="needs an owner"):
         store.interrupt_orphans("", "x")

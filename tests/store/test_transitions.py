@@ -49,7 +49,8 @@ def test_full_life_sets_timestamps_and_results(store: Store, session: SessionRec
                          [(s, n) for s, targets in TRANSITIONS.items() for n in sorted(targets)])
 def test_allowed_transition(store: Store, session: SessionRecord, source_status: str, new: str) -> None:
     """Every transition of the contract's graph is accepted."""
-    record = _running(store, session)
+    record = store.create_experiment(session.id, "candidate", SOURCE) if source_status == "queued" else (
+        _running(store, session))
     if source_status == "evaluating":
         store.transition(record.id, "running", "evaluating")
     moved = store.transition(record.id, source_status, new, error="x" if new == "crashed" else "")

@@ -102,7 +102,9 @@ class DockerBackend:
             "image": spec.image,
             "command": list(spec.command),
             "name": spec.name,
-            "environment": dict(spec.env),
+            # Base images such as pytorch/pytorch set NVIDIA_VISIBLE_DEVICES=all, which the nvidia
+            # runtime honours over device_requests: pin it to this run's GPU, or to none.
+            "environment": {**spec.env, "NVIDIA_VISIBLE_DEVICES": spec.gpu_uuid or "void"},
             "working_dir": spec.workdir,
             "user": SANDBOX_USER,
             "labels": run_labels,
@@ -134,12 +136,10 @@ class DockerBackend:
         except docker.errors.APIError as exc:
             if exc.status_code != 409:
                 raise
-        # The deterministic name exists: a retry after a crash. Reuse a never-started container,
-        # otherwise it is a stale run whose result the reaper already had its chance to collect.
-        existing = self.client.containers.get(spec.name)
-        if existing.status == "created":
-            return existing
-        existing.remove(force=True)
+        # The deterministic name exists: a retry after a crash. The leftover (never started, or a stale
+        # run the reaper already had its chance to collect) may carry a dead owner's labels and old
+        # limits, so it is replaced rather than reused.
+        self.client.containers.get(spec.name).remove(force=True)
         return self.client.containers.create(**kwargs)
 
     # --- running ---------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ class DockerBackend:
                 return RunResult(RunStatus.INFRA_ERROR, None, time.monotonic() - started,
                                  error=f"container {spec.name} did not start: {exc}")
             killed_as = self._wait(container, spec.limits.timeout_s, started, cancel)
-            return collect_result(container, spec.out_mount().source, spec.limits.output_tail_bytes,
+            return collect_result(container, out_dir, spec.limits.output_tail_bytes,
                                   time.monotonic() - started, killed_as)
         finally:
             if container is not None:

@@ -22,7 +22,3 @@ class ImageError(SandboxError):
 
 class InvalidSpec(SandboxError):
     """A RunSpec is inconsistent (mount of a missing path, writable data mount, two GPUs...)."""
-
-
-class UnsafeOutput(SandboxError):
-    """An out file is a symlink, a special file or over its size cap."""

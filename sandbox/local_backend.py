@@ -33,6 +33,8 @@ POLL_SECONDS = 0.5
 KILL_WAIT_SECONDS = 30.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINER_TARGET = "/opt/autoresearch/trainer"
+OOM_SEARCH_LINES = 5
+OOM_ALLOCATOR_MESSAGE = "can't allocate memory"  # torch's CPU allocator under RLIMIT_AS
 _NAMESPACE_FLAGS = ("--net", "--pid", "--fork", "--kill-child")
 
 
@@ -198,9 +200,12 @@ class LocalBackend:
     def _result(self, returncode: int | None, killed_as: RunStatus | None, output: bytes, spec: RunSpec,
                 wall: float) -> RunResult:
         tail = sanitize_tail(output, spec.limits.output_tail_bytes)
-        # No cgroup here: an OOM shows as the kernel's SIGKILL or, under RLIMIT_AS, as Python's MemoryError.
-        last_line = tail.rstrip().rpartition("\n")[2]
-        oom = killed_as is None and (returncode == -signal.SIGKILL or last_line.startswith("MemoryError"))
+        # No cgroup here: an OOM shows as the kernel's SIGKILL or, under RLIMIT_AS, as Python's MemoryError
+        # or torch's allocator error; the harness prints a line of its own after the candidate's traceback.
+        last_lines = tail.rstrip().splitlines()[-OOM_SEARCH_LINES:]
+        oom = killed_as is None and returncode != 0 and (
+            returncode == -signal.SIGKILL
+            or any(line.startswith("MemoryError") or OOM_ALLOCATOR_MESSAGE in line for line in last_lines))
         status = exit_status(killed_as, oom, returncode)
         out = read_out_files(spec.out_mount().source)
         return RunResult(status=status, exit_code=returncode, wall_seconds=wall, output_tail=tail,

@@ -104,23 +104,16 @@ class Cancel:
     """Asks a running sandbox to stop early, saying which status the run should end with.
 
     The daemon sets it on shutdown (INTERRUPTED) or when a foreign job claims the GPU (PREEMPTED);
-    backends poll `reason` while they wait.
+    backends poll `reason` while they wait. The first reason set wins.
     """
 
     def __init__(self) -> None:
-        import threading
-
-        self._event = threading.Event()
         self._reason: RunStatus | None = None
 
     def set(self, reason: RunStatus) -> None:
         if self._reason is None:
             self._reason = reason
-        self._event.set()
 
     @property
     def reason(self) -> RunStatus | None:
         return self._reason
-
-    def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)

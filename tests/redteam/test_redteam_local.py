@@ -41,3 +41,9 @@ def test_fork_bomb_is_contained_locally(local_runner: StageRunner) -> None:
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        raise SystemExit(1)\n"
     outcome = local_runner.run(9104, 1, code, 0)
     assert outcome.status in ("crashed", "timeout") and outcome.val_bpb is None
+
+
+def test_memory_error_in_the_candidate_is_reported_as_oom_locally(local_runner: StageRunner) -> None:
+    """A candidate dying of MemoryError under the address-space limit is `oom`, though the harness prints last."""
+    outcome = local_runner.run(9105, 1, "raise MemoryError('simulated allocation failure')\n", 0)
+    assert outcome.status == "oom" and outcome.val_bpb is None

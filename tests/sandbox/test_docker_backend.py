@@ -126,20 +126,35 @@ def test_gpu_is_requested_by_uuid_only(backend: DockerBackend, script_spec: Spec
     try:
         container.reload()
         requests = container.attrs["HostConfig"]["DeviceRequests"]
+        env = container.attrs["Config"]["Env"]
     finally:
         container.remove(force=True)
     assert len(requests) == 1
     assert requests[0]["DeviceIDs"] == ["GPU-0000-test"] and requests[0]["Count"] == 0
+    assert "NVIDIA_VISIBLE_DEVICES=GPU-0000-test" in env  # an image's `all` must not widen it
 
 
-def test_retried_create_reuses_the_deterministic_name(backend: DockerBackend, script_spec: SpecFactory,
-                                                      trainer_image: str) -> None:
-    """Creating the same named run twice (a retry after a crash) yields one container, not two."""
+def test_run_without_gpu_hides_every_gpu(backend: DockerBackend, script_spec: SpecFactory, trainer_image: str) -> None:
+    """A CPU run sets NVIDIA_VISIBLE_DEVICES=void, so an nvidia default runtime exposes no GPU to it."""
+    spec = script_spec("pass", image=trainer_image)
+    spec.out_mount().source.mkdir()
+    container = backend._create(spec)
+    try:
+        container.reload()
+        env = container.attrs["Config"]["Env"]
+    finally:
+        container.remove(force=True)
+    assert "NVIDIA_VISIBLE_DEVICES=void" in env
+
+
+def test_retried_create_replaces_the_leftover_of_the_same_name(backend: DockerBackend, script_spec: SpecFactory,
+                                                              trainer_image: str) -> None:
+    """Creating the same named run twice (a retry after a crash) yields one fresh container, not two or an error."""
     spec = script_spec("pass", image=trainer_image)
     spec.out_mount().source.mkdir()
     first = backend._create(spec)
     second = backend._create(spec)
     try:
-        assert first.id == second.id and len(_leftovers(spec.name)) == 1
+        assert first.id != second.id and [c.id for c in _leftovers(spec.name)] == [second.id]
     finally:
         second.remove(force=True)

@@ -16,7 +16,7 @@ from docker.types import Mount as DockerMount
 
 from sandbox import labels as L
 from sandbox.base import ReapedRun
-from sandbox.errors import BackendUnavailable, InvalidSpec
+from sandbox.errors import BackendUnavailable
 from sandbox.outfiles import prepare_out_dir, read_out_files
 from sandbox.spec import Cancel, RunResult, RunSpec, RunStatus, exit_status
 from sandbox.tail import sanitize_tail
@@ -29,6 +29,14 @@ KILL_WAIT_SECONDS = 30.0
 LOG_MAX_SIZE = "8m"
 LOG_TAIL_LINES = 400
 WAIT_ERRORS = (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError)
+
+
+def image_exists(client: Any, tag: str) -> bool:
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
 
 
 def _connect(timeout: float = 60.0) -> Any:
@@ -86,9 +94,7 @@ class DockerBackend:
 
     def _create_kwargs(self, spec: RunSpec) -> dict[str, Any]:
         limits = spec.limits
-        for mount in spec.mounts:
-            if not mount.source.exists():
-                raise InvalidSpec(f"{spec.name}: mount source {mount.source} does not exist")
+        spec.check_mounts()
         mounts = [
             DockerMount(target=m.target, source=str(m.source.resolve()), type="bind", read_only=not m.writable)
             for m in spec.mounts
@@ -211,11 +217,7 @@ class DockerBackend:
         return pids
 
     def has_image(self, image: str) -> bool:
-        try:
-            self.client.images.get(image)
-        except docker.errors.ImageNotFound:
-            return False
-        return True
+        return image_exists(self.client, image)
 
     def close(self) -> None:
         self.client.close()

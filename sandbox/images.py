@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sandbox.docker_backend import image_exists
 from sandbox.errors import ImageError
 
 Progress = Callable[[str], None]
@@ -97,21 +98,11 @@ def _docker_client() -> Any:
     return client
 
 
-def _image_exists(client: Any, tag: str) -> bool:
-    import docker.errors
-
-    try:
-        client.images.get(tag)
-    except docker.errors.ImageNotFound:
-        return False
-    return True
-
-
 def _base_image(client: Any, progress: Progress) -> str:
     """Debian minbase + python3, imported from a cached rootfs tarball (debootstrap runs once)."""
     key = _digest(DEBIAN_SUITE, DEBIAN_MIRROR, *DEBIAN_PACKAGES)
     tag = f"{BASE_REPO}:{DEBIAN_SUITE}-{key}"
-    if _image_exists(client, tag):
+    if image_exists(client, tag):
         return tag
     tarball = cache_dir() / f"rootfs-{DEBIAN_SUITE}-{key}.tar"
     if not tarball.exists():
@@ -183,7 +174,7 @@ def ensure_offline_image(tag: str | None = None, progress: Progress = print) -> 
     client = _docker_client()
     try:
         with _build_lock("offline-image"):
-            if not _image_exists(client, hashed):
+            if not image_exists(client, hashed):
                 progress(f"[image] building {hashed} (first time: a few minutes; cached afterwards)")
                 base = _base_image(client, progress)
                 wheels = _download_wheels(progress)

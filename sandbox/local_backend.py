@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from sandbox.base import ReapedRun
-from sandbox.errors import BackendUnavailable, InvalidSpec
+from sandbox.errors import BackendUnavailable
 from sandbox.outfiles import prepare_out_dir, read_out_files
 from sandbox.spec import Cancel, Mount, RunResult, RunSpec, RunStatus, exit_status
 from sandbox.tail import sanitize_tail
@@ -146,9 +146,7 @@ class LocalBackend:
     def run(self, spec: RunSpec, cancel: Cancel | None = None) -> RunResult:
         out_dir = spec.out_mount().source
         prepare_out_dir(out_dir)
-        for mount in spec.mounts:
-            if not mount.source.exists():
-                raise InvalidSpec(f"{spec.name}: mount source {mount.source} does not exist")
+        spec.check_mounts()
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=f"{spec.name}-tmp-") as tmp_dir:
             try:

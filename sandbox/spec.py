@@ -73,6 +73,14 @@ class RunSpec:
     labels: dict[str, str] = field(default_factory=dict)
     workdir: str = "/out"
 
+    def check_mounts(self) -> None:
+        """Refuse a spec whose mount sources are missing (a bug or a half-prepared run folder)."""
+        from sandbox.errors import InvalidSpec
+
+        for mount in self.mounts:
+            if not mount.source.exists():
+                raise InvalidSpec(f"{self.name}: mount source {mount.source} does not exist")
+
     def out_mount(self) -> Mount:
         """The single writable mount (the run's out dir)."""
         writable = [m for m in self.mounts if m.writable]

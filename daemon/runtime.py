@@ -56,6 +56,9 @@ class MeteredCallSink:
         return stored
 
     def cost_since(self, since: datetime) -> float:
+        # The agent checks the cap against the current window's start before every call: the gauge
+        # ("cost tonight") follows that same start instead of the process start.
+        self.since = since
         return float(self.store.cost_since(since))
 
 
@@ -152,11 +155,15 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
     workspace = Workspace.open(settings.workspace)
     store = open_store(settings.database_url, retry_seconds=settings.database.retry_seconds,
                        pool_size=settings.database.pool_size)
-    backend = choose_backend(settings, daemon=daemon)
-    reconciled = reconcile(store, backend, settings.instance_name)
-    probe = probe if probe is not None else default_probe()
-    lanes = plan_lanes(settings.gpus, probe)
-    runner = make_runner(settings, backend, workspace, probe)
+    try:
+        backend = choose_backend(settings, daemon=daemon)
+        reconciled = reconcile(store, backend, settings.instance_name)
+        probe = probe if probe is not None else default_probe()
+        lanes = plan_lanes(settings.gpus, probe)
+        runner = make_runner(settings, backend, workspace, probe)
+    except BaseException:
+        store.close()  # e.g. data not prepared yet: the command fails, its connections must not linger
+        raise
     metrics = Metrics(training_budget_s=settings.training.time_budget_s,
                       cost_cap_usd=settings.agent.nightly_cost_cap_usd)
     clock = SystemClock()

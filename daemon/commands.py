@@ -254,10 +254,11 @@ def cmd_best(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.report import write_report
+    from daemon.workspace import Workspace
 
     store = _open_store(settings)
     session = _session_or_latest(store, args.session)
-    out = args.out if args.out is not None else settings.workspace / "reports"
+    out = args.out if args.out is not None else Workspace(settings.workspace).reports_dir
     print(f"report: {write_report(store, session.id, out)}")
     return 0
 

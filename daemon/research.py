@@ -80,6 +80,11 @@ class Prepared:
     proposal: Proposal
     parent_id: int | None
     fix_of: int | None  # the crashed experiment this proposal tries to fix
+    base_source: str = ""  # the best's source the agent saw
+
+    @property
+    def whole_file(self) -> bool:
+        return any(edit.search == "" for edit in self.proposal.edits)
 
 
 class Proposer:
@@ -97,7 +102,8 @@ class Proposer:
     def _ask(self, crash: CrashInfo | None) -> Prepared:
         ctx = self._context(crash)
         proposal = self._agent.propose(ctx)
-        return Prepared(proposal, ctx.best_id, crash.experiment_id if crash is not None else None)
+        return Prepared(proposal, ctx.best_id, crash.experiment_id if crash is not None else None,
+                        ctx.best_source)
 
     def prefetch(self, crash: CrashInfo | None = None) -> None:
         """Start preparing one more proposal (a crash fix when `crash` is given)."""
@@ -144,7 +150,6 @@ class _Running:
     lane: Lane
     cancel: Cancel
     started: float
-    stopping_kill: bool = False
 
 
 @dataclass
@@ -164,7 +169,6 @@ class SessionSummary:
     counts: dict[str, int] = field(default_factory=dict)
     baseline_val_bpb: float | None = None
     best_val_bpb: float | None = None
-    best_id: int | None = None
 
 
 def outcome_fields(outcome: Any) -> dict[str, Any]:
@@ -245,6 +249,7 @@ class ResearchSession:
         self.pipelined = pipelined
         self.live = live
         self.session: SessionRecord | None = None
+        self._ends_session = False  # only a session this object created (or adopted) is ended by it
         self._lock = threading.RLock()
         self._running: dict[int, _Running] = {}
         self._awaiting: dict[int, _AwaitingConfirm] = {}
@@ -253,6 +258,7 @@ class ResearchSession:
         self._infra_streak = 0  # sandbox failures in a row (engine down, bad limits): not the candidate's fault
         self._quarantined: set[str] = set()  # GPUs whose memory did not come back after a killed run
         self._invalid_streak = 0
+        self._agent_error_streak = 0  # plain agent failures in a row (network, server errors)
         self._fix_attempts: set[int] = set()
         self._fatal: str | None = None
         self._proposers: dict[str, Proposer] = {}
@@ -268,12 +274,14 @@ class ResearchSession:
         return self.session.id
 
     def open(self, *, resume: bool = True, attach_to: int | None = None,
-             orphans: tuple[int, ...] = ()) -> SessionRecord:
+             orphans: tuple[int, ...] = (), adopt: bool = False) -> SessionRecord:
         """Resume the latest open session (after a crash of the daemon) or start a new one.
 
         `attach_to` joins an existing session (ended or not) to add work to it (`autoresearch try`);
         `orphans` are experiments that start-up reconciliation marked interrupted: in a resumed
         session a copy of each is queued again, so the interrupted work is redone.
+        A joined or resumed session belongs to whoever opened it, so `run` leaves it open, unless
+        `adopt` (the daemon taking over the session its crashed predecessor left open).
         """
         self._program_md = self.workspace.program_md()
         if attach_to is not None:
@@ -284,10 +292,12 @@ class ResearchSession:
             latest = self.store.latest_session() if resume else None
             if latest is not None and latest.status == SESSION_OPEN:
                 session = latest
+                self._ends_session = adopt
                 log.info("resuming the open session", session=session.id, tag=session.tag)
             else:
                 tag = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
                 session = self.store.create_session(tag, self.trigger, self._program_md, self._config_snapshot())
+                self._ends_session = True
                 log.info("session started", session=session.id, tag=tag, lanes=[lane.name for lane in self.lanes])
         self.session = session
         if self.live is not None:
@@ -402,15 +412,21 @@ class ResearchSession:
             except Exception as exc:  # the lease expires and start-up reconciliation finds it
                 log.error("could not interrupt an unconfirmed candidate", experiment_id=candidate_id,
                           error=str(exc)[:300])
-        status = "failed" if (errors or self._fatal) else ("interrupted" if "SIG" in reason else "completed")
+        status = "failed" if (errors or self._fatal) else ("interrupted" if stop.signalled() else "completed")
         summary = self.summary(self._fatal or reason, status)
-        if self.session is not None and self.session.status == SESSION_OPEN:
-            self.store.end_session(self.session_id, status)
+        if self._ends_session:
+            self._end_session(status)
         log.info("session ended", session=self.session_id, reason=summary.stop_reason, status=status,
                  counts=summary.counts, best_val_bpb=summary.best_val_bpb)
         if errors:
             raise errors[0]
         return summary
+
+    def _end_session(self, status: str) -> None:
+        try:
+            self.store.end_session(self.session_id, status)
+        except TransitionError as exc:  # someone else ended it meanwhile (a `once` beside the daemon)
+            log.warning("the session was already ended", session=self.session_id, error=str(exc)[:300])
 
     def summary(self, stop_reason: str, status: str) -> SessionSummary:
         rows = self.store.list_experiments(session_id=self.session_id, limit=100_000)
@@ -420,13 +436,7 @@ class ResearchSession:
             dict(Counter(row.status for row in rows)),
             baseline.val_bpb if baseline is not None else None,
             best.val_bpb if best is not None else None,
-            best.id if best is not None else None,
         )
-
-    @property
-    def fatal(self) -> str | None:
-        """Why the session cannot go on (the baseline failed, the agent is unusable), or None."""
-        return self._fatal
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -545,7 +555,7 @@ class ResearchSession:
         Returns (proposal, candidate source, parent, normalized source hash).
         """
         proposer = self._proposer(lane)
-        backoff = 1.0
+        backoff = max(self.settings.agent.retry_backoff_s, 0.01)
         while stop.reason() is None and self._fatal is None:
             try:
                 prepared = proposer.take(stop)
@@ -559,18 +569,29 @@ class ResearchSession:
                 self._count_invalid(str(exc))
                 continue
             except AgentError as exc:
+                self._agent_error_streak += 1
+                if self._agent_error_streak >= MAX_INVALID_PROPOSALS:
+                    self._fatal = (f"the agent failed {self._agent_error_streak} times in a row: {exc}"
+                                   + (f" ({exc.hint})" if exc.hint else ""))
+                    return None
                 log.warning("agent failed; retrying after a pause", lane=lane.name, error=str(exc),
-                            retry_in_s=backoff)
+                            retry_in_s=backoff, in_a_row=self._agent_error_streak)
                 stop.wait(backoff)
-                backoff = min(backoff * 2, 60.0)
+                backoff = min(backoff * 2, max(self.settings.agent.retry_wait_max_s, 0.01))
                 continue
             if prepared is None:
                 return None
+            self._agent_error_streak = 0
             proposer.prepare_ahead()  # the next proposal is prepared while this one trains
             best = self.store.best(self.session_id)
             if best is None:
                 raise RuntimeError("a candidate was planned before the baseline was kept")
             source = prepared.proposal.source
+            if prepared.whole_file and prepared.base_source != best.source:
+                # Re-applying a whole file would silently undo what the new best changed.
+                self._count_invalid(f"whole-file proposal made against an older best (#{prepared.parent_id}); "
+                                    "asking again")
+                continue
             try:
                 if prepared.parent_id != best.id:
                     source = apply_edits(best.source, prepared.proposal.edits)
@@ -602,11 +623,10 @@ class ResearchSession:
         baseline = self.store.baseline(self.session_id)
         best_source = best.source if best is not None else self.workspace.baseline_source()
         best_val = best.val_bpb if best is not None else None
-        history = tuple(
-            HistoryItem(r.id, r.status, r.val_bpb,
-                        (r.val_bpb - best_val) if r.val_bpb is not None and best_val is not None else None,
-                        r.description)
-            for r in self.store.history(self.session_id, self.settings.agent.history_size))
+        rows = self.store.history(self.session_id, self.settings.agent.history_size)
+        known = {row.id: row for row in rows}
+        history = tuple(HistoryItem(r.id, r.status, r.val_bpb, self._delta(r, known), r.description)
+                        for r in rows)
         return ProposalContext(
             session_id=self.session_id, program_md=self._program_md, best_source=best_source,
             best_id=best.id if best is not None else None, best_val_bpb=best_val,
@@ -614,6 +634,27 @@ class ResearchSession:
             seen_hashes=frozenset(self.store.seen_hashes(self.session_id)), crash=crash,
             cost_since=self.cost_since,
         )
+
+    def _delta(self, row: ExperimentRecord, known: dict[int, ExperimentRecord]) -> float | None:
+        """val_bpb minus the best's at the time (the row's parent); None when that is unknown."""
+        if row.val_bpb is None:
+            return None
+        parent = self._row(row.parent_id, known)
+        if row.kind == "confirm" and parent is not None:
+            parent = self._row(parent.parent_id, known)  # a confirmation repeats its candidate
+        if parent is None or parent.val_bpb is None:
+            return None
+        return float(row.val_bpb - parent.val_bpb)
+
+    def _row(self, experiment_id: int | None, known: dict[int, ExperimentRecord]) -> ExperimentRecord | None:
+        if experiment_id is None:
+            return None
+        if experiment_id not in known:
+            found = self.store.get_experiment(experiment_id)
+            if found is None:
+                return None
+            known[experiment_id] = found
+        return known[experiment_id]
 
     # -- running one experiment ----------------------------------------------------------------
 
@@ -741,7 +782,15 @@ class ResearchSession:
             self._transition(experiment_id, "running", "evaluating")
 
     def _judge(self, experiment: ExperimentRecord, val_bpb: float, fields: dict[str, Any]) -> str:
-        """Record a measured experiment; returns its final status (or `evaluating` awaiting confirmation)."""
+        """Record a measured experiment; returns its final status (or `evaluating` awaiting confirmation).
+
+        Under the session lock: two lanes finishing together must not both judge against the same
+        old best (and both commit on the session branch).
+        """
+        with self._lock:
+            return self._judge_locked(experiment, val_bpb, fields)
+
+    def _judge_locked(self, experiment: ExperimentRecord, val_bpb: float, fields: dict[str, Any]) -> str:
         sid = self.session_id
         if experiment.kind == "baseline":
             self._transition(experiment.id, "evaluating", "kept", commit=self._main_commit(), **fields)
@@ -770,13 +819,12 @@ class ResearchSession:
             self._keep(experiment, fields, verdict)
             return "kept"
         if verdict.decision is Decision.CONFIRM:
-            with self._lock:
-                self._awaiting[experiment.id] = _AwaitingConfirm(val_bpb, fields)
-                self.store.create_experiment(
-                    sid, "confirm", experiment.source, parent_id=experiment.id,
-                    description=f"confirm #{experiment.id}: {experiment.description}"[:500],
-                    hypothesis=verdict.reason, seed=experiment.seed + CONFIRM_SEED_OFFSET + experiment.id,
-                    source_hash=experiment.source_hash)
+            self._awaiting[experiment.id] = _AwaitingConfirm(val_bpb, fields)
+            self.store.create_experiment(
+                sid, "confirm", experiment.source, parent_id=experiment.id,
+                description=f"confirm #{experiment.id}: {experiment.description}"[:500],
+                hypothesis=verdict.reason, seed=experiment.seed + CONFIRM_SEED_OFFSET + experiment.id,
+                source_hash=experiment.source_hash)
             return "evaluating"
         self._transition(experiment.id, "evaluating", "discarded", **fields)
         return "discarded"
@@ -792,22 +840,22 @@ class ResearchSession:
         log.info("new best kept", experiment_id=experiment.id, val_bpb=val_bpb, commit=commit[:12])
 
     def _settle_confirmation(self, confirm: ExperimentRecord, val_bpb: float) -> None:
-        with self._lock:
+        with self._lock:  # the best is read, judged against and replaced as one decision
             awaiting = self._awaiting.pop(confirm.parent_id, None) if confirm.parent_id is not None else None
-        if awaiting is None or confirm.parent_id is None:
-            return  # its candidate was settled already (e.g. redone after a daemon crash)
-        candidate = self.store.get_experiment(confirm.parent_id)
-        best = self.store.best(self.session_id)
-        if candidate is None or best is None or best.val_bpb is None:
-            return
-        verdict = judge_confirmed([awaiting.val_bpb, val_bpb], best.val_bpb,
-                                  self.store.noise_floor(self.session_id).std, self.settings.judge)
-        log.info("confirmation verdict", experiment_id=candidate.id, decision=verdict.decision.value,
-                 reason=verdict.reason)
-        if verdict.decision is Decision.KEEP:
-            self._keep(candidate, awaiting.fields, verdict)
-        else:
-            self._transition(candidate.id, "evaluating", "discarded", **awaiting.fields)
+            if awaiting is None or confirm.parent_id is None:
+                return  # its candidate was settled already (e.g. redone after a daemon crash)
+            candidate = self.store.get_experiment(confirm.parent_id)
+            best = self.store.best(self.session_id)
+            if candidate is None or best is None or best.val_bpb is None:
+                return
+            verdict = judge_confirmed([awaiting.val_bpb, val_bpb], best.val_bpb,
+                                      self.store.noise_floor(self.session_id).std, self.settings.judge)
+            log.info("confirmation verdict", experiment_id=candidate.id, decision=verdict.decision.value,
+                     reason=verdict.reason)
+            if verdict.decision is Decision.KEEP:
+                self._keep(candidate, awaiting.fields, verdict)
+            else:
+                self._transition(candidate.id, "evaluating", "discarded", **awaiting.fields)
         self.workspace.write_results(self.store.results_tsv(self.session_id))
 
     def _interrupt_awaiting(self, candidate_id: int | None, why: str) -> None:
@@ -816,6 +864,17 @@ class ResearchSession:
             awaiting = self._awaiting.pop(candidate_id, None) if candidate_id is not None else None
         if awaiting is not None and candidate_id is not None:
             self._transition(candidate_id, "evaluating", "interrupted", **{**awaiting.fields, "error": why})
+            self._drop_queued_confirmation(candidate_id, why)
+
+    def _drop_queued_confirmation(self, candidate_id: int, why: str) -> None:
+        """The candidate's confirmation run, still queued: interrupted too, so no later session claims it."""
+        for row in self.store.list_experiments(session_id=self.session_id, status="queued", limit=100_000,
+                                               kind="confirm"):
+            if row.parent_id == candidate_id:
+                try:
+                    self.store.transition(row.id, "queued", "interrupted", error=why[:2000])
+                except TransitionError:  # claimed meanwhile: it runs, and `_settle_confirmation` ignores it
+                    log.info("the confirmation run was claimed meanwhile", experiment_id=row.id)
 
     def _abandon_confirmation(self, confirm: ExperimentRecord, why: str) -> None:
         if confirm.kind != "confirm" or confirm.parent_id is None:

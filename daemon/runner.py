@@ -54,7 +54,6 @@ class StageOutcome:
     probe: str
     error: str
     log_tail: str
-    train_seconds: float
     eval_seconds: float
     overhead_seconds: dict[str, float]
     gpu_quarantined: bool = field(default=False)
@@ -164,8 +163,8 @@ class StageRunner:
             tail = train.output_tail if eval_result is None or eval_result.ok else (
                 f"{train.output_tail}\n--- eval ---\n{eval_result.output_tail}")
             return StageOutcome(status=status, val_bpb=val_bpb, summary=summary, train=train, eval=eval_result,
-                                probe=probe, error=error, log_tail=tail, train_seconds=train.wall_seconds,
-                                eval_seconds=eval_seconds, overhead_seconds=overhead, gpu_quarantined=quarantined)
+                                probe=probe, error=error, log_tail=tail, eval_seconds=eval_seconds,
+                                overhead_seconds=overhead, gpu_quarantined=quarantined)
 
         if not train.ok:
             reason = train.error or f"train stage ended {train.status.value} (exit {train.exit_code})"

@@ -40,7 +40,6 @@ class Service:
         self.clock = SystemClock()
         self.triggers: queue.Queue[_Trigger] = queue.Queue()
         self.shutdown = threading.Event()
-        self.signals = 0
         self.current_stop: StopCondition | None = None
         self.orphans = runtime.reconciled.interrupted  # redone once, by the first session
         gpu_uuids = [lane.gpu_uuid for lane in runtime.lanes if lane.gpu_uuid is not None]
@@ -53,7 +52,6 @@ class Service:
             gpu_uuids=gpu_uuids or None, metrics=runtime.metrics)
 
     def on_signal(self, signum: int, _frame: object) -> None:
-        self.signals += 1
         self.shutdown.set()
         stop = self.current_stop
         if stop is not None:
@@ -76,8 +74,8 @@ class Service:
                     trigger = self.triggers.get(timeout=1.0)
                 except queue.Empty:
                     continue
-                if trigger.kind == "shutdown":
-                    break
+                if trigger.kind == "shutdown" or self.shutdown.is_set():
+                    break  # a signal came while waiting: open no session just to end it
                 self._run_session(trigger, notifier)
         finally:
             notifier.stopping("shutting down")
@@ -92,7 +90,7 @@ class Service:
                              grace_s=self.settings.scheduler.grace_s)
         self.current_stop = stop
         if self.shutdown.is_set():
-            stop.request_stop("shutting down")
+            stop.signal("shutdown signal")  # it came before `current_stop` was set
         runtime = self.runtime
         runtime.live.set_window(trigger.window, self.scheduler.next_window())
         session = ResearchSession(
@@ -100,7 +98,8 @@ class Service:
             agent=runtime.agent, lanes=runtime.lanes, owner=runtime.owner, metrics=runtime.metrics,
             heartbeat=runtime.heartbeat, gate=self.scheduler, trigger=trigger.kind,
             cost_since=trigger.window.start if trigger.window is not None else now, live=runtime.live)
-        record = session.open(orphans=self.orphans)
+        # The daemon adopts the session its crashed predecessor left open, and so ends it.
+        record = session.open(orphans=self.orphans, adopt=True)
         self.orphans = ()
         notifier.status(f"session {record.id} running")
         try:

@@ -58,6 +58,11 @@ class StopCondition:
         else:
             self.request_stop(f"{name}: finishing current experiments (grace {self.grace_s:g} s)")
 
+    def signalled(self) -> bool:
+        """True once a termination signal was received (the session ends `interrupted`)."""
+        with self._lock:
+            return self._signals > 0
+
     def reason(self) -> str | None:
         """Why no new experiment may start, or None while launching is allowed."""
         with self._lock:

@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,17 @@ _GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "autoresearch",
     "GIT_COMMITTER_EMAIL": "autoresearch@localhost",
 }
-_IGNORED = ("data/", "reports/", "results.tsv", "*.db", "*.db-journal", "runs/")
+_IGNORED = ("data/", "reports/", "results.tsv", ".results.tsv.*.tmp", "*.db", "*.db-journal", "runs/")
 _TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# One commit lock per workspace folder: Workspace objects are cheap values and several may point at
+# the same repository, so the lock lives here rather than in the (frozen) instance.
+_COMMIT_LOCKS: dict[Path, threading.Lock] = {}
+_COMMIT_LOCKS_GUARD = threading.Lock()
+
+
+def _commit_lock(root: Path) -> threading.Lock:
+    with _COMMIT_LOCKS_GUARD:
+        return _COMMIT_LOCKS.setdefault(root, threading.Lock())
 
 
 def default_program_md() -> str:
@@ -154,6 +164,10 @@ class Workspace:
     def commit_kept(self, tag: str, source: str, message: str) -> str:
         """Commit `source` as train.py on the session branch (created from main on first use); returns the sha."""
         ref = f"refs/heads/{self.branch(tag)}"
+        with _commit_lock(self.root):
+            return self._commit_locked(ref, source, message)
+
+    def _commit_locked(self, ref: str, source: str, message: str) -> str:
         branch_head = self._git("rev-parse", "--verify", "-q", ref, check=False).stdout.strip()
         parent = branch_head or self._git("rev-parse", "main").stdout.strip()
         blob = self._git("hash-object", "-w", "--stdin", input_text=source).stdout.strip()
@@ -182,9 +196,17 @@ class Workspace:
 
     def write_results(self, tsv: str) -> Path:
         """Replace results.tsv atomically (a reader never sees half a file)."""
-        tmp = self.results_path.with_suffix(".tsv.tmp")
-        tmp.write_text(tsv)
-        os.replace(tmp, self.results_path)
+        # A temporary name of its own per call: several lanes export at once, and a shared name
+        # would let one lane rename away the file another is about to rename.
+        fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=f".{RESULTS_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(tsv)
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, self.results_path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
         return self.results_path
 
     def _has_ref(self, ref: str) -> bool:

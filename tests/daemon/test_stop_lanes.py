@@ -42,6 +42,15 @@ def test_first_signal_finishes_second_kills() -> None:
     assert stop.kill_due()
 
 
+def test_signalled_tells_a_signal_from_other_stops() -> None:
+    """signalled() is true after a signal only, whatever the stop reasons say."""
+    stop = StopCondition(grace_s=60)
+    stop.request_stop("SIGNAL-looking reason from elsewhere")
+    assert not stop.signalled()
+    stop.signal("SIGINT")
+    assert stop.signalled()
+
+
 def test_first_stop_reason_is_kept() -> None:
     """A later reason never overwrites the first (the report says why the night ended)."""
     stop = StopCondition()

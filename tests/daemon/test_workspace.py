@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,52 @@ def test_results_tsv_is_replaced_whole(tmp_path: Path) -> None:
     ws.write_results("commit\tval_bpb\nabc\t1.0\n")
     assert ws.results_path.read_text() == "commit\tval_bpb\nabc\t1.0\n"
     assert not list(ws.root.glob("*.tmp"))
+
+
+def test_concurrent_results_writers_never_fail(tmp_path: Path) -> None:
+    """Two lanes exporting results.tsv at once both succeed; the file ends as one of the written texts."""
+    ws = Workspace.init(tmp_path / "ws", baseline_source=BASELINE)
+    texts = {name: f"commit\tval_bpb\n{name}\t1.0\n" for name in ("a", "b")}
+    errors: list[BaseException] = []
+
+    def writer(text: str) -> None:
+        try:
+            for _ in range(200):
+                ws.write_results(text)
+        except BaseException as exc:  # the test reports any failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(text,)) for text in texts.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert ws.results_path.read_text() in texts.values()
+    assert not list(ws.root.glob("*.tmp")) and not list(ws.root.glob(".*.tmp"))
+
+
+def test_concurrent_commits_form_a_chain(tmp_path: Path) -> None:
+    """Two threads committing kept sources at once both succeed and their commits form one chain."""
+    ws = Workspace.init(tmp_path / "ws", baseline_source=BASELINE)
+    shas: dict[str, str] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def keep(name: str) -> None:
+        try:
+            barrier.wait()
+            shas[name] = ws.commit_kept("night1", f"print({name!r})\n", f"keep {name}")
+        except BaseException as exc:  # the test reports any failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=keep, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    head = _git(ws.root, "rev-parse", "autoresearch/night1").strip()
+    first = _git(ws.root, "rev-parse", f"{head}^").strip()
+    assert {head, first} == set(shas.values())
+    assert _git(ws.root, "rev-parse", f"{first}^").strip() == _git(ws.root, "rev-parse", "main").strip()

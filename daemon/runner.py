@@ -73,14 +73,19 @@ def _json_file(result: RunResult, name: str) -> dict[str, Any] | None:
 def _numbers(data: object) -> dict[str, float]:
     if not isinstance(data, dict):
         return {}
-    return {str(k): float(v) for k, v in data.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {str(k): number for k, v in data.items() if (number := _finite(v)) is not None}
 
 
 def _finite(value: object) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def _stage_failure(stage: str, result: RunResult) -> str:
+    """Why a stage failed: its status and exit code first, then any sandbox notes (refused out files...)."""
+    reason = f"{stage} stage ended {result.status.value} (exit {result.exit_code})"
+    return f"{reason}: {result.error}" if result.error else reason
 
 
 class StageRunner:
@@ -159,7 +164,10 @@ class StageRunner:
                    probe: str = "", eval_seconds: float = 0.0) -> StageOutcome:
             last = eval_result if eval_result is not None else train
             quarantined = not self._released(last, gpu_uuid)
-            (train_out / CHECKPOINT_NAME).unlink(missing_ok=True)  # large, and never reused
+            # Everything needed was read into the results: drop what the candidate wrote (checkpoints are
+            # large, and a hostile candidate may have filled its out dir), keep the small candidate/ folder.
+            for out_dir in (train_out, eval_out):
+                shutil.rmtree(out_dir, ignore_errors=True)
             tail = train.output_tail if eval_result is None or eval_result.ok else (
                 f"{train.output_tail}\n--- eval ---\n{eval_result.output_tail}")
             return StageOutcome(status=status, val_bpb=val_bpb, summary=summary, train=train, eval=eval_result,
@@ -167,7 +175,7 @@ class StageRunner:
                                 overhead_seconds=overhead, gpu_quarantined=quarantined)
 
         if not train.ok:
-            reason = train.error or f"train stage ended {train.status.value} (exit {train.exit_code})"
+            reason = _stage_failure("train", train)
             return finish(_TRAIN_STATUS[train.status], reason)
         if not is_safe_regular_file(train_out / CHECKPOINT_NAME):
             return finish("crashed", f"train stage left no regular {CHECKPOINT_NAME} checkpoint")
@@ -186,7 +194,7 @@ class StageRunner:
             overhead["eval"] = max(0.0, evaluation.wall_seconds - inner_eval)
         if not evaluation.ok or result is None:
             status = _TRAIN_STATUS.get(evaluation.status, "crashed")
-            why = evaluation.error or f"eval stage ended {evaluation.status.value} (exit {evaluation.exit_code})"
+            why = _stage_failure("eval", evaluation)
             if evaluation.ok:
                 why = "eval stage wrote no readable result.json"
             return finish(status, why, eval_result=evaluation, eval_seconds=eval_seconds)

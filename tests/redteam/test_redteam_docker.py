@@ -7,7 +7,6 @@ right status, no val_bpb (or the honest one), the host and mounts untouched, no 
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 from pathlib import Path
 
 import pytest
@@ -54,7 +53,8 @@ print("data holds:", sorted(os.listdir("/data")))
 BACKGROUND = """
 import os, subprocess, sys
 out = os.environ["AUTORESEARCH_OUT_DIR"]
-subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(8); open('{out}/late.txt', 'w').write('x')"],
+subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(600); open('{out}/late.txt', 'w').write('x')",
+                  "redteam-background-marker"],
                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print("main exits")
 """
@@ -130,15 +130,18 @@ def test_sleep_past_budget_times_out(outcomes: dict[str, StageOutcome]) -> None:
     assert outcomes["sleep_past_budget"].status == "timeout"
 
 
-def test_background_process_does_not_outlive_the_run(outcomes: dict[str, StageOutcome],
-                                                      docker_runner: StageRunner) -> None:
-    """A detached child dies with the container: nothing appears in the out dir after the run."""
+def test_background_process_does_not_outlive_the_run(outcomes: dict[str, StageOutcome]) -> None:
+    """A detached child (sleeping 10 minutes) dies with the container: no such process is left on the host."""
     outcome = outcomes["background_process"]
     assert outcome.status == "crashed" and "late.txt" not in outcome.train.files
-    experiment_id = 9000 + sorted([*CASES, "fake_summary", "nan_loss"]).index("background_process")
-    train_out = docker_runner.work_dir / f"{experiment_id}-1" / "train_out"
-    threading.Event().wait(9)  # past the child's 8 s sleep
-    assert train_out.is_dir() and not (train_out / "late.txt").exists()
+    survivors = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"redteam-background-marker" in (entry / "cmdline").read_bytes():
+                survivors.append(int(entry.name))
+        except OSError:  # exited while we looked
+            continue
+    assert survivors == []
     _no_improvement(outcome)
 
 

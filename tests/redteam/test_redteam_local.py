@@ -47,3 +47,12 @@ def test_memory_error_in_the_candidate_is_reported_as_oom_locally(local_runner: 
     """A candidate dying of MemoryError under the address-space limit is `oom`, though the harness prints last."""
     outcome = local_runner.run(9105, 1, "raise MemoryError('simulated allocation failure')\n", 0)
     assert outcome.status == "oom" and outcome.val_bpb is None
+
+
+def test_checkpoint_made_a_directory_is_a_crash_not_a_daemon_error(local_runner: StageRunner) -> None:
+    """A candidate that makes model.pt2 a directory gets `crashed`; the runner cleans up without raising."""
+    code = "import os\nos.mkdir(os.path.join(os.environ['AUTORESEARCH_OUT_DIR'], 'model.pt2'))\n"
+    outcome = local_runner.run(9106, 1, code, 0)
+    assert outcome.status == "crashed" and outcome.val_bpb is None
+    assert outcome.error == "train stage left no regular model.pt2 checkpoint"
+    assert not (local_runner.work_dir / "9106-1" / "train_out").exists()

@@ -25,16 +25,17 @@ there; with `preempt = true` it also cancels the running experiment with `RunSta
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
+from daemon.clock import Clock as Clock  # re-exported: the time seam
+from daemon.clock import SystemClock as SystemClock
 from daemon.config import SchedulerConfig, WindowConfig
 from daemon.logs import get_logger
 from sandbox.spec import Cancel, RunStatus
@@ -48,22 +49,6 @@ log = get_logger("autoresearch.scheduler")
 GPU_POLL_JOB_ID = "gpu-poll"
 UTC = timezone.utc
 _TICK = timedelta(microseconds=1)
-
-
-class Clock(Protocol):
-    """The time seam: aware datetimes from `now()`, and a `sleep` tests can make instant."""
-
-    def now(self) -> datetime: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def now(self) -> datetime:
-        return datetime.now(UTC)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ class Service:
         notifier.ready("waiting for a window")
         log.info("daemon ready", lanes=[lane.name for lane in self.runtime.lanes],
                  next_window=upcoming.start.isoformat() if upcoming is not None else None)
-        watchdog = notifier.start_watchdog(lambda: (self.runtime.heartbeat.age() or 0.0) < 120.0)
+        self.runtime.heartbeat.beat()
+        watchdog = notifier.start_watchdog(self.runtime.heartbeat.fresh)  # the same rule as /healthz
         try:
             while not self.shutdown.is_set():
                 self.runtime.heartbeat.beat()

@@ -20,6 +20,7 @@ from torch.export.passes import move_to_device_pass
 from trainer.harness import EXIT_USAGE, EXIT_WRONG_SPLIT, split_problem, write_json
 from trainer.layout import sha256_file
 from trainer.prepare import (
+    EVAL_BATCH_SIZE,
     EVAL_TOKENS,
     SEQ_LEN,
     DataError,
@@ -31,33 +32,50 @@ from trainer.prepare import (
     token_byte_lengths,
 )
 
-PROBE_TOLERANCE = 1e-3        # relative to the largest logit: exact on CPU, slack for GPU kernels
-PROBE_ROWS = 2                # two rows: enough to see a model that mixes the rows of a batch
+PROBE_TOLERANCE = 1e-3        # absolute, in nats of log-probability: exact on CPU, slack for GPU kernels
+PROBE_ROUNDS = 1              # forward passes with a fresh random cut in every row but one (16 cuts each)
+
+
+def _log_probs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    # Compared as log-probabilities: an offset added to all logits changes nothing the score sees, so it must
+    # not widen the tolerance either.
+    return torch.log_softmax(model(batch).float(), dim=-1)
+
+
+def _random_ints(count: int, high: int, device: torch.device) -> torch.Tensor:
+    """`count` ints in [0, high) from the OS's randomness: a checkpoint cannot know them in advance."""
+    raw = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) % np.uint64(high)
+    return torch.as_tensor(raw.astype(np.int64), device=device)
 
 
 def causality_probe(model: torch.nn.Module, batch: torch.Tensor, vocab_size: int,
                     base: torch.Tensor | None = None) -> str:
-    """'passed', or why the model's logits at positions <= t depend on tokens after t (or on other rows).
-    `base` may hold the model's logits for `batch` when the caller already has them."""
-    generator = torch.Generator().manual_seed(1234)
-    if base is None:
-        base = model(batch)
-    scale = 1.0 + base.abs().max().item()
-    seq_len = batch.size(1)
-    cut_points = sorted({0, seq_len // 3, seq_len // 2, seq_len - 2,
-                         int(torch.randint(1, seq_len - 1, (1,), generator=generator))})
-    for t in cut_points:
-        changed = batch.clone()
-        changed[:, t + 1:] = torch.randint(0, vocab_size, changed[:, t + 1:].shape, generator=generator).to(batch.device)
-        drift = (model(changed)[:, :t + 1] - base[:, :t + 1]).abs().max().item()
-        if not drift <= PROBE_TOLERANCE * scale:
-            return f"logits at positions <= {t} changed by {drift:.3g} when only tokens after {t} changed"
-    if batch.size(0) > 1:
-        others = batch.clone()
-        others[1:] = torch.randint(0, vocab_size, others[1:].shape, generator=generator).to(batch.device)
-        drift = (model(others)[0] - base[0]).abs().max().item()
-        if not drift <= PROBE_TOLERANCE * scale:
-            return f"logits of one row changed by {drift:.3g} when only the other rows of the batch changed"
+    """'passed', or why the model's outputs at positions <= t depend on tokens after t (or on other rows).
+    `batch` has the shape the scorer uses; in each round every row but one gets its own unpredictable cut
+    and the remaining row, left whole, must not change at all. `base` may hold the logits for `batch`."""
+    rows, seq_len = batch.shape
+    base = _log_probs(model, batch) if base is None else torch.log_softmax(base.float(), dim=-1)
+    positions = torch.arange(seq_len, device=batch.device)
+    for _ in range(PROBE_ROUNDS):
+        cuts = _random_ints(rows, seq_len - 1, batch.device)                    # one cut t per row, t < T-1
+        keep = int(_random_ints(1, rows, batch.device).item()) if rows > 1 else -1
+        if keep >= 0:
+            cuts[keep] = seq_len - 1                                            # this row keeps all its tokens
+        after = positions[None, :] > cuts[:, None]
+        changed = torch.where(after, _random_ints(rows * seq_len, vocab_size, batch.device).view(rows, seq_len),
+                              batch)
+        drift = (_log_probs(model, changed) - base).abs()
+        drift = torch.where(after[..., None], torch.zeros_like(drift), drift)
+        drift = torch.where(torch.isnan(drift), torch.full_like(drift, math.inf), drift)
+        per_row = drift.amax(dim=(1, 2))
+        if keep >= 0 and not per_row[keep].item() <= PROBE_TOLERANCE:
+            return (f"log-probabilities of one row changed by {per_row[keep].item():.3g} when only the other rows "
+                    f"of the batch changed (batch of {rows})")
+        row = int(per_row.argmax().item())
+        if not per_row[row].item() <= PROBE_TOLERANCE:
+            t = int(cuts[row].item())
+            return (f"log-probabilities at positions <= {t} changed by {per_row[row].item():.3g} when only tokens "
+                    f"after {t} changed (batch of {rows})")
     return "passed"
 
 
@@ -134,11 +152,15 @@ def _score_checkpoint(checkpoint: Path, window: np.ndarray, vocab_size: int, tok
     clock = time.monotonic()
     model, num_params = _load_program(checkpoint, device)
     timings["load"], clock = time.monotonic() - clock, time.monotonic()
-    rows = torch.as_tensor(window[: PROBE_ROWS * SEQ_LEN], dtype=torch.int64)
-    probe_batch = rows[: (len(rows) // SEQ_LEN) * SEQ_LEN].view(-1, SEQ_LEN).to(device)
+    # The probe runs at the full scoring shape (EVAL_BATCH_SIZE, SEQ_LEN) and at every other batch shape the
+    # scorer will use on this window (a smaller window, the remainder batch); short windows repeat their rows.
+    rows = (len(window) - 1) // SEQ_LEN
+    text = torch.as_tensor(window[: rows * SEQ_LEN], dtype=torch.int64).view(rows, SEQ_LEN)
+    sizes = sorted({EVAL_BATCH_SIZE, min(rows, EVAL_BATCH_SIZE), rows % EVAL_BATCH_SIZE} - {0}, reverse=True)
+    probe_batches = [text.repeat((size + rows - 1) // rows, 1)[:size].to(device) for size in sizes]
     with torch.no_grad():
         # Token 0 exists in every vocabulary, so a model for another vocabulary still runs and shows its size.
-        for inputs in (torch.zeros_like(probe_batch[:1]), probe_batch):
+        for inputs in (torch.zeros_like(probe_batches[0][:1]), probe_batches[0]):
             try:
                 logits = model(inputs)
             except Exception as exc:  # any failure of the candidate's graph on the fixed input shape
@@ -148,7 +170,11 @@ def _score_checkpoint(checkpoint: Path, window: np.ndarray, vocab_size: int, tok
             if tuple(logits.shape) != expected:
                 raise DataError(f"the checkpoint returns logits of shape {tuple(logits.shape)}, expected {expected}: it was "
                                 f"trained for another vocabulary or shape; train on this data (vocab {vocab_size})")
-        probe = causality_probe(model, probe_batch, vocab_size, base=logits)
+        probe = "passed"
+        for probe_batch in probe_batches:
+            first = probe_batch is probe_batches[0]
+            if (probe := causality_probe(model, probe_batch, vocab_size, logits if first else None)) != "passed":
+                break
         timings["probe"], clock = time.monotonic() - clock, time.monotonic()
         if probe != "passed":
             return {"status": "invalid", "probe": probe, "num_params": num_params,

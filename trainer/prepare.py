@@ -20,6 +20,8 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import sys
 import sysconfig
@@ -27,8 +29,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -444,12 +448,134 @@ def export_checkpoint(model: torch.nn.Module, out_dir: str | Path, device: str |
     return path
 
 
+# torch.export.load trusts its archive: entries flagged `use_pickle`, custom/opaque-object constants, legacy
+# `*.pt` payloads and a failed weights-only load of the sample inputs are unpickled, `data/aotinductor/` holds
+# shared libraries, and `guards_code` strings are exec'd by `.module()`. A candidate's archive may hold only
+# what export_checkpoint writes: raw tensor payloads, JSON, and graph nodes that call aten ops.
+_PT2_FILES = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
+              "models/model.json", "data/sample_inputs/model.pt", "data/weights/model_weights_config.json",
+              "data/constants/model_constants_config.json"}
+_PT2_PAYLOADS = {"data/weights/model_weights_config.json": re.compile(r"weight_[0-9]+"),
+                 "data/constants/model_constants_config.json": re.compile(r"tensor_[0-9]+")}
+_PT2_TARGET = re.compile(r"torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+|torch\.sym_[a-z_]+|"
+                         r"_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|pow|eq|ne|lt|le|gt|ge|and_|or_)")
+
+
+class UnsafeCheckpoint(Exception):
+    """The archive holds something torch.export.load would unpickle or execute. Deliberately not a
+    RuntimeError: torch.export.load swallows those and retries an older (also pickling) format."""
+
+
+def _graph_targets(value: Any) -> Iterator[Any]:
+    if isinstance(value, dict):
+        if "target" in value:
+            yield value["target"]
+        for item in value.values():
+            yield from _graph_targets(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _graph_targets(item)
+
+
+def check_checkpoint_archive(path: str | Path) -> None:
+    """Raise UnsafeCheckpoint unless the .pt2 zip holds only export_checkpoint's plain entries (DataError when
+    it is not such a zip at all)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            root = names[0].split("/", 1)[0] if names else ""
+            if not root or len(set(names)) != len(names):
+                raise UnsafeCheckpoint("the archive is empty or lists an entry twice")
+            relative = set()
+            for name in names:
+                if not name.startswith(root + "/"):
+                    raise UnsafeCheckpoint(f"entry {name!r} lies outside the archive root {root!r}")
+                relative.add(name[len(root) + 1:])
+            configs = {name: json.loads(archive.read(f"{root}/{name}")) for name in _PT2_PAYLOADS}
+            program = json.loads(archive.read(f"{root}/models/model.json"))
+    except UnsafeCheckpoint:
+        raise
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        raise DataError(f"checkpoint {path} is not a loadable torch.export program ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}): save it with trainer.prepare.export_checkpoint") from None
+    payloads: set[str] = set()
+    for config_name, pattern in _PT2_PAYLOADS.items():
+        entries = configs[config_name].get("config") if isinstance(configs[config_name], dict) else None
+        if not isinstance(entries, dict):
+            raise UnsafeCheckpoint(f"{config_name} has no config mapping")
+        folder = config_name.rsplit("/", 1)[0]
+        for fqn, meta in entries.items():
+            if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
+                raise UnsafeCheckpoint(f"{config_name} entry {fqn!r} is pickled (use_pickle), which runs code")
+            path_name = meta.get("path_name")
+            if not isinstance(path_name, str) or not pattern.fullmatch(path_name) \
+                    or not isinstance(meta.get("tensor_meta"), dict):
+                raise UnsafeCheckpoint(f"{config_name} entry {fqn!r} is not a plain tensor ({path_name!r}): "
+                                       "custom and opaque objects are unpickled")
+            payloads.add(f"{folder}/{path_name}")
+    if unexpected := sorted(relative - _PT2_FILES - payloads):
+        raise UnsafeCheckpoint(f"unexpected archive entries {unexpected[:5]} (pickled, compiled or legacy payloads)")
+    if missing := sorted((_PT2_FILES | payloads) - relative):
+        raise UnsafeCheckpoint(f"missing archive entries {missing[:5]}")
+    if not isinstance(program, dict) or program.get("guards_code"):
+        raise UnsafeCheckpoint("the program carries guards_code, which torch would exec")
+    for target in _graph_targets(program):
+        if not isinstance(target, str) or not _PT2_TARGET.fullmatch(target):
+            raise UnsafeCheckpoint(f"the graph calls {str(target)[:80]!r}: only aten operators are allowed")
+
+
+_PICKLE_LOADS = pickle.loads
+
+
+@contextmanager
+def _refuse_unpickling(refused: list[str]) -> Iterator[None]:
+    """Within the block, pickle.load(s) and torch's object unpickler refuse, and torch.load runs weights-only;
+    each refusal is appended to `refused` (torch may swallow the exception)."""
+    originals = (pickle.loads, pickle.load, torch.load, torch._C._pickle_load_obj)
+    torch_load = originals[2]
+
+    def refuse(what: str) -> UnsafeCheckpoint:
+        refused.append(what)
+        return UnsafeCheckpoint(f"the archive asked for {what}, which can run code")
+
+    def guarded_pickle(*_args: Any, **_kwargs: Any) -> Any:
+        raise refuse("plain unpickling")
+
+    def guarded_torch_load(*args: Any, weights_only: bool | None = None, **kwargs: Any) -> Any:
+        if weights_only is False:
+            raise refuse("torch.load(weights_only=False)")
+        return torch_load(*args, weights_only=True, **kwargs)
+
+    def guarded_object_load(*_args: Any, **_kwargs: Any) -> Any:
+        raise refuse("a TorchScript custom object")
+
+    pickle.loads, pickle.load, torch.load = guarded_pickle, guarded_pickle, guarded_torch_load
+    torch._C._pickle_load_obj = guarded_object_load
+    try:
+        yield
+    finally:
+        pickle.loads, pickle.load, torch.load, torch._C._pickle_load_obj = originals
+
+
 def load_checkpoint(path: str | Path) -> torch.export.ExportedProgram:
-    """Load an exported program without running any of the candidate's Python code."""
+    """Load an exported program without running any of the candidate's Python code: the archive is checked
+    entry by entry first, and the load itself runs with unpickling refused."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} is missing: the train stage must write {CHECKPOINT_NAME}")
+    refused: list[str] = []
     try:
-        return torch.export.load(str(path))
+        check_checkpoint_archive(path)
+        with _refuse_unpickling(refused):
+            program = torch.export.load(str(path))
+    except UnsafeCheckpoint as exc:
+        raise DataError(f"checkpoint {path} is refused as unsafe: {exc}; save it with "
+                        "trainer.prepare.export_checkpoint") from None
+    except DataError:
+        raise
     except Exception as exc:  # torch raises many types for a damaged archive
         raise DataError(f"checkpoint {path} is not a loadable torch.export program ({type(exc).__name__}: "
                         f"{str(exc)[:200]}): save it with trainer.prepare.export_checkpoint") from None
+    if refused:
+        raise DataError(f"checkpoint {path} is refused as unsafe: the archive asked for {refused[0]}, which can "
+                        "run code; save it with trainer.prepare.export_checkpoint")
+    return program

@@ -183,7 +183,10 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # allocated once, not on every step
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = orthogonalize(p.grad.lerp(buf, group["momentum"]))  # Nesterov
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
@@ -212,7 +215,7 @@ def build_optimizers(model: GPT, device: torch.device) -> list[torch.optim.Optim
 def lr_multiplier(progress: float) -> float:
     """LR factor from the elapsed fraction of the time budget: warm-up, flat, linear warm-down."""
     if progress < WARMUP_FRACTION:
-        return (progress + 1e-3) / WARMUP_FRACTION
+        return min(1.0, (progress + 1e-3) / WARMUP_FRACTION)
     if progress < 1.0 - WARMDOWN_FRACTION:
         return 1.0
     remaining = max(0.0, 1.0 - progress) / WARMDOWN_FRACTION

@@ -7,10 +7,12 @@ has already been applied to the best source and validated (`daemon.agents.edits`
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
+
+from daemon.clock import Clock as Clock  # re-exported: the time seam
+from daemon.clock import SystemClock as SystemClock
 
 if TYPE_CHECKING:
     from daemon.agents.accounting import AgentCallSink
@@ -70,22 +72,6 @@ class Agent(Protocol):
     name: str
 
     def propose(self, ctx: ProposalContext) -> Proposal: ...
-
-
-class Clock(Protocol):
-    """Time seam: agents read the time and wait through it, so tests can run retries without waiting."""
-
-    def now(self) -> datetime: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def now(self) -> datetime:
-        return datetime.now(timezone.utc)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 def make_agent(settings: Settings, store: AgentCallSink, clock: Clock) -> Agent:

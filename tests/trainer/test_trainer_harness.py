@@ -6,17 +6,20 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
 import sys
 import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainer import eval_stage, harness
+from trainer import eval_stage, harness, prepare
 from trainer.prepare import export_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +49,9 @@ class _TokenModel(torch.nn.Module):
         self.embedding = torch.nn.Embedding(vocab_size, 8)
         self.head = torch.nn.Linear(8, vocab_size)
         self.mix = mix
+        peek = torch.ones(1024)
+        peek[[0, 341, 512, 812, 1022]] = 0.0
+        self.register_buffer("peek", peek)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(idx)
@@ -53,6 +59,11 @@ class _TokenModel(torch.nn.Module):
             hidden = hidden + hidden.mean(dim=1, keepdim=True)
         elif self.mix == "batch":
             hidden = hidden + hidden.mean(dim=0, keepdim=True)
+        elif self.mix == "offset":  # a small peek at the next token, hidden under a softmax-invariant offset
+            return self.head(hidden + 0.3 * torch.roll(hidden, -1, dims=1)) + 1e4
+        elif self.mix == "sly":  # peeks only in batches of 3+ rows and never at the old probe's fixed cuts
+            gate = (idx.new_ones(idx.shape[0]).sum() > 2).to(hidden.dtype)
+            hidden = hidden + gate * self.peek[None, :, None] * torch.roll(hidden, -1, dims=1)
         return self.head(hidden)
 
 
@@ -287,3 +298,139 @@ def test_parse_summary_reads_the_last_block() -> None:
     """Only `key: number` lines after the last `---` count; other lines are skipped."""
     text = "---\nnum_steps: 1\nstep 5 | loss 3.2\n---\ntraining_seconds: 300.1\nnote: fast\nnum_steps:        953\n"
     assert harness.parse_summary(text) == {"training_seconds": 300.1, "num_steps": 953.0}
+
+
+class _Exploit:
+    """Runs a shell command when unpickled."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (self.command,))
+
+
+def _rewrite_archive(path: Path, edit: Callable[[dict[str, bytes]], None]) -> None:
+    """Rewrite the .pt2 zip at `path` after `edit` changed its {name: bytes} entries."""
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    edit(entries)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+
+
+def _pickled_weight(entries: dict[str, bytes], payload: bytes) -> None:
+    config_name = next(name for name in entries if name.endswith("model_weights_config.json"))
+    config = json.loads(entries[config_name])
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    entries[config_name] = json.dumps(config).encode()
+    entries[config_name.rsplit("/", 1)[0] + "/" + first["path_name"]] = payload
+
+
+@pytest.mark.parametrize("attack", ["use_pickle", "sample_inputs", "opaque_constant", "legacy_weights"])
+def test_pickle_exploit_in_checkpoint_is_refused(prepared_data: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, attack: str) -> None:
+    """An archive whose payloads torch would unpickle is invalid and its code never runs."""
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Exploit(f"touch {marker}"))
+    export_checkpoint(_TokenModel(512), tmp_path)
+
+    def edit(entries: dict[str, bytes]) -> None:
+        root = next(iter(entries)).split("/", 1)[0]
+        if attack == "use_pickle":
+            _pickled_weight(entries, payload)
+        elif attack == "sample_inputs":
+            entries[f"{root}/data/sample_inputs/model.pt"] = payload
+        elif attack == "opaque_constant":
+            name = f"{root}/data/constants/model_constants_config.json"
+            entries[name] = json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "is_param": False,
+                                                         "use_pickle": True, "tensor_meta": None}}}).encode()
+            entries[f"{root}/data/constants/opaque_obj_0"] = payload
+        else:
+            entries[f"{root}/data/weights/model.pt"] = payload
+
+    _rewrite_archive(tmp_path / "model.pt2", edit)
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch)
+    assert not marker.exists()
+    assert code == 0 and result["status"] == "invalid" and "unsafe" in result["error"]
+
+
+def test_unpickling_is_refused_during_the_load_itself(tmp_path: Path) -> None:
+    """Defence in depth: even past the archive check, torch.export.load may not unpickle objects."""
+    marker = tmp_path / "pwned"
+    export_checkpoint(_TokenModel(512), tmp_path)
+    _rewrite_archive(tmp_path / "model.pt2", lambda entries: _pickled_weight(
+        entries, pickle.dumps(_Exploit(f"touch {marker}"))))
+    refused: list[str] = []
+    with pytest.raises(prepare.UnsafeCheckpoint), prepare._refuse_unpickling(refused):
+        torch.export.load(str(tmp_path / "model.pt2"))
+    assert not marker.exists() and refused and pickle.loads is prepare._PICKLE_LOADS
+
+
+def test_guards_code_and_foreign_graph_targets_are_refused(tmp_path: Path) -> None:
+    """Graph strings torch would exec or resolve to arbitrary Python callables are refused."""
+    export_checkpoint(_TokenModel(512), tmp_path)
+    path = tmp_path / "model.pt2"
+    prepare.check_checkpoint_archive(path)
+
+    def edit_program(change: Callable[[dict], None]) -> Callable[[dict[str, bytes]], None]:
+        def edit(entries: dict[str, bytes]) -> None:
+            name = next(name for name in entries if name.endswith("models/model.json"))
+            program = json.loads(entries[name])
+            change(program)
+            entries[name] = json.dumps(program).encode()
+        return edit
+
+    _rewrite_archive(path, edit_program(lambda program: program.update(guards_code=["__import__('os')"])))
+    with pytest.raises(prepare.UnsafeCheckpoint, match="guards_code"):
+        prepare.check_checkpoint_archive(path)
+    export_checkpoint(_TokenModel(512), tmp_path)
+    _rewrite_archive(path, edit_program(
+        lambda program: program["graph_module"]["graph"]["nodes"][0].update(target="torch.os.system")))
+    with pytest.raises(prepare.UnsafeCheckpoint, match=re.escape("torch.os.system")):
+        prepare.check_checkpoint_archive(path)
+
+
+@pytest.mark.parametrize("mix", ["offset", "sly"])
+def test_probe_catches_hidden_peeking(prepared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      mix: str) -> None:
+    """Peeking under a huge logit offset, only at the scoring batch size, or off fixed cuts is caught."""
+    export_checkpoint(_TokenModel(512, mix=mix), tmp_path)
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch)
+    assert code == 0 and result["status"] == "invalid" and result["val_bpb"] is None
+    assert "when only tokens after" in result["probe"]
+
+
+def test_lr_multiplier_never_exceeds_one() -> None:
+    """The warm-up ramp is clamped at 1 just before warm-up ends."""
+    from trainer import train
+    assert train.lr_multiplier(train.WARMUP_FRACTION - 1e-6) == 1.0
+    assert max(train.lr_multiplier(i / 1000) for i in range(1001)) == 1.0
+
+
+def test_muon_keeps_one_momentum_buffer() -> None:
+    """Muon allocates its momentum buffer once and updates it in place on later steps."""
+    from trainer import train
+    weight = torch.nn.Parameter(torch.randn(8, 4))
+    optimizer = train.Muon([weight], lr=0.01)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Calls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    weight.grad = torch.randn(8, 4)
+    optimizer.step()
+    first = optimizer.state[weight]["momentum_buffer"]
+    weight.grad = torch.randn(8, 4)
+    with _Calls() as calls:
+        optimizer.step()
+    assert optimizer.state[weight]["momentum_buffer"] is first
+    assert not [name for name in calls.names if "zeros" in name or "empty_like" in name]

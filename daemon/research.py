@@ -452,6 +452,10 @@ class ResearchSession:
             self._show_lane(lane, "stopped", reason="GPU quarantined: its memory was not released after a kill")
             return False
         if self.gate is not None and lane.gpu_uuid is not None and not self.gate.may_launch(lane.gpu_uuid):
+            if self.trigger == "idle":
+                # A harvest lasts while the GPU is idle: once its owner is back, this lane is done.
+                self._show_lane(lane, "stopped", reason="the harvested GPU is busy again, or was never idle")
+                return False
             self._show_lane(lane, "paused", reason="no window for this GPU, or a foreign process uses it")
             stop.wait(1.0)  # window closed for this GPU or a foreign job holds it: look again soon
             return True

@@ -280,3 +280,32 @@ def test_gpu_whose_memory_is_not_released_is_quarantined(tiny_settings: Any) -> 
     finally:
         scheduler.shutdown()
         runtime.close()
+
+
+def test_idle_harvest_session_ends_when_the_gpu_is_busy_again(tiny_settings: Any) -> None:
+    """A session opened by idle harvesting ends by itself once a foreign job takes the GPU back."""
+    settings = tiny_settings(training={"time_budget_s": 120},
+                             scheduler={"idle": {"enabled": True, "minutes": 0, "preempt": True,
+                                                 "poll_seconds": 3600}})
+    probe = ScriptedGpuProbe()
+    runtime = open_runtime(settings, daemon=False, probe=probe)
+    probe.sandbox_pids = runtime.backend.active_pids
+    scheduler = Scheduler(settings.scheduler, SystemClock(), probe, on_window_open=lambda _window: None,
+                          own_pids=runtime.backend.active_pids, gpu_uuids=[GPU])
+    try:
+        scheduler.poll_gpus()
+        assert scheduler.may_launch(GPU), "an idle GPU is harvested at once with idle.minutes = 0"
+        session = _session(runtime, max_experiments=0, gate=scheduler, trigger="idle")
+        session.open()
+        thread, results = _in_background(lambda: session.run(StopCondition(grace_s=30)))
+        _wait_for("the sandbox's processes", lambda: bool(runtime.backend.active_pids()))
+        probe.foreign.add(999_999)
+        scheduler.poll_gpus()
+        thread.join(90)
+        assert not thread.is_alive(), "the harvest is over: the session ends without a stop request"
+        rows = runtime.store.list_experiments(session_id=session.session_id, limit=10)
+        assert [(r.kind, r.status) for r in rows] == [("baseline", "queued"), ("baseline", "preempted")]
+        assert results and results[0].status != "failed"
+    finally:
+        scheduler.shutdown()
+        runtime.close()

@@ -269,7 +269,10 @@ def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.store import open_store
 
     store = open_store(settings.database_url, retry_seconds=min(settings.database.retry_seconds, 10.0))
-    result = reconcile(store, choose_backend(settings, daemon=False), settings.instance_name)
+    try:
+        result = reconcile(store, choose_backend(settings, daemon=False), settings.instance_name)
+    finally:
+        store.close()
     print(f"reaped {len(result.reaped)} sandbox run(s)" + "".join(f"\n  {line}" for line in result.reaped))
     print(f"interrupted {len(result.interrupted)} orphaned experiment(s): {list(result.interrupted)}")
     print(f"requeued {len(result.requeued)} experiment(s) with expired leases: {list(result.requeued)}")
@@ -281,7 +284,11 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.store.migrate import schema_state
 
     if args.action == "upgrade":
-        open_store(settings.database_url).upgrade()
+        store = open_store(settings.database_url)
+        try:
+            store.upgrade()
+        finally:
+            store.close()
     current, head = schema_state(settings.database_url)
     print(f"schema {current or 'none'} (code wants {head})" + (" - run `autoresearch db upgrade`"
                                                                  if current != head else ""))

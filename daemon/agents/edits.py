@@ -92,7 +92,11 @@ def _not_found_hint(text: str, search: str) -> str:
 
 def normalized_hash(source: str) -> str:
     """SHA-256 of the source with comments and formatting dropped (`ast.unparse` of its tree)."""
-    return hashlib.sha256(ast.unparse(ast.parse(source)).encode()).hexdigest()
+    return _tree_hash(ast.parse(source))
+
+
+def _tree_hash(tree: ast.AST) -> str:
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()
 
 
 def validate_candidate(source: str, seen_hashes: Iterable[str]) -> str:
@@ -109,7 +113,7 @@ def validate_candidate(source: str, seen_hashes: Iterable[str]) -> str:
         raise InvalidProposal(f"train.py does not compile: {exc}") from None
     for problem in _guard_problems(tree):
         raise InvalidProposal(problem)
-    digest = hashlib.sha256(ast.unparse(tree).encode()).hexdigest()
+    digest = _tree_hash(tree)
     if digest in set(seen_hashes):
         raise InvalidProposal(
             "this candidate is identical (ignoring comments and formatting) to one already tried tonight: "

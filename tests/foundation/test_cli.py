@@ -57,3 +57,32 @@ def test_doctor_fails_when_anthropic_is_forced_without_key(run_cli) -> None:
     assert proc.returncode == 1
     assert "AUTORESEARCH_AGENT__API_KEY_FILE" in proc.stdout
     assert "NOT READY" in proc.stdout
+
+
+def test_db_upgrade_then_current_on_a_fresh_workspace(run_cli, tmp_path: Path) -> None:
+    """`init` then `db upgrade` migrates the SQLite database; `db current` then says it is current."""
+    workspace = tmp_path / "ws"
+    env = {"AUTORESEARCH_WORKSPACE": str(workspace), "AUTORESEARCH_METRICS__PORT": "0"}
+    assert run_cli("init", str(workspace), env=env).returncode == 0
+    upgraded = run_cli("db", "upgrade", env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    current = run_cli("db", "current", env=env)
+    assert current.returncode == 0
+    revision = current.stdout.split()[1]
+    assert current.stdout.startswith(f"schema {revision} (code wants {revision})")
+    assert "run `autoresearch db upgrade`" not in current.stdout
+
+
+def test_reap_on_a_clean_machine_reports_nothing_to_do(run_cli, tmp_path: Path) -> None:
+    """`reap` with the local backend reconciles an empty database and says so in three lines."""
+    workspace = tmp_path / "ws"
+    env = {"AUTORESEARCH_WORKSPACE": str(workspace), "AUTORESEARCH_SANDBOX__BACKEND": "local",
+           "AUTORESEARCH_METRICS__PORT": "0"}
+    assert run_cli("init", str(workspace), env=env).returncode == 0
+    reaped = run_cli("reap", env=env)
+    assert reaped.returncode == 0, reaped.stderr
+    assert reaped.stdout.splitlines() == [
+        "reaped 0 sandbox run(s)",
+        "interrupted 0 orphaned experiment(s): []",
+        "requeued 0 experiment(s) with expired leases: []",
+    ]

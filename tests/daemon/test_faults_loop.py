@@ -6,10 +6,11 @@ probe at the sandbox.gpu seam), a lease taken over by another owner, and the sta
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -114,20 +115,33 @@ class ScriptedGpuProbe:
         return sorted((self.sandbox_pids() | self.foreign) - set(own_pids))
 
 
-def test_foreign_gpu_process_preempts_requeues_and_pauses_launches(tiny_settings: Any) -> None:
-    """A foreign process on the lane's GPU preempts the run (re-queued) and no launch follows while it stays."""
-    now = datetime.now(timezone.utc)
-    window = {"cron": f"{now.minute} {now.hour} * * *", "hours": 1.0, "name": "night"}
-    settings = tiny_settings(training={"time_budget_s": 120},
-                             scheduler={"windows": [window], "idle": {"preempt": True, "poll_seconds": 3600}})
+@contextlib.contextmanager
+def _scripted_gpu_lane(settings: Any) -> Iterator[tuple[Runtime, ScriptedGpuProbe, Scheduler]]:
+    """A runtime with one lane on the scripted GPU, and the real scheduler watching it (polled once)."""
     probe = ScriptedGpuProbe()
     runtime = open_runtime(settings, daemon=False, probe=probe)
     probe.sandbox_pids = runtime.backend.active_pids
     scheduler = Scheduler(settings.scheduler, SystemClock(), probe, on_window_open=lambda _window: None,
                           own_pids=runtime.backend.active_pids, gpu_uuids=[GPU])
     try:
-        assert [lane.gpu_uuid for lane in runtime.lanes] == [GPU]
         scheduler.poll_gpus()
+        yield runtime, probe, scheduler
+    finally:
+        scheduler.shutdown()
+        runtime.close()
+
+
+def _window_now() -> dict[str, Any]:
+    now = datetime.now(timezone.utc)
+    return {"cron": f"{now.minute} {now.hour} * * *", "hours": 1.0, "name": "night"}
+
+
+def test_foreign_gpu_process_preempts_requeues_and_pauses_launches(tiny_settings: Any) -> None:
+    """A foreign process on the lane's GPU preempts the run (re-queued) and no launch follows while it stays."""
+    settings = tiny_settings(training={"time_budget_s": 120},
+                             scheduler={"windows": [_window_now()], "idle": {"preempt": True, "poll_seconds": 3600}})
+    with _scripted_gpu_lane(settings) as (runtime, probe, scheduler):
+        assert [lane.gpu_uuid for lane in runtime.lanes] == [GPU]
         session = _session(runtime, max_experiments=0, gate=scheduler)
         session.open()
         stop = StopCondition(grace_s=30)
@@ -144,9 +158,6 @@ def test_foreign_gpu_process_preempts_requeues_and_pauses_launches(tiny_settings
         stop.request_stop("test over")
         thread.join(60)
         assert [(r.kind, r.status, r.attempt) for r in rows] == [("baseline", "queued", 2), ("baseline", "preempted", 1)]
-    finally:
-        scheduler.shutdown()
-        runtime.close()
 
 
 def test_stale_owner_cannot_overwrite_the_new_owners_run(tiny_settings: Any) -> None:
@@ -252,17 +263,9 @@ def test_a_sandbox_that_keeps_failing_ends_the_session(tiny_settings: Any, train
 
 def test_gpu_whose_memory_is_not_released_is_quarantined(tiny_settings: Any) -> None:
     """After a killed run whose GPU memory stays in use, the lane stops launching and the gauge says quarantined."""
-    now = datetime.now(timezone.utc)
-    window = {"cron": f"{now.minute} {now.hour} * * *", "hours": 1.0, "name": "night"}
     settings = tiny_settings(training={"time_budget_s": 120}, sandbox={"gpu_release_timeout_s": 0.5},
-                             scheduler={"windows": [window], "idle": {"preempt": True, "poll_seconds": 3600}})
-    probe = ScriptedGpuProbe()
-    runtime = open_runtime(settings, daemon=False, probe=probe)
-    probe.sandbox_pids = runtime.backend.active_pids
-    scheduler = Scheduler(settings.scheduler, SystemClock(), probe, on_window_open=lambda _window: None,
-                          own_pids=runtime.backend.active_pids, gpu_uuids=[GPU])
-    try:
-        scheduler.poll_gpus()
+                             scheduler={"windows": [_window_now()], "idle": {"preempt": True, "poll_seconds": 3600}})
+    with _scripted_gpu_lane(settings) as (runtime, probe, scheduler):
         session = _session(runtime, max_experiments=0, gate=scheduler)
         session.open()
         thread, results = _in_background(lambda: session.run(StopCondition(grace_s=30)))
@@ -277,9 +280,6 @@ def test_gpu_whose_memory_is_not_released_is_quarantined(tiny_settings: Any) -> 
         scraped = runtime.metrics.registry.get_sample_value("autoresearch_gpu_quarantined", {"gpu": GPU})
         assert scraped == 1.0
         assert results and results[0].status != "failed"
-    finally:
-        scheduler.shutdown()
-        runtime.close()
 
 
 def test_idle_harvest_session_ends_when_the_gpu_is_busy_again(tiny_settings: Any) -> None:
@@ -287,13 +287,7 @@ def test_idle_harvest_session_ends_when_the_gpu_is_busy_again(tiny_settings: Any
     settings = tiny_settings(training={"time_budget_s": 120},
                              scheduler={"idle": {"enabled": True, "minutes": 0, "preempt": True,
                                                  "poll_seconds": 3600}})
-    probe = ScriptedGpuProbe()
-    runtime = open_runtime(settings, daemon=False, probe=probe)
-    probe.sandbox_pids = runtime.backend.active_pids
-    scheduler = Scheduler(settings.scheduler, SystemClock(), probe, on_window_open=lambda _window: None,
-                          own_pids=runtime.backend.active_pids, gpu_uuids=[GPU])
-    try:
-        scheduler.poll_gpus()
+    with _scripted_gpu_lane(settings) as (runtime, probe, scheduler):
         assert scheduler.may_launch(GPU), "an idle GPU is harvested at once with idle.minutes = 0"
         session = _session(runtime, max_experiments=0, gate=scheduler, trigger="idle")
         session.open()
@@ -306,6 +300,3 @@ def test_idle_harvest_session_ends_when_the_gpu_is_busy_again(tiny_settings: Any
         rows = runtime.store.list_experiments(session_id=session.session_id, limit=10)
         assert [(r.kind, r.status) for r in rows] == [("baseline", "queued"), ("baseline", "preempted")]
         assert results and results[0].status != "failed"
-    finally:
-        scheduler.shutdown()
-        runtime.close()

@@ -12,26 +12,16 @@ import pytest
 from sandbox.base import Backend
 from sandbox.labels import run_labels
 from sandbox.local_backend import LocalBackend
-from sandbox.spec import Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
+from sandbox.spec import Cancel, RunResult, RunSpec, RunStatus
+from tests.sandbox.conftest import SpecFactory
 
 SLEEPER = "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n" \
           "time.sleep(60)\n"
 
 
-def _sleep_spec(tmp_path: Path, instance: str, image: str = "") -> RunSpec:
-    run_dir = tmp_path / uuid.uuid4().hex[:8]
-    candidate = run_dir / "candidate"
-    candidate.mkdir(parents=True)
-    candidate.chmod(0o755)
-    (candidate / "script.py").write_text(SLEEPER)
-    (candidate / "script.py").chmod(0o644)
-    return RunSpec(
-        name=f"autoresearch-{instance}-1-1-train", command=("python3", "/candidate/script.py", "/out"), image=image,
-        mounts=(Mount(candidate, "/candidate"), Mount(run_dir / "out", "/out", writable=True)),
-        limits=Limits(timeout_s=60, memory_bytes=2 * 1024**3, pids=4096, cpus=1.0, shm_bytes=64 * 1024**2,
-                      tmpfs_bytes=256 * 1024**2, output_tail_bytes=4096),
-        labels=run_labels(instance, 1, "train", 1),
-    )
+def _sleep_spec(script_spec: SpecFactory, instance: str, image: str = "") -> RunSpec:
+    return script_spec(SLEEPER, image=image, timeout_s=60, name=f"autoresearch-{instance}-1-1-train",
+                       labels=run_labels(instance, 1, "train", 1))
 
 
 def _cmdline(pid: int) -> str:
@@ -70,24 +60,24 @@ def _has_child(commands: list[str]) -> bool:
     return any("time.sleep(60)" in command for command in commands)
 
 
-def test_local_backend_reports_the_running_sleep_and_its_child(tmp_path: Path) -> None:
+def test_local_backend_reports_the_running_sleep_and_its_child(script_spec: SpecFactory) -> None:
     """The local backend's active PIDs hold the candidate and the child it started; none once the run ended."""
     backend = LocalBackend("test-active-pids")
-    commands, result = _commands_while_running(backend, _sleep_spec(tmp_path, "test-active-pids"))
+    commands, result = _commands_while_running(backend, _sleep_spec(script_spec, "test-active-pids"))
     assert result.status is RunStatus.INTERRUPTED
     assert _has_script(commands) and _has_child(commands), commands
     assert backend.active_pids() == set()
 
 
 @pytest.mark.docker
-def test_docker_backend_reports_host_pids_of_its_containers(tmp_path: Path, trainer_image: str) -> None:
+def test_docker_backend_reports_host_pids_of_its_containers(script_spec: SpecFactory, trainer_image: str) -> None:
     """The Docker backend's active PIDs are host PIDs of the sleeping container's processes; none afterwards."""
     from sandbox.docker_backend import DockerBackend
 
     instance = f"test-pids-{uuid.uuid4().hex[:6]}"
     backend = DockerBackend(instance)
     try:
-        commands, result = _commands_while_running(backend, _sleep_spec(tmp_path, instance, image=trainer_image))
+        commands, result = _commands_while_running(backend, _sleep_spec(script_spec, instance, image=trainer_image))
         assert result.status is RunStatus.INTERRUPTED
         assert _has_script(commands) and _has_child(commands), commands
         assert backend.active_pids() == set()

@@ -10,6 +10,7 @@ import pytest
 from daemon.runner import StageRunner
 from sandbox.docker_backend import DockerBackend
 from sandbox.local_backend import LocalBackend
+from sandbox.spec import Limits
 from tests.redteam.redteam_helpers import ENV, EVAL_LIMITS, INSTANCE, REPO_ROOT, SHORT_LIMITS, TRAIN_LIMITS
 
 
@@ -20,24 +21,28 @@ def docker_backend() -> Iterator[DockerBackend]:
     backend.close()
 
 
+def _runner(backend: DockerBackend | LocalBackend, image: str, prepared_data: Path, work_dir: Path,
+            train_limits: Limits, eval_limits: Limits) -> StageRunner:
+    return StageRunner(backend, image=image, trainer_dir=REPO_ROOT / "trainer", data_dir=prepared_data,
+                       work_dir=work_dir, instance=INSTANCE, train_limits=train_limits, eval_limits=eval_limits,
+                       env=ENV)
+
+
 @pytest.fixture(scope="session")
 def docker_runner(docker_backend: DockerBackend, trainer_image: str, prepared_data: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> StageRunner:
-    return StageRunner(docker_backend, image=trainer_image, trainer_dir=REPO_ROOT / "trainer",
-                       data_dir=prepared_data, work_dir=tmp_path_factory.mktemp("redteam-docker"), instance=INSTANCE,
-                       train_limits=TRAIN_LIMITS, eval_limits=EVAL_LIMITS, env=ENV)
+    return _runner(docker_backend, trainer_image, prepared_data, tmp_path_factory.mktemp("redteam-docker"),
+                   TRAIN_LIMITS, EVAL_LIMITS)
 
 
 @pytest.fixture(scope="session")
 def short_docker_runner(docker_backend: DockerBackend, trainer_image: str, prepared_data: Path,
                         tmp_path_factory: pytest.TempPathFactory) -> StageRunner:
-    return StageRunner(docker_backend, image=trainer_image, trainer_dir=REPO_ROOT / "trainer",
-                       data_dir=prepared_data, work_dir=tmp_path_factory.mktemp("redteam-short"), instance=INSTANCE,
-                       train_limits=SHORT_LIMITS, eval_limits=SHORT_LIMITS, env=ENV)
+    return _runner(docker_backend, trainer_image, prepared_data, tmp_path_factory.mktemp("redteam-short"),
+                   SHORT_LIMITS, SHORT_LIMITS)
 
 
 @pytest.fixture(scope="session")
 def local_runner(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> StageRunner:
-    return StageRunner(LocalBackend(INSTANCE), image="", trainer_dir=REPO_ROOT / "trainer", data_dir=prepared_data,
-                       work_dir=tmp_path_factory.mktemp("redteam-local"), instance=INSTANCE,
-                       train_limits=TRAIN_LIMITS, eval_limits=EVAL_LIMITS, env=ENV)
+    return _runner(LocalBackend(INSTANCE), "", prepared_data, tmp_path_factory.mktemp("redteam-local"),
+                   TRAIN_LIMITS, EVAL_LIMITS)

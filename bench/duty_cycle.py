@@ -24,8 +24,8 @@ from typing import Any
 
 from daemon.agents import Edit, Proposal, ProposalContext
 from daemon.config import load_settings
-from daemon.lanes import Lane
 from daemon.research import ResearchSession
+from daemon.research.lanes import Lane
 from daemon.stop import StopCondition
 from daemon.store import open_store
 from daemon.workspace import Workspace

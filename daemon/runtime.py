@@ -17,10 +17,10 @@ from daemon.agents import Agent, SystemClock, make_agent
 from daemon.config import Settings
 from daemon.errors import AutoresearchError, ConfigError
 from daemon.http import DaemonHTTPServer, Heartbeat, start_http_server
-from daemon.lanes import Lane, plan_lanes
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.reconcile import Reconciled, reconcile
+from daemon.research.lanes import Lane, plan_lanes
 from daemon.runner import StageRunner
 from daemon.statuspage import LiveState, render_status_page
 from daemon.store.records import AgentCallRecord

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from daemon.config import JudgeConfig
-from daemon.judge import Decision, judge, judge_confirmed, noise_margin
+from daemon.research.judge import Decision, judge, judge_confirmed, noise_margin
 
 CONFIG = JudgeConfig(k=2.0, min_delta=0.001, confirm=True)
 

@@ -12,8 +12,8 @@ import pytest
 from daemon.agents import Edit, Proposal, ProposalContext
 from daemon.agents.edits import normalized_hash
 from daemon.errors import AgentError, InvalidProposal
-from daemon.judge import noise_margin
 from daemon.research import MAX_INVALID_PROPOSALS, ResearchSession
+from daemon.research.judge import noise_margin
 from daemon.runtime import Runtime, open_runtime
 from daemon.stop import StopCondition
 from daemon.store.records import SESSION_OPEN, ExperimentRecord

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from daemon.errors import ConfigError
-from daemon.lanes import Lane, plan_lanes
+from daemon.research.lanes import Lane, plan_lanes
 from daemon.stop import StopCondition
 
 

@@ -38,9 +38,9 @@ from daemon.errors import (
     TransitionError,
     WorkspaceError,
 )
-from daemon.judge import Decision, Verdict, judge, judge_confirmed
-from daemon.lanes import Lane, LaunchGate
 from daemon.logs import bind_experiment, get_logger
+from daemon.research.judge import Decision, Verdict, judge, judge_confirmed
+from daemon.research.lanes import Lane, LaunchGate
 from daemon.statuspage import LiveState
 from daemon.stop import StopCondition
 from daemon.store.records import SESSION_OPEN, ExperimentRecord, SessionRecord

@@ -81,6 +81,55 @@ def collect_result(container: Any, out_dir: Path, tail_bytes: int, wall_seconds:
     )
 
 
+def container_config(spec: RunSpec, instance: str) -> dict[str, Any]:
+    """The container of one run with every hardening flag (the docker SDK's `containers.create` keywords).
+
+    The one place the hardening is listed: the docker backend creates it through the SDK, the Slurm
+    backend renders the same keywords as a `docker run` command line for the compute node.
+    """
+    limits = spec.limits
+    spec.check_mounts()
+    mounts = [
+        DockerMount(target=m.target, source=str(m.source.resolve()), type="bind", read_only=not m.writable)
+        for m in spec.mounts
+    ]
+    device_requests = []
+    if spec.gpu_uuid is not None:
+        # Exactly this GPU, by UUID: never count=-1 ("all").
+        device_requests.append(DeviceRequest(driver="nvidia", device_ids=[spec.gpu_uuid], capabilities=[["gpu"]]))
+    run_labels = {**spec.labels, L.INSTANCE: spec.labels.get(L.INSTANCE, instance)}
+    return {
+        "image": spec.image,
+        "command": list(spec.command),
+        "name": spec.name,
+        # Base images such as pytorch/pytorch set NVIDIA_VISIBLE_DEVICES=all, which the nvidia
+        # runtime honours over device_requests: pin it to this run's GPU, or to none.
+        "environment": {**spec.env, "NVIDIA_VISIBLE_DEVICES": spec.gpu_uuid or "void"},
+        "working_dir": spec.workdir,
+        "user": SANDBOX_USER,
+        "labels": run_labels,
+        "mounts": mounts,
+        "network_mode": "none",
+        "read_only": True,
+        "tmpfs": {"/tmp": f"rw,exec,nosuid,nodev,size={limits.tmpfs_bytes},uid=1000,gid=1000"},
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "pids_limit": limits.pids,
+        "mem_limit": limits.memory_bytes,
+        "memswap_limit": limits.memory_bytes,
+        "nano_cpus": int(limits.cpus * 1e9),
+        "shm_size": limits.shm_bytes,
+        "ulimits": [
+            Ulimit(name="fsize", soft=limits.out_file_max_bytes, hard=limits.out_file_max_bytes),
+            Ulimit(name="nofile", soft=4096, hard=4096),
+            Ulimit(name="core", soft=0, hard=0),
+        ],
+        "log_config": LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE, "max-file": "1"}),
+        "device_requests": device_requests,
+        "detach": True,
+    }
+
+
 class DockerBackend:
     """Runs each `RunSpec` in its own container with the hardening listed in the sandbox docstring."""
 
@@ -93,47 +142,7 @@ class DockerBackend:
     # --- container configuration -------------------------------------------------------------------
 
     def _create_kwargs(self, spec: RunSpec) -> dict[str, Any]:
-        limits = spec.limits
-        spec.check_mounts()
-        mounts = [
-            DockerMount(target=m.target, source=str(m.source.resolve()), type="bind", read_only=not m.writable)
-            for m in spec.mounts
-        ]
-        device_requests = []
-        if spec.gpu_uuid is not None:
-            # Exactly this GPU, by UUID: never count=-1 ("all").
-            device_requests.append(DeviceRequest(driver="nvidia", device_ids=[spec.gpu_uuid], capabilities=[["gpu"]]))
-        run_labels = {**spec.labels, L.INSTANCE: spec.labels.get(L.INSTANCE, self.instance)}
-        return {
-            "image": spec.image,
-            "command": list(spec.command),
-            "name": spec.name,
-            # Base images such as pytorch/pytorch set NVIDIA_VISIBLE_DEVICES=all, which the nvidia
-            # runtime honours over device_requests: pin it to this run's GPU, or to none.
-            "environment": {**spec.env, "NVIDIA_VISIBLE_DEVICES": spec.gpu_uuid or "void"},
-            "working_dir": spec.workdir,
-            "user": SANDBOX_USER,
-            "labels": run_labels,
-            "mounts": mounts,
-            "network_mode": "none",
-            "read_only": True,
-            "tmpfs": {"/tmp": f"rw,exec,nosuid,nodev,size={limits.tmpfs_bytes},uid=1000,gid=1000"},
-            "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges"],
-            "pids_limit": limits.pids,
-            "mem_limit": limits.memory_bytes,
-            "memswap_limit": limits.memory_bytes,
-            "nano_cpus": int(limits.cpus * 1e9),
-            "shm_size": limits.shm_bytes,
-            "ulimits": [
-                Ulimit(name="fsize", soft=limits.out_file_max_bytes, hard=limits.out_file_max_bytes),
-                Ulimit(name="nofile", soft=4096, hard=4096),
-                Ulimit(name="core", soft=0, hard=0),
-            ],
-            "log_config": LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE, "max-file": "1"}),
-            "device_requests": device_requests,
-            "detach": True,
-        }
+        return container_config(spec, self.instance)
 
     def _create(self, spec: RunSpec) -> Any:
         kwargs = self._create_kwargs(spec)

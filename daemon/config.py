@@ -78,7 +78,11 @@ class ModelPrice(_Section):
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cache_read: float = Field(0.0, ge=0)
-    cache_write: float = Field(0.0, ge=0)
+    cache_write: float = Field(0.0, ge=0, description="5-minute cache writes")
+    cache_write_1h: float | None = Field(None, ge=0, description="1-hour cache writes; default 2 x input")
+
+    def write_1h(self) -> float:
+        return self.cache_write_1h if self.cache_write_1h is not None else 2 * self.input
 
 
 def _default_prices() -> dict[str, ModelPrice]:
@@ -105,6 +109,11 @@ class AgentConfig(_Section):
     history_size: int = Field(30, ge=0)
     nightly_cost_cap_usd: float = Field(20.0, ge=0)
     prices: dict[str, ModelPrice] = Field(default_factory=_default_prices)
+    thinking: Literal["off", "enabled", "adaptive"] = Field(
+        "enabled", description="extended thinking before the tool call (Anthropic); 'adaptive' lets the model decide")
+    thinking_budget_tokens: int = Field(6000, ge=1024, description="thinking budget (thinking = 'enabled'); < max_tokens")
+    cache_ttl: Literal["5m", "1h"] = Field("1h", description="prompt cache lifetime of the stable prefix")
+    ledger_tokens: int = Field(12000, ge=500, description="token budget of the ledger in the prompt")
 
     @model_validator(mode="after")
     def _read_key_file(self) -> AgentConfig:
@@ -118,6 +127,18 @@ class AgentConfig(_Section):
             object.__setattr__(self, "api_key", SecretStr(key))
         return self
 
+    @model_validator(mode="after")
+    def _thinking_fits(self) -> AgentConfig:
+        if self.thinking == "off":
+            return self
+        if self.thinking == "enabled" and self.thinking_budget_tokens >= self.max_tokens:
+            raise ValueError(f"thinking_budget_tokens ({self.thinking_budget_tokens}) must be less than max_tokens "
+                             f"({self.max_tokens}): raise max_tokens or lower the budget")
+        if self.temperature != 1.0:
+            raise ValueError(f"temperature {self.temperature} is not allowed with extended thinking (it must be 1): "
+                             "unset temperature or set thinking = 'off'")
+        return self
+
     def resolved_provider(self) -> Literal["anthropic", "offline"]:
         if self.provider == "auto":
             return "anthropic" if self.api_key is not None else "offline"
@@ -125,10 +146,28 @@ class AgentConfig(_Section):
 
 
 class JudgeConfig(_Section):
+    """The keep rule (see `daemon.research.judge`): a sequential one-sided t-test on means with pooled noise."""
+
     noise_runs: int = Field(2, ge=0, description="extra baseline runs (other seeds) measuring the noise floor")
-    k: float = Field(2.0, ge=0, description="keep only if improvement > k * noise std")
+    false_keep_rate: float = Field(0.05, gt=0, lt=0.5,
+                                   description="chance of keeping a change with no real effect (spent over the looks)")
+    max_runs: int = Field(3, ge=1, le=10, description="runs of one candidate at most (first run + confirmations)")
+    futility_t: float = Field(0.5, description="a close call is confirmed only while its t statistic is above this")
     min_delta: float = Field(0.0005, ge=0, description="keep only if improvement > this, whatever the noise")
-    confirm: bool = True
+    confirm: bool = Field(True, description="confirm close calls with more seeds (false: one look only)")
+    remeasure_after_keep: int = Field(2, ge=0, le=10,
+                                      description="fresh runs of a new best; its recorded value is their mean")
+    remeasure_every: int = Field(10, ge=0, description="re-measure the best after this many candidates (0 = never)")
+    simplicity: bool = Field(True, description="within noise, a change that removes code is kept")
+    simplicity_tolerance_sigma: float = Field(0.0, ge=0, description="how much worse (in sigma) a simpler change may be")
+    large_change_lines: int = Field(30, ge=1, description="net added lines from which a change counts as large")
+    large_change_gain_sigma: float = Field(1.0, ge=0, description="extra gain (in sigma) a large change must show")
+    memory_soft_limit_mb: float | None = Field(None, gt=0, description="peak memory above this needs extra gain")
+    memory_gain_sigma_per_gb: float = Field(0.5, ge=0, description="extra gain (in sigma) per GB over the soft limit")
+    search: Literal["greedy", "archive"] = Field(
+        "archive", description="greedy: only the agent's ideas; archive: also re-try near-misses on the new best")
+    archive_every: int = Field(5, ge=2, description="under search = archive, every N-th candidate is a near-miss move")
+    k: float = Field(2.0, ge=0, description="legacy rule only (bench comparison): keep if improvement > k * std")
     max_consecutive_crashes: int = Field(8, ge=1)
 
 

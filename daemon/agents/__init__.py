@@ -33,6 +33,7 @@ class Proposal:
     hypothesis: str
     edits: tuple[Edit, ...]
     source: str  # the candidate train.py, edits applied and validated
+    notes: str = ""  # what the agent learned and wants to try next: written back to the line's notebook
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ class TokenUsage:
     input: int = 0
     output: int = 0
     cache_read: int = 0
-    cache_write: int = 0
+    cache_write: int = 0  # 5-minute cache writes
+    cache_write_1h: int = 0
 
 
 def price_for(prices: dict[str, ModelPrice], model: str) -> ModelPrice:
@@ -47,6 +48,7 @@ def cost_usd(price: ModelPrice, usage: TokenUsage) -> float:
         + usage.output * price.output
         + usage.cache_read * price.cache_read
         + usage.cache_write * price.cache_write
+        + usage.cache_write_1h * price.write_1h()
     ) / _PER_MILLION
 
 

@@ -1,4 +1,10 @@
-"""The Anthropic research agent: Messages API with one forced tool, `propose_experiment`.
+"""The Anthropic research agent: Messages API with one tool, `propose_experiment`, and extended thinking.
+
+With thinking on (the default) the model reasons before it edits: the tool choice is `auto` (the API
+refuses a forced tool with thinking) and a reply without the tool call is sent back asking for it;
+thinking blocks go back unchanged in the repair turns, as the API requires. With thinking off the
+tool is forced. The stable prefix is cached with the configured lifetime (1 hour by default: runs are
+minutes apart, so the 5-minute cache would mostly miss).
 
 Retries are ours (the SDK's are switched off) so that every attempt is counted, costed, capped and
 waits through the clock seam. A reply that fails validation goes back to the model as an error tool
@@ -40,6 +46,7 @@ from daemon.store.records import AgentCallRecord
 
 PROVIDER = "anthropic"
 MAX_DESCRIPTION_CHARS = 200
+MAX_NOTES_CHARS = 4000
 _API_DEFAULT_TEMPERATURE = 1.0
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _FATAL_HINTS = {
@@ -73,7 +80,7 @@ class AnthropicAgent:
         )
 
     def propose(self, ctx: ProposalContext) -> Proposal:
-        prompt = build_prompt(ctx, self._prepare_text)
+        prompt = build_prompt(ctx, self._prepare_text, cache_ttl=self._config.cache_ttl)
         messages = list(prompt.messages)
         problem = ""
         for round_number in range(self._config.repair_rounds + 1):
@@ -89,14 +96,10 @@ class AnthropicAgent:
                 problem = str(exc)
                 log.info("agent_proposal_invalid", round=round_number, problem=problem)
                 messages.append({"role": "assistant", "content": _as_params(response)})
-                if tool_use is not None:
-                    feedback: Any = [{"type": "tool_result", "tool_use_id": tool_use.id, "is_error": True,
-                                      "content": problem}]
-                else:
-                    feedback = f"Your reply was not usable: {problem}. Call {TOOL_NAME} now."
-                messages.append({"role": "user", "content": feedback})
+                messages.append({"role": "user", "content": _feedback(response, problem)})
                 continue
-            return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source)
+            return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source,
+                            notes=parse_notes(tool_use.input))
         raise InvalidProposal(
             f"the model gave no valid proposal in {self._config.repair_rounds + 1} replies; last problem: {problem}",
             hint="the next proposal starts afresh; raise agent.repair_rounds if this happens often",
@@ -115,7 +118,13 @@ class AnthropicAgent:
             "tool_choice": {"type": "tool", "name": TOOL_NAME},
             "messages": messages,
         }
-        if self._config.temperature != _API_DEFAULT_TEMPERATURE:
+        if self._config.thinking == "enabled":
+            request["thinking"] = {"type": "enabled", "budget_tokens": self._config.thinking_budget_tokens}
+        elif self._config.thinking == "adaptive":
+            request["thinking"] = {"type": "adaptive"}
+        if self._config.thinking != "off":
+            request["tool_choice"] = {"type": "auto"}  # a forced tool choice is refused with thinking
+        elif self._config.temperature != _API_DEFAULT_TEMPERATURE:
             # This SDK no longer has a temperature parameter (newer models fix it); send it only when asked for.
             request["extra_body"] = {"temperature": self._config.temperature}
         for attempt in range(attempts):
@@ -173,22 +182,27 @@ class AnthropicAgent:
     def _record(self, ctx: ProposalContext, latency_s: float, response: Message | None = None, error: str = "") -> None:
         usage = TokenUsage()
         if response is not None:
+            written = response.usage.cache_creation_input_tokens or 0
+            split = response.usage.cache_creation
+            written_1h = (split.ephemeral_1h_input_tokens or 0) if split is not None else 0
             usage = TokenUsage(
                 input=response.usage.input_tokens,
                 output=response.usage.output_tokens,
                 cache_read=response.usage.cache_read_input_tokens or 0,
-                cache_write=response.usage.cache_creation_input_tokens or 0,
+                cache_write=max(written - written_1h, 0),
+                cache_write_1h=written_1h,
             )
         cost = cost_usd(self._price, usage)
         self._sink.record_agent_call(AgentCallRecord(
             provider=PROVIDER, model=self._config.model, outcome="error" if error else "ok",
             input_tokens=usage.input, output_tokens=usage.output,
-            cache_read_tokens=usage.cache_read, cache_write_tokens=usage.cache_write,
+            cache_read_tokens=usage.cache_read, cache_write_tokens=usage.cache_write + usage.cache_write_1h,
             cost_usd=cost, latency_s=latency_s, error=error, session_id=ctx.session_id,
         ))
         log.info("agent_call", model=self._config.model, outcome="error" if error else "ok",
                  input_tokens=usage.input, output_tokens=usage.output, cache_read_tokens=usage.cache_read,
-                 cache_write_tokens=usage.cache_write, cost_usd=round(cost, 6), latency_s=round(latency_s, 3))
+                 cache_write_tokens=usage.cache_write + usage.cache_write_1h, cost_usd=round(cost, 6),
+                 latency_s=round(latency_s, 3))
 
 
 def parse_tool_input(raw: object) -> tuple[str, str, tuple[Edit, ...]]:
@@ -224,6 +238,24 @@ def parse_tool_input(raw: object) -> tuple[str, str, tuple[Edit, ...]]:
     return description, hypothesis.strip(), tuple(edits)
 
 
+def parse_notes(raw: object) -> str:
+    """The notebook entry the model wrote with its proposal ("" when none); never a reason to refuse it."""
+    notes = raw.get("notebook") if isinstance(raw, dict) else None
+    return notes.strip()[:MAX_NOTES_CHARS] if isinstance(notes, str) else ""
+
+
+def _feedback(response: Message, problem: str) -> Any:
+    """The user turn answering an unusable reply: a tool_result for every tool_use (the API requires it)."""
+    results: list[dict[str, Any]] = []
+    for block in response.content:
+        if block.type == "tool_use":
+            reason = problem if block.name == TOOL_NAME else f"there is no tool {block.name!r}; call {TOOL_NAME}"
+            results.append({"type": "tool_result", "tool_use_id": block.id, "is_error": True, "content": reason})
+    if results:
+        return results
+    return f"Your reply was not usable: {problem}. Call {TOOL_NAME} now."
+
+
 def _no_tool_reason(response: Message) -> str:
     if response.stop_reason == "max_tokens":
         return "the reply was cut off at max_tokens before the tool call ended: use smaller edits"
@@ -234,8 +266,12 @@ def _as_params(response: Message) -> list[dict[str, Any]]:
     """The reply's text and tool-use blocks as request parameters, to send the conversation back."""
     blocks: list[dict[str, Any]] = []
     for block in response.content:
-        if block.type == "text":
+        if block.type == "thinking":  # unchanged, signature included: the API verifies it
+            blocks.append({"type": "thinking", "thinking": block.thinking, "signature": block.signature})
+        elif block.type == "redacted_thinking":
+            blocks.append({"type": "redacted_thinking", "data": block.data})
+        elif block.type == "text" and block.text.strip():  # the API refuses empty text blocks
             blocks.append({"type": "text", "text": block.text})
         elif block.type == "tool_use":
             blocks.append({"type": "tool_use", "id": block.id, "name": block.name, "input": block.input})
-    return blocks
+    return blocks or [{"type": "text", "text": "(empty reply)"}]

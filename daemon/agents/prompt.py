@@ -31,12 +31,17 @@ trains for a fixed wall-clock budget in an isolated sandbox; a trusted harness t
 bits per byte (val_bpb, lower is better) from the checkpoint. A change is kept only if it beats the best
 by more than the measured noise.
 
-Answer by calling the tool {TOOL_NAME} exactly once with:
-- description: one line (under 100 characters) saying what changed, e.g. "raise MATRIX_LR 0.04 -> 0.05";
-- hypothesis: why it should lower val_bpb;
+Think first: read the ledger (what ran, what it measured, what was kept or nearly kept, what crashed),
+the environment and your notebook, then decide. Answer by calling the tool {TOOL_NAME} exactly once,
+filling its fields in this order:
+- hypothesis: what you expect and why, grounded in the numbers you were shown;
 - edits: search/replace blocks against the current best train.py. Each search text must occur exactly
   once in the file (copy it exactly, whitespace included; add surrounding lines to make it unique).
-  Edits apply in order. For a large rewrite give whole_file (the complete new train.py) and no edits.
+  Edits apply in order. For a large rewrite give whole_file (the complete new train.py) and no edits;
+- description: one line (under 100 characters) saying what changed, e.g. "raise MATRIX_LR 0.04 -> 0.05";
+- notebook: your research notebook, rewritten in full (a few short paragraphs at most): what the runs
+  so far taught you, what to try next and what to avoid. It is shown to you at the next proposal and on
+  the next night, so keep what still matters.
 
 The candidate is checked before it runs: it must parse, stay under the size limit, keep reading the time
 budget from AUTORESEARCH_TIME_BUDGET, keep the export_checkpoint call, not import process/network/native-code
@@ -69,13 +74,15 @@ def tool_definition() -> dict[str, Any]:
         "description": "Propose the next experiment as edits to train.py.",
         "input_schema": {
             "type": "object",
+            # Hypothesis first, then the change, then the line that names it: the order the model writes them.
             "properties": {
-                "description": {"type": "string", "description": "one line for results.tsv"},
-                "hypothesis": {"type": "string", "description": "why this should lower val_bpb"},
+                "hypothesis": {"type": "string", "description": "what you expect and why, from the ledger"},
                 "edits": {"type": "array", "items": edit_schema},
                 "whole_file": {"type": "string", "description": "the complete new train.py (large rewrites only)"},
+                "description": {"type": "string", "description": "one line for results.tsv"},
+                "notebook": {"type": "string", "description": "your notebook, rewritten: lessons, next ideas"},
             },
-            "required": ["description", "hypothesis"],
+            "required": ["hypothesis", "description"],
         },
     }
 
@@ -129,8 +136,10 @@ def _is_literal(node: ast.expr) -> bool:
     return True
 
 
-def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = None) -> Prompt:
+def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = None,
+                 cache_ttl: str = "1h") -> Prompt:
     """System blocks (stable, cached) and the first user message (best source cached, then the night)."""
+    cache = {"type": "ephemeral", "ttl": cache_ttl}
     nonce = nonce or secrets.token_hex(8)
     stable = (
         f"# Research program (program.md, written by the lab)\n\n{ctx.program_md.strip()}\n\n"
@@ -138,7 +147,7 @@ def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = No
     )
     system: list[dict[str, Any]] = [
         {"type": "text", "text": SYSTEM_TEXT},
-        {"type": "text", "text": stable, "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": stable, "cache_control": cache},
     ]
     best_block = f"# The current best train.py\n\n```python\n{ctx.best_source}\n```\n"
     night = [_best_so_far(ctx), _history_table(ctx.history, nonce)]
@@ -155,7 +164,7 @@ def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = No
     else:
         night.append("Propose the next experiment: one idea, likely to beat the best by more than the noise.")
     user: list[dict[str, Any]] = [
-        {"type": "text", "text": best_block, "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": best_block, "cache_control": cache},
         {"type": "text", "text": "\n\n".join(night)},
     ]
     return Prompt(system=system, messages=[{"role": "user", "content": user}], nonce=nonce)

@@ -38,18 +38,88 @@ def test_proposal_that_applies(server: FakeAnthropicServer, make_anthropic: Make
     assert [record.outcome for record in sink.records] == ["ok"]
 
 
-def test_request_uses_forced_tool_and_cached_prefix(server: FakeAnthropicServer, make_anthropic: MakeAgent) -> None:
-    """The request forces propose_experiment and marks the stable prefix for prompt caching."""
+def test_request_thinks_before_the_tool_and_caches_for_an_hour(server: FakeAnthropicServer,
+                                                               make_anthropic: MakeAgent) -> None:
+    """With thinking on (the default), the tool choice is auto and the stable prefix is cached with ttl 1h."""
     server.enqueue(tool_reply(GOOD_INPUT))
-    make_anthropic().propose(make_context())
+    make_anthropic(max_tokens=16000, thinking_budget_tokens=5000).propose(make_context())
     body = server.requests[0].body
-    assert body["tool_choice"] == {"type": "tool", "name": "propose_experiment"}
+    assert server.rejections == []
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 5000}
+    assert body["tool_choice"] == {"type": "auto"}
+    assert "temperature" not in body
     assert [tool["name"] for tool in body["tools"]] == ["propose_experiment"]
-    assert body["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert body["system"][-1]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     assert "# Research program" in body["system"][-1]["text"]
     assert "def evaluate_bpb(" in body["system"][-1]["text"]  # prepare.py's interface, not its bodies
     assert "_stdlib_files" not in body["system"][-1]["text"]
     assert BASELINE in body["messages"][0]["content"][0]["text"]
+
+
+def test_tool_fields_ask_for_the_hypothesis_first(server: FakeAnthropicServer, make_anthropic: MakeAgent) -> None:
+    """The tool's schema lists hypothesis, then the change, then the one-line description."""
+    server.enqueue(tool_reply(GOOD_INPUT))
+    make_anthropic().propose(make_context())
+    fields = list(server.requests[0].body["tools"][0]["input_schema"]["properties"])
+    assert fields.index("hypothesis") < fields.index("edits") < fields.index("description")
+
+
+def test_without_thinking_the_tool_is_forced(server: FakeAnthropicServer, make_anthropic: MakeAgent) -> None:
+    """thinking = off sends no thinking config and forces propose_experiment."""
+    server.enqueue(tool_reply(GOOD_INPUT))
+    make_anthropic(thinking="off", cache_ttl="5m").propose(make_context())
+    body = server.requests[0].body
+    assert "thinking" not in body
+    assert body["tool_choice"] == {"type": "tool", "name": "propose_experiment"}
+    assert body["system"][-1]["cache_control"] == {"type": "ephemeral", "ttl": "5m"}
+
+
+def test_thinking_blocks_go_back_unchanged_in_a_repair(server: FakeAnthropicServer, make_anthropic: MakeAgent) -> None:
+    """A repair turn resends the reply's thinking block first, text and signature intact (the API verifies it)."""
+    bad = {**GOOD_INPUT, "edits": [{"search": "MATRIX_LR = 0.05", "replace": "MATRIX_LR = 0.03"}]}
+    server.enqueue(tool_reply(bad, thinking="MATRIX_LR looks low for this budget."), tool_reply(GOOD_INPUT))
+    proposal = make_anthropic().propose(make_context())
+    assert "MATRIX_LR = 0.03" in proposal.source
+    assert server.rejections == []
+    resent = server.requests[1].body["messages"][1]["content"][0]
+    assert resent["type"] == "thinking" and resent["thinking"] == "MATRIX_LR looks low for this budget."
+    assert resent["signature"].startswith("sig_")
+
+
+def test_text_only_reply_with_thinking_is_asked_for_the_tool(server: FakeAnthropicServer,
+                                                            make_anthropic: MakeAgent) -> None:
+    """Under tool_choice auto a reply may be only thoughts and text: it is asked for the tool call."""
+    server.enqueue(text_reply("Let me think about the learning rate."), tool_reply(GOOD_INPUT))
+    make_anthropic().propose(make_context())
+    assert server.rejections == []
+    assert "Call propose_experiment now" in _last_user_content(server.requests[1].body)
+
+
+def test_an_unknown_tool_call_is_answered(server: FakeAnthropicServer, make_anthropic: MakeAgent) -> None:
+    """A call of a tool that does not exist gets its own error tool_result, as the API requires."""
+    server.enqueue(tool_reply({"path": "/etc"}, tool_name="read_file"), tool_reply(GOOD_INPUT))
+    make_anthropic().propose(make_context())
+    assert server.rejections == []
+    feedback = _last_user_content(server.requests[1].body)[0]
+    assert feedback["type"] == "tool_result" and "no tool 'read_file'" in feedback["content"]
+
+
+def test_notebook_entry_comes_with_the_proposal(server: FakeAnthropicServer, make_anthropic: MakeAgent) -> None:
+    """The notebook field of the tool call is returned with the proposal."""
+    server.enqueue(tool_reply({**GOOD_INPUT, "notebook": "  LR up helped twice; try warm-up next.  "}))
+    proposal = make_anthropic().propose(make_context())
+    assert proposal.notes == "LR up helped twice; try warm-up next."
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"thinking_budget_tokens": 16000, "max_tokens": 16000}, "must be less than max_tokens"),
+    ({"thinking_budget_tokens": 512}, "greater than or equal to 1024"),
+    ({"temperature": 0.4}, "not allowed with extended thinking"),
+])
+def test_thinking_settings_the_api_refuses_fail_at_load(fields: dict[str, Any], message: str) -> None:
+    """Settings the API would refuse with thinking on are refused when the config loads."""
+    with pytest.raises(ValueError, match=message):
+        AgentConfig(provider="anthropic", api_key="sk-test", **fields)
 
 
 def test_edit_that_does_not_apply_is_repaired(server: FakeAnthropicServer, make_anthropic: MakeAgent,
@@ -62,7 +132,7 @@ def test_edit_that_does_not_apply_is_repaired(server: FakeAnthropicServer, make_
     feedback = _last_user_content(server.requests[1].body)[0]
     assert feedback["type"] == "tool_result" and feedback["is_error"] is True
     assert "edit 1: the search text does not occur in train.py" in feedback["content"]
-    assert server.requests[1].body["messages"][-2]["content"][0]["type"] == "tool_use"
+    assert server.requests[1].body["messages"][-2]["content"][-1]["type"] == "tool_use"
     assert len(sink.records) == 2
 
 
@@ -152,13 +222,22 @@ def test_cost_accounting_matches_usage(server: FakeAnthropicServer, make_anthrop
     usage = {"input_tokens": 1200, "output_tokens": 800, "cache_read_input_tokens": 30000,
              "cache_creation_input_tokens": 4000}
     server.enqueue(tool_reply(GOOD_INPUT, usage=usage))
-    make_anthropic(model="claude-sonnet-5-5").propose(make_context(session_id=7))
+    make_anthropic(model="claude-sonnet-5-5", cache_ttl="5m").propose(make_context(session_id=7))
     record = sink.records[0]
     assert (record.input_tokens, record.output_tokens, record.cache_read_tokens, record.cache_write_tokens) == (
         1200, 800, 30000, 4000)
     expected = (1200 * 3.0 + 800 * 15.0 + 30000 * 0.3 + 4000 * 3.75) / 1e6
     assert record.cost_usd == pytest.approx(expected)
     assert (record.provider, record.model, record.session_id) == ("anthropic", "claude-sonnet-5-5", 7)
+
+
+def test_one_hour_cache_writes_are_priced_as_such(server: FakeAnthropicServer, make_anthropic: MakeAgent,
+                                                  sink: MemorySink) -> None:
+    """Writes to the 1-hour cache cost twice the input price (the API's rate), not the 5-minute one."""
+    server.enqueue(tool_reply(GOOD_INPUT, usage={"input_tokens": 100, "output_tokens": 0,
+                                                 "cache_creation_input_tokens": 10000}))
+    make_anthropic(model="claude-sonnet-5-5").propose(make_context())
+    assert sink.records[0].cost_usd == pytest.approx((100 * 3.0 + 10000 * 6.0) / 1e6)
 
 
 def test_cost_cap_stops_proposals(server: FakeAnthropicServer, make_anthropic: MakeAgent, sink: MemorySink) -> None:
@@ -218,7 +297,7 @@ def test_missing_price_is_a_config_error(server: FakeAnthropicServer, sink: Memo
 def test_temperature_is_sent_only_when_configured(server: FakeAnthropicServer, make_anthropic: MakeAgent) -> None:
     """The API's default temperature is not sent; a configured one is."""
     server.enqueue(tool_reply(GOOD_INPUT), tool_reply(GOOD_INPUT))
-    make_anthropic().propose(make_context())
-    make_anthropic(temperature=0.4).propose(make_context())
+    make_anthropic(thinking="off").propose(make_context())
+    make_anthropic(thinking="off", temperature=0.4).propose(make_context())
     assert "temperature" not in server.requests[0].body
     assert server.requests[1].body["temperature"] == 0.4

@@ -10,9 +10,14 @@ Usage:
         ...
         server.requests[0].body        # the JSON the SDK sent, for assertions on the prompt
 
-Each POST /v1/messages takes the next `Reply` from the queue: its status, headers and JSON body, sent
-after `delay_s` seconds (a slow server). With the queue empty the server answers 500 with an error
-body saying so, and records the request, so a test that under-scripts fails loudly.
+Each POST /v1/messages is first checked against the real API's request rules
+(`tests.fakes.messages_rules`): a request the real API would refuse gets its 400 (and is listed in
+`server.rejections`) without consuming a scripted reply. A valid one takes the next `Reply` from the
+queue: its status, headers and JSON body, sent after `delay_s` seconds (a slow server). With the queue
+empty the server answers 500 with an error body saying so, so a test that under-scripts fails loudly.
+
+When the request enables extended thinking, a scripted 200 reply without a thinking block gets one
+prepended (the real API always thinks first), signed; the signature is checked when the block comes back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
+
+from tests.fakes.messages_rules import RequestRejected, breakpoints, check_request
 
 MODEL = "claude-sonnet-5-5"
 
@@ -47,9 +54,11 @@ class RecordedRequest:
 
 
 def tool_reply(tool_input: Any, usage: dict[str, int] | None = None, *, tool_name: str = "propose_experiment",
-               text: str = "", stop_reason: str = "tool_use", delay_s: float = 0.0) -> Reply:
-    """A 200 reply whose content is an optional text block and one tool_use block with `tool_input`."""
-    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+               text: str = "", stop_reason: str = "tool_use", delay_s: float = 0.0, thinking: str = "") -> Reply:
+    """A 200 reply: optional thinking and text blocks, then one tool_use block with `tool_input`."""
+    content: list[dict[str, Any]] = [{"type": "thinking", "thinking": thinking, "signature": ""}] if thinking else []
+    if text:
+        content.append({"type": "text", "text": text})
     content.append({"type": "tool_use", "id": f"toolu_{_next_id()}", "name": tool_name, "input": tool_input})
     return Reply(body=_message(content, usage, stop_reason), delay_s=delay_s)
 
@@ -94,6 +103,8 @@ class FakeAnthropicServer:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self.requests: list[RecordedRequest] = []
+        self.rejections: list[tuple[RecordedRequest, str]] = []  # requests refused with a 400, and why
+        self._signatures: dict[str, str] = {}  # thinking signatures issued -> their thinking text
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -137,9 +148,36 @@ class FakeAnthropicServer:
             self.requests.append(request)
             if request.path.split("?")[0] != "/v1/messages":
                 return error_reply(404, f"fake server: no route {request.path}")
+            try:
+                check_request(request.body, self._signatures)
+            except RequestRejected as exc:
+                self.rejections.append((request, str(exc)))
+                return error_reply(400, str(exc))
             if not self._replies:
                 return error_reply(500, "fake server: no scripted reply left for this request")
-            return self._replies.popleft()
+            return self._answer(request.body, self._replies.popleft())
+
+    def _answer(self, request: dict[str, Any], reply: Reply) -> Reply:
+        """The scripted reply as the real API would shape it for this request (thinking, cache usage)."""
+        if reply.status != 200 or reply.body.get("type") != "message":
+            return reply
+        body = json.loads(json.dumps(reply.body))
+        thinking_on = (request.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+        if not thinking_on:  # no thinking without asking for it
+            body["content"] = [block for block in body["content"] if block["type"] != "thinking"]
+        elif not any(block["type"] == "thinking" for block in body["content"]):
+            body["content"].insert(0, {"type": "thinking", "thinking": "Looking at the ledger first.", "signature": ""})
+        for block in body["content"]:
+            if block["type"] == "thinking":
+                block["signature"] = f"sig_{_next_id()}"
+                self._signatures[block["signature"]] = block["thinking"]
+        usage = body["usage"]
+        if "cache_creation" not in usage:
+            ttl_1h = any(control.get("ttl") == "1h" for _, control in breakpoints(request))
+            written = usage.get("cache_creation_input_tokens") or 0
+            usage["cache_creation"] = {"ephemeral_1h_input_tokens": written if ttl_1h else 0,
+                                       "ephemeral_5m_input_tokens": 0 if ttl_1h else written}
+        return Reply(body=body, status=reply.status, headers=reply.headers, delay_s=reply.delay_s)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self

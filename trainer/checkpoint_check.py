@@ -55,7 +55,8 @@ PURE_ATEN_OPS = _ops(
     "eq.Tensor", "eq.Scalar", "ne.Tensor", "ne.Scalar", "lt.Tensor", "lt.Scalar", "le.Tensor", "le.Scalar",
     "gt.Tensor", "gt.Scalar", "ge.Tensor", "ge.Scalar", "logical_and.default", "logical_or.default",
     "logical_not.default", "logical_xor.default", "bitwise_and.Tensor", "bitwise_or.Tensor", "bitwise_not.default",
-    "isnan.default", "isinf.default", "isfinite.default", "nan_to_num.default",
+    "__and__.Tensor", "__or__.Tensor", "__xor__.Tensor", "__invert__.default", "bitwise_and.Scalar",
+    "bitwise_or.Scalar", "bitwise_xor.Tensor", "isnan.default", "isinf.default", "isfinite.default", "nan_to_num.default",
     # activations and normalization
     "relu.default", "gelu.default", "silu.default", "mish.default", "softplus.default", "elu.default",
     "leaky_relu.default", "hardtanh.default", "hardswish.default", "hardsigmoid.default", "glu.default",

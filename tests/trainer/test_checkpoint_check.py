@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zipfile
 from collections.abc import Callable
@@ -94,11 +95,11 @@ def test_an_op_that_reads_files_is_refused(tmp_path: Path) -> None:
             return self.head(self.embedding(idx)) + 0.0 * peek.float().sum()
 
     (tmp_path / "secret").write_bytes(b"abcd")
-    try:  # a fake kernel lets export trace the op, as a hostile candidate would register one
+    # A fake kernel lets export trace the op, as a hostile candidate would register one (RuntimeError: an
+    # earlier test in this process registered it already).
+    with contextlib.suppress(RuntimeError):
         torch.library.register_fake("aten::from_file")(
             lambda _name, _shared=None, size=0, **kw: torch.empty(size, dtype=kw.get("dtype")))
-    except RuntimeError:  # registered already by an earlier test in this process
-        pass
     path = export_checkpoint(Reader(), tmp_path)
     with pytest.raises(UnsafeCheckpoint, match="from_file"):
         prepare.check_checkpoint_archive(path)

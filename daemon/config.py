@@ -40,10 +40,67 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _read_secret_file(path: Path, key: str) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{key} {str(path)!r} cannot be read: {exc.strerror}") from None
+    if not value:
+        raise ValueError(f"{key} {str(path)!r} is empty")
+    return value
+
+
 class DatabaseConfig(_Section):
-    url: str = Field("", description="SQLAlchemy URL; empty = SQLite file in the workspace")
+    """The database. The URL and its password are secrets: `url_file` / `password_file` (systemd credentials,
+    Docker secrets) keep them out of the environment, and neither is ever stored or logged (`public_url`)."""
+
+    url: str = Field("", description="SQLAlchemy URL; empty = SQLite file in the workspace", repr=False)
+    url_file: Path | None = Field(None, description="a file holding the URL (instead of url)")
+    password_file: Path | None = Field(None, description="a file holding the password, put into the URL")
     pool_size: int = Field(5, ge=1, le=100)
     retry_seconds: float = Field(120.0, ge=0, description="how long transient DB errors are retried")
+
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> DatabaseConfig:
+        url = self.url
+        if self.url_file is not None:
+            if url:
+                raise ValueError("set database.url or database.url_file, not both")
+            url = _read_secret_file(self.url_file, "database.url_file")
+        if self.password_file is not None:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            if not url:
+                raise ValueError("database.password_file needs database.url (the URL without its password)")
+            try:
+                parsed = make_url(url)
+            except ArgumentError:
+                raise ValueError("database.url is not a database URL") from None
+            if parsed.password:
+                raise ValueError("database.url already has a password: drop it or drop database.password_file")
+            url = parsed.set(password=_read_secret_file(self.password_file, "database.password_file")).render_as_string(
+                hide_password=False)
+        object.__setattr__(self, "url", url)
+        return self
+
+    @property
+    def public_url(self) -> str:
+        """The URL with its password masked: what may be logged, shown or stored."""
+        return public_url(self.url)
+
+
+def public_url(url: str) -> str:
+    """`url` with any password replaced by ***, safe to log or store (unparseable input is hidden whole)."""
+    if not url:
+        return ""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unparseable database URL hidden)"
 
 
 class DataConfig(_Section):
@@ -266,6 +323,15 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{(self.workspace / 'autoresearch.db').resolve()}"
+
+    def public_snapshot(self) -> dict[str, Any]:
+        """The settings as JSON data with every secret left out or masked: what a session stores in the DB."""
+        data = self.model_dump(mode="json", exclude={"agent": {"api_key", "api_key_file"}})
+        database = data["database"]
+        database["url"] = self.database.public_url
+        database.pop("url_file", None)
+        database.pop("password_file", None)
+        return data
 
     @property
     def data_dir(self) -> Path:

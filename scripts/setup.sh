@@ -1,15 +1,49 @@
 #!/usr/bin/env bash
-# Idempotent set-up for `make test` / `make demo` on a fresh machine. Each step says what it does and
-# skips itself when already done. Steps: venv | services (docker engine, prometheus, chromium, postgres).
+# Idempotent set-up for `make test` / `make demo`. Each step says what it does and skips itself when done.
+# Steps: venv | services (docker engine, prometheus + alertmanager binaries, chromium, debootstrap,
+# postgres server binaries).
+#
+# A shared lab server: set-up installs only what is missing (apt, --no-install-recommends, with no service
+# started by the package and none left enabled), and it never stops, kills or restarts anything it did not
+# start (never by name). It never starts or restarts the host's Postgres: the test suite runs its own
+# cluster (tests/pgcluster.py) and its own Prometheus/Alertmanager on free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+POLICY_RC=${POLICY_RC:-/usr/sbin/policy-rc.d}
 say() { printf '[setup] %s\n' "$*"; }
 
+have_systemd() { [ -d /run/systemd/system ]; }
+
+# Install packages without recommends, with a policy-rc.d that forbids starting services for the duration
+# (an existing policy-rc.d is left alone), then disable the units the new packages enabled (the units of
+# packages that were already installed are not touched).
 apt_install() {
+  local pkg new=() placed=""
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || new+=("$pkg"); done
+  [ ${#new[@]} -gt 0 ] || return 0
   if [ -z "${_APT_UPDATED:-}" ]; then say "apt-get update"; apt-get update -qq; _APT_UPDATED=1; fi
-  say "apt-get install -y $*"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  if [ ! -e "$POLICY_RC" ]; then
+    printf '#!/bin/sh\n# autoresearch set-up: no service starts during this install\nexit 101\n' > "$POLICY_RC"
+    chmod 755 "$POLICY_RC"; placed=1
+  fi
+  say "apt-get install --no-install-recommends ${new[*]} (services of these packages are not started)"
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${new[@]}" >/dev/null || rc=$?
+  [ -z "$placed" ] || rm -f "$POLICY_RC"
+  [ "$rc" -eq 0 ] || return "$rc"
+  if have_systemd; then
+    local unit
+    for pkg in "${new[@]}"; do
+      for unit in $(dpkg -L "$pkg" 2>/dev/null | grep -E '^/(usr/)?lib/systemd/system/[^/]+\.(service|socket|timer)$' \
+                    | xargs -r -n1 basename); do
+        if systemctl is-enabled --quiet "$unit" 2>/dev/null; then
+          say "disabling $unit (enabled by the package just installed; not started)"
+          systemctl disable --quiet "$unit" || true
+        fi
+      done
+    done
+  fi
 }
 
 step_venv() {
@@ -24,20 +58,43 @@ step_venv() {
   echo "$want" > "$stamp"
 }
 
-step_docker() {
-  if docker info >/dev/null 2>&1; then say "docker engine answers"; return; fi
-  command -v dockerd >/dev/null 2>&1 || apt_install docker.io
-  say "starting dockerd in the background (log: /var/log/dockerd.log)"
-  nohup dockerd >/var/log/dockerd.log 2>&1 &
-  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && { say "docker engine up"; return; }; sleep 1; done
-  say "dockerd did not answer within 60 s; see /var/log/dockerd.log"; return 1
+# A dockerd is running when its pidfile names a live process (then it is never restarted, even if it does
+# not answer: that engine belongs to whoever started it).
+dockerd_running() {
+  local pidfile=${DOCKERD_PIDFILE:-/var/run/docker.pid} pid
+  [ -f "$pidfile" ] || return 1
+  pid=$(cat "$pidfile" 2>/dev/null) || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 
+step_docker() {
+  if docker info >/dev/null 2>&1; then say "docker engine answers"; return; fi
+  if dockerd_running; then
+    say "a dockerd is running (pid $(cat "${DOCKERD_PIDFILE:-/var/run/docker.pid}")) but \`docker info\` fails;" \
+        "not touching it: check your access to /var/run/docker.sock"
+    return 1
+  fi
+  command -v dockerd >/dev/null 2>&1 || apt_install docker.io
+  if have_systemd; then
+    say "no dockerd is running: starting docker.service (systemctl start; nothing else is changed)"
+    systemctl start docker
+  else
+    say "no dockerd is running and no systemd: starting dockerd in the background (log: /var/log/dockerd.log)"
+    nohup dockerd >/var/log/dockerd.log 2>&1 &
+  fi
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && { say "docker engine up"; return; }; sleep 1; done
+  say "dockerd did not answer within 60 s; see /var/log/dockerd.log or journalctl -u docker"; return 1
+}
+
+# Only the binaries: the tests run their own Prometheus and Alertmanager on free ports. Without recommends,
+# Debian's prometheus does not pull prometheus-node-exporter (which would listen on every interface).
 step_prometheus() {
-  if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then say "prometheus present"; return; fi
-  apt_install prometheus
-  # Debian's package starts a system prometheus on :9090; tests run their own on free ports.
-  (systemctl stop prometheus || pkill -x prometheus || true) >/dev/null 2>&1
+  local missing=()
+  command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
+    || missing+=(prometheus-alertmanager)
+  if [ ${#missing[@]} -eq 0 ]; then say "prometheus, promtool and alertmanager present"; return; fi
+  apt_install "${missing[@]}"
 }
 
 step_chromium() {
@@ -50,10 +107,13 @@ step_debootstrap() {
   apt_install debootstrap
 }
 
+# The server binaries only (initdb, pg_ctl, postgres): the suite initdb's a cluster of its own in a temp dir
+# on a free port. The host's Postgres (if any) is neither started nor restarted.
 step_postgres() {
-  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then say "postgres answers on 127.0.0.1:5432"; return; fi
-  say "starting postgres"
-  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
+  if compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1; then
+    say "postgres server binaries present (the suite runs its own cluster; the host's is left alone)"; return
+  fi
+  apt_install postgresql-15
 }
 
 for step in "$@"; do

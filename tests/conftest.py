@@ -18,8 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.pgcluster import PgCluster, PgClusterError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = os.environ.get("AUTORESEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+# An external server for the suite (its admin URL), instead of the cluster the suite starts for itself.
+EXTERNAL_PG_URL = os.environ.get("AUTORESEARCH_TEST_PG")
+_SUITE_CLUSTER: list[PgCluster] = []
 
 
 @functools.cache
@@ -35,17 +39,48 @@ def _docker_reason() -> str | None:
     return None
 
 
+def suite_cluster() -> PgCluster | None:
+    """The suite's own Postgres cluster, started on first use (None when AUTORESEARCH_TEST_PG names a server)."""
+    if EXTERNAL_PG_URL:
+        return None
+    if not _SUITE_CLUSTER:
+        cluster = PgCluster()
+        try:
+            cluster.start()
+        except BaseException:
+            cluster.stop()
+            raise
+        _SUITE_CLUSTER.append(cluster)
+    return _SUITE_CLUSTER[0]
+
+
+def pg_admin_url() -> str:
+    """Admin URL (database `postgres`) of the server the suite uses: its own cluster, never the host's."""
+    cluster = suite_cluster()
+    return EXTERNAL_PG_URL if cluster is None else cluster.admin_url  # type: ignore[return-value]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the suite's cluster (pytest runs this on Ctrl-C too; a watcher covers a killed pytest)."""
+    while _SUITE_CLUSTER:
+        _SUITE_CLUSTER.pop().stop()
+
+
 @functools.cache
 def _postgres_reason() -> str | None:
     import sqlalchemy
 
     try:
-        engine = sqlalchemy.create_engine(PG_ADMIN_URL)
+        url = pg_admin_url()
+    except PgClusterError as exc:
+        return f"could not start the suite's own Postgres cluster: {exc}"
+    try:
+        engine = sqlalchemy.create_engine(url)
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("select 1"))
         engine.dispose()
     except Exception as exc:  # refused, missing role...
-        return f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(exc).__name__})"
+        return f"PostgreSQL not reachable at {url} ({type(exc).__name__})"
     return None
 
 
@@ -58,6 +93,13 @@ def _prometheus_reason() -> str | None:
 @functools.cache
 def _chromium_reason() -> str | None:
     return None if shutil.which("chromium") else "no chromium: apt-get install chromium"
+
+
+@functools.cache
+def _slurm_reason() -> str | None:
+    from tests.slurmcluster import missing_reason
+
+    return missing_reason()
 
 
 @functools.cache
@@ -78,6 +120,7 @@ _SERVICE_CHECKS = {
     "prometheus": _prometheus_reason,
     "chromium": _chromium_reason,
     "gpu": _gpu_reason,
+    "slurm": _slurm_reason,
 }
 
 
@@ -101,11 +144,12 @@ def scratch_database(prefix: str) -> Iterator[str]:
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     # pre-ping: the store's restart test restarts Postgres, killing this engine's pooled connection
-    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    admin_url = pg_admin_url()
+    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
     finally:
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -121,6 +165,15 @@ def postgres_url() -> Iterator[str]:
         pytest.skip(reason)
     with scratch_database("autoresearch_test") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster(postgres_url: str) -> PgCluster:
+    """The suite's own cluster, for tests that restart Postgres (skips when the suite uses an external server)."""
+    cluster = suite_cluster()
+    if cluster is None:
+        pytest.skip("AUTORESEARCH_TEST_PG names an external server: the suite restarts only a cluster it owns")
+    return cluster
 
 
 @pytest.fixture()

@@ -353,20 +353,16 @@ class ResearchSession:
         return None
 
     def _config_snapshot(self) -> dict[str, Any]:
-        # The key is a secret and stays out of the database.
-        data = self.settings.model_dump(mode="json", exclude={"agent": {"api_key", "api_key_file"}})
-        return dict(data)
+        # Secrets (the API key, the database URL's password) stay out of the database.
+        return self.settings.public_snapshot()
 
     def _publish_known_numbers(self) -> None:
         if self.metrics is None:
             return
-        baseline, best = self.store.baseline(self.session_id), self.store.best(self.session_id)
+        baseline = self.store.baseline(self.session_id)
         if baseline is not None and baseline.val_bpb is not None:
             self.metrics.baseline(baseline.val_bpb)
-        if best is not None and best.val_bpb is not None:
-            self.metrics.best(best.val_bpb, best.finished_at)
-        floor = self.store.noise_floor(self.session_id)
-        self.metrics.noise_std(floor.std)
+        self._keeper.publish()
         self.metrics.training_budget_seconds.set(self.settings.training.time_budget_s)
 
     def run(self, stop: StopCondition) -> SessionSummary:

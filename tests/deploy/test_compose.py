@@ -25,9 +25,9 @@ def _env_example() -> dict[str, str]:
     return {key: value for key, value in pairs}
 
 
-def test_stack_has_the_four_services() -> None:
-    """postgres, daemon, prometheus and grafana are defined."""
-    assert set(_compose()["services"]) == {"postgres", "daemon", "prometheus", "grafana"}
+def test_stack_has_the_five_services() -> None:
+    """postgres, daemon, prometheus, alertmanager and grafana are defined."""
+    assert set(_compose()["services"]) == {"postgres", "daemon", "prometheus", "alertmanager", "grafana"}
 
 
 def test_every_variable_is_documented_in_env_example() -> None:
@@ -59,12 +59,41 @@ def test_daemon_gets_docker_socket_gpus_and_the_api_key_secret() -> None:
     assert "anthropic_api_key" in daemon["secrets"]
 
 
-def test_daemon_and_prometheus_share_the_scrape_address() -> None:
-    """Prometheus runs in the daemon's network namespace, so prometheus.yml's 127.0.0.1:9464 is the daemon."""
+def test_every_service_is_on_the_private_network_and_none_shares_a_namespace() -> None:
+    """Each service joins the stack's own network; none lives in another's network namespace."""
+    compose = _compose()
+    assert set(compose["networks"]) == {"autoresearch"}
+    for name, service in compose["services"].items():
+        assert "network_mode" not in service, name
+        assert service["networks"] == ["autoresearch"], name
+
+
+def test_prometheus_scrapes_the_daemon_and_alerts_alertmanager_by_service_name() -> None:
+    """prometheus.compose.yml targets daemon:<metrics port> and alertmanager:9093, and compose loads it."""
     services = _compose()["services"]
-    assert services["prometheus"]["network_mode"] == "service:daemon"
-    env = services["daemon"]["environment"]
-    assert (env["AUTORESEARCH_METRICS__HOST"], env["AUTORESEARCH_METRICS__PORT"]) == ("127.0.0.1", "9464")
+    assert "--config.file=/etc/prometheus/prometheus.compose.yml" in services["prometheus"]["command"]
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.compose.yml").read_text())
+    port = services["daemon"]["environment"]["AUTORESEARCH_METRICS__PORT"]
+    assert config["scrape_configs"][0]["static_configs"][0]["targets"] == [f"daemon:{port}"]
+    assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+
+
+def test_daemon_has_a_healthcheck_on_healthz() -> None:
+    """The daemon container is checked through /healthz on its metrics port."""
+    daemon = _compose()["services"]["daemon"]
+    port = daemon["environment"]["AUTORESEARCH_METRICS__PORT"]
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(daemon["healthcheck"]["test"])
+
+
+def test_no_password_in_any_environment() -> None:
+    """Postgres and the daemon read the password from a secret file; no environment holds it."""
+    services = _compose()["services"]
+    for name in ("postgres", "daemon"):
+        env = services[name]["environment"]
+        assert not any("PASSWORD}" in str(value) or ":${" in str(value) for value in env.values()), name
+        assert "postgres_password" in services[name]["secrets"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert services["daemon"]["environment"]["AUTORESEARCH_DATABASE__PASSWORD_FILE"] == "/run/secrets/postgres_password"
 
 
 def test_grafana_environment_fills_every_datasource_variable() -> None:
@@ -92,8 +121,10 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     """`docker compose config` validates the stack with the example environment."""
     key = tmp_path / "key"
     key.write_text("sk-test\n")
+    password = tmp_path / "pg"
+    password.write_text("pw\n")
     env_file = tmp_path / ".env"
-    env = {**_env_example(), "ANTHROPIC_API_KEY_FILE": str(key)}
+    env = {**_env_example(), "ANTHROPIC_API_KEY_FILE": str(key), "POSTGRES_PASSWORD_FILE": str(password)}
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     done = subprocess.run(["docker", "compose", "--env-file", str(env_file), "-f", str(COMPOSE), "config", "-q"],
                           capture_output=True, text=True, check=False, timeout=60)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -12,10 +11,10 @@ import sqlalchemy
 
 from daemon.workspace import Workspace
 from tests.e2e.support import empty_database, run_session, tiny_settings
+from tests.pgcluster import PgCluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-RESTART = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart"
 
 
 def _running_experiments(url: str) -> int:
@@ -31,11 +30,11 @@ def _running_experiments(url: str) -> int:
         engine.dispose()
 
 
-def _restart_when_training(url: str, done: threading.Event, outcome: dict[str, str]) -> None:
+def _restart_when_training(url: str, cluster: PgCluster, done: threading.Event, outcome: dict[str, str]) -> None:
     deadline = time.monotonic() + 120
     while not done.is_set() and time.monotonic() < deadline:
         if _running_experiments(url):
-            restarted = subprocess.run(RESTART, shell=True, capture_output=True, text=True, timeout=60, check=False)
+            restarted = cluster.restart()  # the suite's own cluster, never the host's
             outcome["restart"] = f"rc={restarted.returncode} {restarted.stderr.strip()}"
             return
         time.sleep(0.2)
@@ -43,12 +42,13 @@ def _restart_when_training(url: str, done: threading.Event, outcome: dict[str, s
 
 
 def test_session_survives_a_postgres_restart_mid_experiment(
-        tmp_path: Path, baseline_source: str, postgres_url: str, prepared_data: Path) -> None:
+        tmp_path: Path, baseline_source: str, postgres_url: str, postgres_cluster: PgCluster,
+        prepared_data: Path) -> None:
     """A restart during the baseline's training loses no row, doubles none, and the session completes."""
     workspace = Workspace.init(tmp_path / "ws", baseline_source=baseline_source)
     settings = tiny_settings(workspace.root, empty_database(postgres_url), prepared_data)
     done, outcome = threading.Event(), {}
-    restarter = threading.Thread(target=_restart_when_training, args=(settings.database_url, done, outcome))
+    restarter = threading.Thread(target=_restart_when_training, args=(settings.database_url, postgres_cluster, done, outcome))
     restarter.start()
     try:
         summary, rows = run_session(settings, candidates=1)

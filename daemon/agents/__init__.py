@@ -55,6 +55,75 @@ class CrashInfo:
 
 
 @dataclass(frozen=True)
+class RunEntry:
+    """One run of the research line as the ledger shows it (metrics from the trusted summary and eval)."""
+
+    id: int
+    session_id: int
+    kind: str
+    status: str
+    lane: str | None
+    val_bpb: float | None
+    delta: float | None  # val_bpb minus its parent's; negative = better
+    num_steps: int | None = None
+    tokens_per_s: float | None = None
+    mfu_percent: float | None = None
+    peak_vram_mb: float | None = None
+    training_seconds: float | None = None
+    final_loss: float | None = None
+    verdict: str = ""  # the judge's numbers in one line, when it recorded them
+    description: str = ""  # untrusted (written by the agent)
+    error: str = ""  # why it failed (may quote sandbox output: untrusted)
+
+
+@dataclass(frozen=True)
+class ChangeEntry:
+    """A kept change or a near-miss, with its diff against its parent (untrusted text)."""
+
+    id: int
+    val_bpb: float | None
+    delta: float | None
+    description: str
+    diff: str
+
+
+@dataclass(frozen=True)
+class CrashEntry:
+    id: int
+    status: str
+    description: str
+    error: str
+    output_tail: str
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """Work running or queued on a lane (this one or another) while the agent proposes."""
+
+    experiment_id: int
+    kind: str
+    status: str
+    lane: str | None
+    description: str
+
+
+@dataclass(frozen=True)
+class LedgerView:
+    """The research line as the agent reads it: newest first, sized by the prompt (see daemon.agents.ledger_text)."""
+
+    nights: int  # sessions in the research line
+    runs: tuple[RunEntry, ...]
+    kept: tuple[ChangeEntry, ...]
+    near_misses: tuple[ChangeEntry, ...]
+    crashes: tuple[CrashEntry, ...]
+    in_flight: tuple[InFlight, ...]
+    noise_sigma: float | None
+    noise_n: int
+    keep_margin: float | None
+    margin_rule: str  # how the margin follows from sigma, in words
+
+
+@dataclass(frozen=True)
 class ProposalContext:
     session_id: int
     program_md: str
@@ -67,6 +136,9 @@ class ProposalContext:
     crash: CrashInfo | None = None
     # Start of tonight's spending window for the cost cap; None = the last 24 hours.
     cost_since: datetime | None = None
+    ledger: LedgerView | None = None  # the whole research line (the history above is its recent tail)
+    environment: str = ""  # trusted facts: budget, preset, device, data size, the baseline's speed
+    notebook: str = ""  # the agent's own notes from earlier proposals and nights (untrusted when shown)
 
 
 class Agent(Protocol):

@@ -80,7 +80,8 @@ class AnthropicAgent:
         )
 
     def propose(self, ctx: ProposalContext) -> Proposal:
-        prompt = build_prompt(ctx, self._prepare_text, cache_ttl=self._config.cache_ttl)
+        prompt = build_prompt(ctx, self._prepare_text, cache_ttl=self._config.cache_ttl,
+                              ledger_tokens=self._config.ledger_tokens)
         messages = list(prompt.messages)
         problem = ""
         for round_number in range(self._config.repair_rounds + 1):

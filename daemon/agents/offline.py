@@ -24,7 +24,8 @@ from daemon.errors import AgentFatal, InvalidProposal
 
 MAX_PAIR_TRIES = 400
 MAX_STEP_SCALE = 4.0
-_DESCRIPTION = re.compile(r"(raise|lower|set) ([A-Z][A-Z0-9_]*) ")
+# Knob names as `_describe` writes them: module constants (MATRIX_LR) and preset entries (depth, model_dim).
+_DESCRIPTION = re.compile(r"(raise|lower|set) ([A-Za-z_][A-Za-z0-9_]*) ")
 _WINDOW_PATTERNS = ("L", "SL", "SSL", "SSSL", "SSSSL", "SLSL")
 _FAILED = frozenset({"crashed", "timeout", "oom", "invalid"})
 KnobValue = int | float | str
@@ -275,9 +276,10 @@ class OfflineAgent:
         seed = hashlib.sha256(f"{ctx.session_id}:{ctx.best_source}:{len(ctx.seen_hashes)}:{len(self._proposed)}".encode())
         rng = random.Random(seed.digest())
         singles: list[Move] = [(knob, direction, values) for knob in knobs for direction, values in knob.moves(scale)]
-        weights = [math.exp(scores.get((knob.name, direction.split()[0]), 0.0)) * rng.random()
-                   for knob, direction, _ in singles]
-        ordered = [move for _, move in sorted(zip(weights, singles, strict=True), key=lambda pair: -pair[0])]
+        # Directions that helped come first (best score first); the rest in a score-weighted random order.
+        keys = [(-max(score, 0.0), -math.exp(score) * rng.random())
+                for score in (scores.get((knob.name, direction.split()[0]), 0.0) for knob, direction, _ in singles)]
+        ordered = [move for _, move in sorted(zip(keys, singles, strict=True), key=lambda pair: pair[0])]
         for move in ordered:
             if (proposal := self._try(ctx, [move], scale)) is not None:
                 return proposal

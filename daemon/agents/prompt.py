@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.agents import HistoryItem, ProposalContext
+from daemon.agents.ledger_text import render_ledger
 from daemon.errors import AgentFatal
 
 TOOL_NAME = "propose_experiment"
@@ -23,6 +24,7 @@ MAX_TAIL_LINES = 60
 MAX_TAIL_CHARS = 4000
 MAX_DESCRIPTION_CHARS = 160
 MAX_DIFF_CHARS = 6000
+MAX_NOTEBOOK_CHARS = 4000
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 SYSTEM_TEXT = f"""\
@@ -105,7 +107,7 @@ def packaged_prepare_source() -> str:
 
 
 def prepare_interface(prepare_source: str) -> str:
-    """prepare.py's fixed constants and public function/class signatures (first docstring line each)."""
+    """prepare.py's fixed constants and public function/class signatures, each with its docstring."""
     constants: list[str] = []
     signatures: list[str] = []
     for module_source in prepare_source.split(PREPARE_MODULE_SEPARATOR):
@@ -121,8 +123,8 @@ def prepare_interface(prepare_source: str) -> str:
                     header = f"def {node.name}({ast.unparse(node.args)}){returns}"
                 else:
                     header = f"class {node.name}"
-                summary = " ".join((ast.get_docstring(node) or "").strip().split("\n\n")[0].split())
-                signatures.append(header + (f"  # {summary}" if summary else ""))
+                doc = (ast.get_docstring(node) or "").strip()
+                signatures.append(header + "".join(f"\n    # {line}".rstrip() for line in doc.splitlines()))
     lines = ["Constants:", *constants, "", "Public interface (import with `from trainer.prepare import ...`):",
              *signatures]
     return "\n".join(lines)
@@ -137,7 +139,7 @@ def _is_literal(node: ast.expr) -> bool:
 
 
 def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = None,
-                 cache_ttl: str = "1h") -> Prompt:
+                 cache_ttl: str = "1h", ledger_tokens: int = 12000) -> Prompt:
     """System blocks (stable, cached) and the first user message (best source cached, then the night)."""
     cache = {"type": "ephemeral", "ttl": cache_ttl}
     nonce = nonce or secrets.token_hex(8)
@@ -145,12 +147,24 @@ def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = No
         f"# Research program (program.md, written by the lab)\n\n{ctx.program_md.strip()}\n\n"
         f"# prepare.py (fixed, trusted; you cannot change it)\n\n{prepare_text}\n"
     )
+    if ctx.environment:
+        stable += f"\n# Environment\n\n{ctx.environment.strip()}\n"
     system: list[dict[str, Any]] = [
         {"type": "text", "text": SYSTEM_TEXT},
         {"type": "text", "text": stable, "cache_control": cache},
     ]
     best_block = f"# The current best train.py\n\n```python\n{ctx.best_source}\n```\n"
-    night = [_best_so_far(ctx), _history_table(ctx.history, nonce)]
+    night = [_best_so_far(ctx)]
+    if ctx.notebook.strip():
+        night.append("# Your notebook (written by you at earlier proposals; rewrite it with this one)\n\n"
+                     + fence(ctx.notebook, nonce, MAX_NOTEBOOK_CHARS, max_lines=None))
+    else:
+        night.append("# Your notebook\n\nEmpty: this is the research line's first proposal.")
+    if ctx.ledger is not None:
+        night.append(render_ledger(ctx.ledger, lambda text, limit: fence(text, nonce, limit, max_lines=None),
+                                   ledger_tokens))
+    else:
+        night.append(_history_table(ctx.history, nonce))
     if ctx.crash is not None:
         crash = ctx.crash
         night.append(
@@ -170,12 +184,12 @@ def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = No
     return Prompt(system=system, messages=[{"role": "user", "content": user}], nonce=nonce)
 
 
-def fence(text: str, nonce: str, limit: int = MAX_TAIL_CHARS) -> str:
+def fence(text: str, nonce: str, limit: int = MAX_TAIL_CHARS, max_lines: int | None = MAX_TAIL_LINES) -> str:
     """Truncated untrusted text inside a tag named by `nonce`, which the text itself cannot contain."""
     cleaned = _CONTROL_CHARS.sub("", text).replace(nonce, "")
     lines = cleaned.splitlines()
-    if len(lines) > MAX_TAIL_LINES:
-        cleaned = "\n".join(["[... earlier lines cut ...]", *lines[-MAX_TAIL_LINES:]])
+    if max_lines is not None and len(lines) > max_lines:
+        cleaned = "\n".join(["[... earlier lines cut ...]", *lines[-max_lines:]])
     if len(cleaned) > limit:
         cleaned = "[... cut ...]" + cleaned[-limit:]
     return f"<data-{nonce}>\n{cleaned}\n</data-{nonce}>"

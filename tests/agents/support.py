@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,10 @@ from daemon.agents import ProposalContext
 from daemon.store.records import AgentCallRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BASELINE = (REPO_ROOT / "trainer" / "train.py").read_text()
+# The real baseline train.py with MATRIX_LR pinned, so that the tests' edits do not follow its tuning.
+BASELINE, _pinned = re.subn(r"^MATRIX_LR = [0-9.e-]+", "MATRIX_LR = 0.02",
+                            (REPO_ROOT / "trainer" / "train.py").read_text(), count=1, flags=re.MULTILINE)
+assert _pinned == 1, "trainer/train.py has no MATRIX_LR constant"
 PROGRAM_MD = (REPO_ROOT / "program.md").read_text()
 
 

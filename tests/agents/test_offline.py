@@ -84,3 +84,19 @@ def test_exhausted_search_is_fatal() -> None:
             proposal = agent.propose(make_context(best_source=TINY_SOURCE, seen_hashes=frozenset(seen)))
             seen.add(validate_candidate(proposal.source, frozenset(seen)))
     assert len(seen) >= 2
+
+
+def test_preset_knobs_learn_from_results() -> None:
+    """A kept change of a lower-case preset entry (depth) is recognised and its direction tried again first."""
+    first = OfflineAgent().propose(make_context(history=()))
+    assert first.description  # any move; now pretend raising depth was kept
+    history = (HistoryItem(2, "kept", 1.20, -0.05, "raise depth 8 -> 9 (gpu), 4 -> 5 (cpu), 2 -> 3 (tiny)"),)
+    proposal = OfflineAgent().propose(make_context(history=history))
+    assert proposal.description.startswith("raise depth")
+
+
+def test_a_direction_that_hurt_is_not_tried_first() -> None:
+    """After lowering a preset's width was discarded as worse, lowering it is not the next proposal."""
+    history = tuple(HistoryItem(i, "discarded", 1.4, 0.1, "lower model_dim 512 -> 448 (gpu)") for i in range(2, 4))
+    proposal = OfflineAgent().propose(make_context(history=history))
+    assert not proposal.description.startswith("lower model_dim")

@@ -25,6 +25,11 @@ Not covered:
 - Timing-based covert channels, CPU cache side channels, and the page cache of the read-only mounts.
 - Denial of service of the Docker engine itself through its API (the daemon alone talks to it).
 
+The Slurm backend (a lab cluster) runs the very same container on the compute node's Docker engine,
+one Slurm job per stage, so everything above holds on the node; in addition the job's time limit bounds
+the run even if the daemon is gone. It trusts the cluster: the shared directory (job scripts, out dirs)
+must be writable by the daemon's user only, and whoever administers Slurm or the nodes is trusted.
+
 The local backend is a development fallback: separate session, network and PID namespaces where the
 kernel allows (a warning says plainly when it does not), rlimits, kill of the whole namespace at the
 limit. It has no mount namespace (the candidate can read whatever the daemon's user can, including the
@@ -34,10 +39,13 @@ VAL split if it knows the path), and RLIMIT_NPROC does not bind root: never run 
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sandbox.base import Backend
 from sandbox.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    from sandbox.slurm import SlurmOptions
 
 
 def docker_available() -> bool:
@@ -55,8 +63,21 @@ def docker_available() -> bool:
     return True
 
 
-def open_backend(kind: Literal["auto", "docker", "local"], image: str, instance: str) -> Backend:
-    """The backend for `kind` ("auto": Docker when it answers and has `image`, else local)."""
+def open_backend(kind: Literal["auto", "docker", "local", "slurm"], image: str, instance: str,
+                 slurm: SlurmOptions | None = None) -> Backend:
+    """The backend for `kind` ("auto": Docker when it answers and has `image`, else local).
+
+    "slurm" needs `slurm` and checks the cluster first (clients, partition, account, QoS, GRES through
+    `sbatch --test-only`), so a bad setting is a clear `BackendUnavailable` before any run.
+    """
+    if kind == "slurm":
+        if slurm is None:
+            raise BackendUnavailable("the slurm backend needs its options ([slurm] settings)")
+        from sandbox.slurm import SlurmBackend
+
+        cluster = SlurmBackend(instance, slurm)
+        cluster.check(image)
+        return cluster
     if kind in ("auto", "docker"):
         if docker_available():
             from sandbox.docker_backend import DockerBackend
@@ -76,7 +97,7 @@ def open_backend(kind: Literal["auto", "docker", "local"], image: str, instance:
         elif kind == "docker":
             raise BackendUnavailable("no Docker engine answers: start dockerd (`make services`) or use backend 'local'")
     if kind not in ("auto", "docker", "local"):
-        raise BackendUnavailable(f"unknown sandbox backend {kind!r}: use 'auto', 'docker' or 'local'")
+        raise BackendUnavailable(f"unknown sandbox backend {kind!r}: use 'auto', 'docker', 'local' or 'slurm'")
     from sandbox.local_backend import LocalBackend
 
     return LocalBackend(instance)

@@ -216,7 +216,8 @@ end
         while time.monotonic() < deadline:
             for proc in self._procs:
                 if proc.poll() is not None:
-                    raise SlurmClusterError(f"{Path(str(proc.args[0])).name} exited ({proc.returncode}) "
+                    name = Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name
+                    raise SlurmClusterError(f"{name} exited ({proc.returncode}) "
                                             f"while waiting for {what}:\n{self.logs()}")
             if callable(ready) and ready():
                 return

@@ -47,3 +47,10 @@ def plan_lanes(configured_uuids: Sequence[str], probe: GpuLister | None) -> list
     if seen:
         return [Lane(f"gpu{index}", uuid) for index, uuid in enumerate(seen)]
     return [Lane("cpu", None)]
+
+
+def cluster_lanes(max_jobs: int) -> list[Lane]:
+    """Lanes of the Slurm backend: one per concurrent job (`slurm.max_jobs`); Slurm picks each job's GPU."""
+    if max_jobs < 1:
+        raise ConfigError(f"slurm.max_jobs must be at least 1, not {max_jobs}")
+    return [Lane(f"slurm{index}", None) for index in range(max_jobs)]

@@ -10,6 +10,7 @@ import pytest
 
 from sandbox.slurm import SlurmBackend, SlurmOptions
 from tests.conftest import REPO_ROOT
+from tests.sandbox.conftest import script_spec  # noqa: F401 - the sandbox tests' fixture, used here too
 from tests.slurmcluster import PARTITION, SlurmCluster, missing_reason
 
 

@@ -12,7 +12,6 @@ import pytest
 from sandbox.errors import BackendUnavailable
 from sandbox.slurm import SlurmBackend
 from sandbox.spec import Cancel, RunSpec, RunStatus
-from tests.sandbox.conftest import script_spec  # noqa: F401 - the fixture, shared with the sandbox tests
 from tests.slurm.conftest import slurm_options
 from tests.slurmcluster import HARVEST_PARTITION, OWNERS_PARTITION, SlurmCluster
 
@@ -108,8 +107,12 @@ def test_daemon_cancel_ends_the_job_with_the_cancel_reason(slurm_backend: SlurmB
     spec = script_spec("import time; print('started', flush=True); time.sleep(300)", image=trainer_image,
                        timeout_s=120)
     cancel = Cancel()
-    threading.Thread(target=lambda: (_running_in_container(spec, "started"), cancel.set(RunStatus.INTERRUPTED)),
-                     daemon=True).start()
+
+    def stop_when_running() -> None:
+        _running_in_container(spec, "started")
+        cancel.set(RunStatus.INTERRUPTED)
+
+    threading.Thread(target=stop_when_running, daemon=True).start()
     result = slurm_backend.run(spec, cancel)
     assert result.status is RunStatus.INTERRUPTED
     assert _containers(spec.name) == []
@@ -170,7 +173,7 @@ def test_account_not_allowed_is_a_clear_error_before_any_run(slurm_cluster: Slur
     """An account the partition does not allow is refused by `check` in the cluster's own words."""
     backend = SlurmBackend("test-slurm-bad", slurm_options(slurm_cluster, tmp_path_factory.getbasetemp(),
                                                            account="intruders"))
-    with pytest.raises(BackendUnavailable, match="refuses the submission.*account"):
+    with pytest.raises(BackendUnavailable, match=r"refuses the submission.*account"):
         backend.check()
 
 

@@ -1,18 +1,41 @@
-"""The noise-aware keep rule: is a measured val_bpb a real improvement over the best, or noise?
+"""The keep rule: is a candidate's val_bpb a real improvement over the incumbent, or noise?
 
-Training runs are noisy (seed, data order, timing jitter inside a wall-clock budget), so "lower than
-the best" is not enough: a candidate is kept only when it wins by more than the noise margin
-`max(min_delta, k * std)`, where `std` is the spread of the baseline repeated with other seeds.
-A candidate that wins by less than the margin but more than the margin of a two-run mean (a close
-call) is re-run once with another seed; the mean of the runs has a smaller noise (`std / sqrt(n)`),
-and the candidate is kept only if that mean still beats the best by the margin for `n` runs.
+The rule (`decide`) is a sequential one-sided test on means:
+- Noise is one sigma for every source, pooled from every repeat of the night (baseline and noise runs,
+  confirmations, re-measures of the incumbent): `pooled_noise`. Its degrees of freedom grow as the night
+  goes, and the test uses Student's t with them, so an early sigma from three runs is not trusted like a
+  late one from thirty.
+- The candidate's mean over its runs is compared with the incumbent's mean over its runs:
+  t = (incumbent mean - candidate mean) / (sigma * sqrt(1/n_c + 1/n_i)).
+- Each run of the candidate is a look. Every look uses the same nominal level, Pocock's boundary for
+  `max_runs` looks (`look_alpha`), so that a change with no effect is kept at one of its looks with chance
+  `false_keep_rate` (default 5%) at most. Keep as soon as the one-sided p-value is below that level;
+  discard as soon as t falls below `futility_t` (a clear loss: no run is spent on it, and the false-keep
+  rate only drops); else confirm with another seed, up to `max_runs`.
+- A change that adds many lines (`large_change_lines`) must also win by `large_change_gain_sigma` sigma,
+  and one whose peak memory is over `memory_soft_limit_mb` by `memory_gain_sigma_per_gb` sigma per GB:
+  the test is then on the improvement minus that extra gain.
+- Simplicity: a change that removes more lines than it adds is kept when, over at least two runs, its
+  mean is no worse than the incumbent's by more than `simplicity_tolerance_sigma` sigma (equal result,
+  simpler code).
+- With no noise estimate yet (no repeat measured), the rule falls back to `min_delta` alone.
+
+`Verdict` carries the numbers (improvement, margin, sigma, df, n, t, p, alpha); the store keeps them on the
+experiment (`Verdict.as_record()`), and the morning report shows them for each keep. `LegacyRule` is the
+rule this one replaced (single run against the best's single run, sigma from the first three runs), kept
+only so that `bench/judge_sim.py` can compare both.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Any
+
+import numpy as np
 
 from daemon.config import JudgeConfig
 
@@ -20,58 +43,290 @@ from daemon.config import JudgeConfig
 class Decision(str, Enum):
     KEEP = "keep"
     DISCARD = "discard"
-    CONFIRM = "confirm"  # a close call: re-run with another seed, then judge the mean
+    CONFIRM = "confirm"  # a close call: run again with another seed, then judge the mean
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The pooled noise of single runs: sigma and its degrees of freedom (0 = not measured yet)."""
+
+    sigma: float
+    df: int
+
+
+@dataclass(frozen=True)
+class ChangeSize:
+    """Lines a change adds and removes (from its unified diff)."""
+
+    added: int
+    removed: int
+
+    @property
+    def net(self) -> int:
+        return self.added - self.removed
+
+    @classmethod
+    def of_diff(cls, diff: str) -> ChangeSize:
+        added = removed = 0
+        for line in diff.splitlines():
+            if line.startswith(("+++", "---")):
+                continue
+            if line.startswith("+") and line[1:].strip():
+                added += 1
+            elif line.startswith("-") and line[1:].strip():
+                removed += 1
+        return cls(added, removed)
 
 
 @dataclass(frozen=True)
 class Verdict:
     decision: Decision
-    improvement: float  # best - candidate (positive = better; val_bpb is lower-is-better)
-    margin: float  # what the improvement had to exceed
+    rule: str  # significant | simpler | futile | not-significant | runs-exhausted | no-noise-estimate | ...
+    improvement: float  # incumbent mean - candidate mean (positive = better; val_bpb is lower-is-better)
+    margin: float  # the improvement this look needed for a keep
+    sigma: float
+    df: int
+    n: int  # runs of the candidate
+    n_incumbent: int
+    t: float | None
+    p: float | None
+    alpha: float | None  # the false-keep rate spent on this look
+    extra_gain: float  # what a large change or extra memory had to win on top of the noise
     reason: str
 
-
-def noise_margin(noise_std: float, config: JudgeConfig, runs: int = 1) -> float:
-    """The improvement a mean of `runs` measurements must exceed to count as real."""
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
-    return max(config.min_delta, config.k * noise_std / math.sqrt(runs))
-
-
-def judge(candidate_bpb: float, best_bpb: float, noise_std: float, config: JudgeConfig) -> Verdict:
-    """Judge a single measurement against the best: keep, discard, or confirm with a re-run."""
-    _check_number("candidate val_bpb", candidate_bpb)
-    _check_number("best val_bpb", best_bpb)
-    margin = noise_margin(noise_std, config)
-    improvement = best_bpb - candidate_bpb
-    if improvement > margin:
-        return Verdict(Decision.KEEP, improvement, margin, f"beats the best by {improvement:.6f} > margin {margin:.6f}")
-    # A close call is worth a re-run only when this run already clears the smaller margin of a two-run
-    # mean: below that, the expected mean would fail anyway and the GPU time is better spent elsewhere.
-    if config.confirm and improvement > noise_margin(noise_std, config, runs=2):
-        return Verdict(Decision.CONFIRM, improvement, margin,
-                       f"wins by {improvement:.6f}, within the noise margin {margin:.6f}: confirm with another seed")
-    return Verdict(Decision.DISCARD, improvement, margin,
-                   f"improvement {improvement:.6f} does not exceed the noise margin {margin:.6f}")
+    def as_record(self) -> dict[str, Any]:
+        """The verdict as stored with the experiment (JSON)."""
+        data = asdict(self)
+        data["decision"] = self.decision.value
+        return data
 
 
-def judge_confirmed(measurements: list[float], best_bpb: float, noise_std: float, config: JudgeConfig) -> Verdict:
-    """Judge the mean of a candidate's runs (first run + confirmations): keep or discard, never confirm again."""
-    if not measurements:
-        raise ValueError("judge_confirmed needs at least one measurement")
-    for value in measurements:
-        _check_number("candidate val_bpb", value)
-    _check_number("best val_bpb", best_bpb)
-    mean = sum(measurements) / len(measurements)
-    margin = noise_margin(noise_std, config, runs=len(measurements))
-    improvement = best_bpb - mean
-    if improvement > margin:
-        return Verdict(Decision.KEEP, improvement, margin,
-                       f"mean of {len(measurements)} runs beats the best by {improvement:.6f} > margin {margin:.6f}")
-    return Verdict(Decision.DISCARD, improvement, margin,
-                   f"mean of {len(measurements)} runs wins by {improvement:.6f}, not more than margin {margin:.6f}")
+def pooled_noise(groups: Iterable[Sequence[float]]) -> Noise:
+    """Sigma pooled over groups of repeats of one source each: sum of squared deviations / sum of (n - 1)."""
+    squares = 0.0
+    df = 0
+    for group in groups:
+        values = [float(v) for v in group]
+        for value in values:
+            _check_number("a repeated val_bpb", value)
+        if len(values) < 2:
+            continue
+        mean = math.fsum(values) / len(values)
+        squares += math.fsum((v - mean) ** 2 for v in values)
+        df += len(values) - 1
+    return Noise(math.sqrt(squares / df) if df else 0.0, df)
+
+
+def look_alpha(config: JudgeConfig) -> float:
+    """The nominal false-keep rate of each look: Pocock's constant boundary for `max_runs` looks.
+
+    A keep at any of the looks must stay below `false_keep_rate` overall; with the same boundary at every
+    look this is the level at which a Gaussian random walk observed at looks 1..K crosses it with chance
+    `false_keep_rate` (`_pocock_level`). Stopping early for futility only lowers the real rate.
+    """
+    looks = config.max_runs if config.confirm else 1
+    return _pocock_level(config.false_keep_rate, looks)
+
+
+@functools.lru_cache(maxsize=32)
+def _pocock_level(alpha: float, looks: int) -> float:
+    """Nominal one-sided level c of K equally spaced looks at a z statistic with P(any look >= c) = alpha."""
+    if looks <= 1:
+        return alpha
+    z_low, z_high = _normal_quantile(1 - alpha), _normal_quantile(1 - alpha / looks)
+    step = 0.02
+    grid = np.arange(-8.0 * math.sqrt(looks), z_high * math.sqrt(looks) + step, step)
+    kernel = np.exp(-0.5 * (grid[:, None] - grid[None, :]) ** 2) / math.sqrt(2 * math.pi) * step
+    normal_sf = np.vectorize(lambda z: 0.5 * math.erfc(z / math.sqrt(2.0)))
+
+    def crossing(c: float) -> float:
+        density = np.exp(-0.5 * grid ** 2) / math.sqrt(2 * math.pi)  # S_1, a sum of one N(0, 1)
+        crossed = float(normal_sf(c))
+        density = np.where(grid < c, density, 0.0)
+        for k in range(2, looks + 1):
+            bound = c * math.sqrt(k)
+            crossed += float(np.sum(density * normal_sf(bound - grid)) * step)
+            density = np.where(grid < bound, kernel @ density, 0.0)
+        return crossed
+
+    for _ in range(50):
+        middle = (z_low + z_high) / 2
+        if crossing(middle) > alpha:
+            z_low = middle
+        else:
+            z_high = middle
+    return 0.5 * math.erfc(z_high / math.sqrt(2.0))
+
+
+def _normal_quantile(q: float) -> float:
+    low, high = -40.0, 40.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        if 0.5 * math.erfc(-middle / math.sqrt(2.0)) < q:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise, config: JudgeConfig, *,
+           change: ChangeSize | None = None, peak_memory_mb: float | None = None) -> Verdict:
+    """Judge a candidate's runs so far against the incumbent's runs: keep, discard, or confirm with one more run."""
+    if not candidate or not incumbent:
+        raise ValueError("decide needs at least one run of the candidate and one of the incumbent")
+    for value in (*candidate, *incumbent):
+        _check_number("val_bpb", value)
+    if not (math.isfinite(noise.sigma) and noise.sigma >= 0 and noise.df >= 0):
+        raise ValueError(f"noise must have a finite sigma >= 0 and df >= 0, got {noise}")
+    n, n_inc = len(candidate), len(incumbent)
+    improvement = math.fsum(incumbent) / n_inc - math.fsum(candidate) / n
+    may_confirm = config.confirm and n < config.max_runs
+    base: dict[str, Any] = {"improvement": improvement, "sigma": noise.sigma, "df": noise.df, "n": n, "n_incumbent": n_inc}
+    if noise.df == 0 or noise.sigma == 0.0:
+        decision = Decision.KEEP if improvement > config.min_delta else Decision.DISCARD
+        return Verdict(decision, "no-noise-estimate", margin=config.min_delta, t=None, p=None, alpha=None,
+                       extra_gain=0.0, reason=f"no repeat measured yet: improvement {improvement:.6f} "
+                       f"{'>' if decision is Decision.KEEP else '<='} min_delta {config.min_delta:.6f}", **base)
+    sigma = noise.sigma
+    se = sigma * math.sqrt(1.0 / n + 1.0 / n_inc)
+    alpha = look_alpha(config)
+    critical = t_quantile(1.0 - alpha, noise.df)
+    extra, why_extra = _extra_gain(sigma, config, change, peak_memory_mb)
+    t = (improvement - extra) / se
+    p = t_sf(t, noise.df)
+    margin = max(extra + critical * se, config.min_delta)
+    numbers = f"t = {t:.2f} (df {noise.df}), p = {p:.4f} vs alpha {alpha:.4f}, sigma {sigma:.6f}, runs {n} vs {n_inc}"
+    stats: dict[str, Any] = {"t": t, "p": p, "alpha": alpha, "extra_gain": extra, "margin": margin, **base}
+    if p <= alpha and improvement > config.min_delta:
+        return Verdict(Decision.KEEP, "significant", reason=f"mean improvement {improvement:.6f} > margin "
+                       f"{margin:.6f}{why_extra}: {numbers}", **stats)
+    simpler = _simplicity(improvement, sigma, se, n, config, change, stats, numbers)
+    if simpler is not None:
+        return simpler
+    if may_confirm and t >= config.futility_t:
+        return Verdict(Decision.CONFIRM, "close-call", reason=f"improvement {improvement:.6f} within the margin "
+                       f"{margin:.6f}{why_extra}: confirm with another seed ({numbers})", **stats)
+    rule = "futile" if t < config.futility_t else "runs-exhausted" if config.confirm else "not-significant"
+    return Verdict(Decision.DISCARD, rule, reason=f"improvement {improvement:.6f} does not exceed the margin "
+                   f"{margin:.6f}{why_extra}: {numbers}", **stats)
+
+
+def _extra_gain(sigma: float, config: JudgeConfig, change: ChangeSize | None,
+                peak_memory_mb: float | None) -> tuple[float, str]:
+    extra, why = 0.0, []
+    if change is not None and change.net >= config.large_change_lines:
+        extra += config.large_change_gain_sigma * sigma
+        why.append(f"{change.net} added lines need {config.large_change_gain_sigma:g} sigma more")
+    limit = config.memory_soft_limit_mb
+    if limit is not None and peak_memory_mb is not None and peak_memory_mb > limit:
+        over_gb = (peak_memory_mb - limit) / 1024
+        extra += config.memory_gain_sigma_per_gb * over_gb * sigma
+        why.append(f"peak memory {over_gb:.2f} GB over the soft limit")
+    return extra, (" (" + "; ".join(why) + ")") if why else ""
+
+
+def _simplicity(improvement: float, sigma: float, se: float, n: int, config: JudgeConfig,
+                change: ChangeSize | None, stats: dict[str, Any], numbers: str) -> Verdict | None:
+    """Equal result, simpler code: keep a change that removes code and is no worse within noise."""
+    if not config.simplicity or change is None or change.net >= 0:
+        return None
+    tolerance = config.simplicity_tolerance_sigma * sigma
+    if n >= 2 and improvement >= -tolerance:
+        return Verdict(Decision.KEEP, "simpler", reason=f"removes {-change.net} lines and is no worse within noise "
+                       f"(improvement {improvement:.6f} >= -{tolerance:.6f}): {numbers}", **stats)
+    if n < 2 and config.confirm and config.max_runs >= 2 and improvement >= -tolerance - se:
+        return Verdict(Decision.CONFIRM, "simpler-close-call", reason=f"removes {-change.net} lines: a second run "
+                       f"decides whether it is as good ({numbers})", **stats)
+    return None
+
+
+# -- Student's t distribution (no SciPy here) ---------------------------------------------------------
+
+
+def t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom (normal for very large df)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df > 10_000:
+        return 0.5 * math.erfc(t / math.sqrt(2.0))
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+@functools.lru_cache(maxsize=4096)
+def t_quantile(q: float, df: int) -> float:
+    """The t with P(T <= t) = q (bisection on `t_sf`; q in (0, 1))."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {q}")
+    low, high = -1e3, 1e3
+    for _ in range(64):
+        middle = (low + high) / 2
+        if 1.0 - t_sf(middle, df) < q:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below this point: use the symmetry
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-14:
+            break
+    return math.exp(log_front) * result / a
 
 
 def _check_number(what: str, value: float) -> None:
     if not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number, got {value!r}")
+
+
+# -- the rule this one replaced (for bench/judge_sim.py only) ---------------------------------------
+
+
+class LegacyRule:
+    """The old keep rule: one run against the best's one run, margin max(min_delta, k * std), one confirmation.
+
+    `std` was the sample std of the baseline and its noise runs, never updated; the best was stored as the
+    kept run's own value. Kept for the side-by-side comparison in `bench/judge_sim.py`; the daemon uses `decide`.
+    """
+
+    @staticmethod
+    def margin(noise_std: float, config: JudgeConfig, runs: int = 1) -> float:
+        if runs < 1:
+            raise ValueError(f"runs must be >= 1, got {runs}")
+        return max(config.min_delta, config.k * noise_std / math.sqrt(runs))
+
+    @classmethod
+    def first_look(cls, candidate_bpb: float, best_bpb: float, noise_std: float, config: JudgeConfig) -> Decision:
+        improvement = best_bpb - candidate_bpb
+        if improvement > cls.margin(noise_std, config):
+            return Decision.KEEP
+        if config.confirm and improvement > cls.margin(noise_std, config, runs=2):
+            return Decision.CONFIRM
+        return Decision.DISCARD
+
+    @classmethod
+    def confirmed(cls, measurements: Sequence[float], best_bpb: float, noise_std: float,
+                  config: JudgeConfig) -> Decision:
+        mean = math.fsum(measurements) / len(measurements)
+        improved = best_bpb - mean > cls.margin(noise_std, config, runs=len(measurements))
+        return Decision.KEEP if improved else Decision.DISCARD

@@ -39,7 +39,8 @@ from daemon.errors import (
     WorkspaceError,
 )
 from daemon.logs import bind_experiment, get_logger
-from daemon.research.judge import Decision, Verdict, judge, judge_confirmed
+from daemon.research import archive, planner
+from daemon.research.keeper import Keeper
 from daemon.research.lanes import Lane, LaunchGate
 from daemon.statuspage import LiveState
 from daemon.stop import StopCondition
@@ -54,7 +55,6 @@ CRASH_STATUSES = ("crashed", "timeout", "oom", "invalid")
 MAX_ATTEMPTS = 3  # an experiment pushed back this often (sandbox or DB trouble) is not retried again
 CARRY_OVER_SESSIONS = 5  # how many earlier sessions are searched for work a stop cut short
 MAX_INVALID_PROPOSALS = 10  # in a row: the agent is stuck (duplicates, edits that never apply)
-CONFIRM_SEED_OFFSET = 1000
 _SUMMARY_FIELDS = {
     "training_seconds": "training_seconds", "total_seconds": "total_seconds", "peak_vram_mb": "peak_vram_mb",
     "mfu_percent": "mfu_percent", "total_tokens_M": "total_tokens_m", "num_params_M": "num_params_m",
@@ -153,14 +153,6 @@ class _Running:
 
 
 @dataclass
-class _AwaitingConfirm:
-    """A close-call candidate (kept `evaluating`) waiting for its confirmation run."""
-
-    val_bpb: float
-    fields: dict[str, Any]
-
-
-@dataclass
 class SessionSummary:
     session_id: int
     tag: str
@@ -252,7 +244,12 @@ class ResearchSession:
         self._ends_session = False  # only a session this object created (or adopted) is ended by it
         self._lock = threading.RLock()
         self._running: dict[int, _Running] = {}
-        self._awaiting: dict[int, _AwaitingConfirm] = {}
+        self._keeper = Keeper(settings=settings, store=store, workspace=workspace, owner=owner,
+                              session_id=lambda: self.session_id,
+                              tag=lambda: self.session.tag if self.session else "session", lock=self._lock,
+                              metrics=metrics)
+        self._awaiting = self._keeper.awaiting  # close calls waiting for confirmation runs
+        self._planned_candidates = 0  # candidates planned by this object (archive turns count them)
         self._launched_candidates = 0
         self._crash_streak = 0
         self._infra_streak = 0  # sandbox failures in a row (engine down, bad limits): not the candidate's fault
@@ -404,7 +401,7 @@ class ResearchSession:
             unconfirmed = list(self._awaiting)
         for candidate_id in unconfirmed:
             try:
-                self._interrupt_awaiting(candidate_id, f"the session ended before its confirmation run ({reason})")
+                self._keeper.interrupt(candidate_id, f"the session ended before its confirmation run ({reason})")
             except Exception as exc:  # the lease expires and start-up reconciliation finds it
                 log.error("could not interrupt an unconfirmed candidate", experiment_id=candidate_id,
                           error=str(exc)[:300])
@@ -482,49 +479,75 @@ class ResearchSession:
         return record
 
     def _next_experiment(self, lane: Lane, stop: StopCondition) -> ExperimentRecord | None:
+        """Queued work first, then what the planner says (`daemon.research.planner`)."""
         with self._lock:
             claimed = self._claim(lane)
             if claimed is not None:
                 return claimed
             rows = self.store.list_experiments(session_id=self.session_id, limit=100_000)
-            if not self._baseline_ready(rows):
-                return self._plan_baseline(lane, rows)
-            noise = [r for r in rows if r.kind == "noise" and r.status not in ("interrupted", "preempted")]
-            if len(noise) < self.settings.judge.noise_runs:
-                seed = 1 + sum(1 for r in rows if r.kind == "noise")
+            plan = planner.next_move(rows, self.store.best(self.session_id), self.settings.judge)
+            if plan.move is planner.Move.WAIT:
+                return None
+            if plan.move is planner.Move.BASELINE_FAILED and plan.failed is not None:
+                failed = plan.failed
+                self._fatal = _baseline_failure(failed.id, failed.status, getattr(failed, "error", ""),
+                                                getattr(failed, "log_tail", ""))
+                return None
+            if plan.move is planner.Move.BASELINE:
+                source = self.workspace.baseline_source()
+                self._proposer(lane).prepare_ahead()
+                self.store.create_experiment(self.session_id, "baseline", source, description="baseline", seed=0,
+                                             source_hash=normalized_hash(source))
+                return self._claim(lane)
+            if plan.move is planner.Move.NOISE:
                 self._proposer(lane).prepare_ahead()  # the first candidate is prepared meanwhile
                 baseline = self._baseline_row(rows)
                 self.store.create_experiment(self.session_id, "noise", baseline.source,
-                                             description=f"noise floor: baseline with seed {seed}", seed=seed,
-                                             source_hash=baseline.source_hash)
+                                             description=f"noise floor: baseline with seed {plan.seed}",
+                                             seed=plan.seed, source_hash=baseline.source_hash)
                 return self._claim(lane)
-            if any(r.kind in ("baseline", "noise") and r.status in ("queued", *ACTIVE) for r in rows):
-                return None
+            if plan.move is planner.Move.REMEASURE:
+                best = self.store.best(self.session_id)
+                if best is not None:
+                    self.store.create_experiment(
+                        self.session_id, "remeasure", best.source, parent_id=best.id,
+                        description=f"re-measure the best #{best.id} (seed {plan.seed})", seed=plan.seed,
+                        source_hash=best.source_hash)
+                    return self._claim(lane)
             if self._exhausted():
                 return None
             carried = self._carry_leftover(lane)
             if carried is not None:
                 return carried
+            near_miss = self._near_miss_move(lane)
+            if near_miss is not None:
+                return near_miss
         return self._plan_candidate(lane, stop)
-
-    def _baseline_ready(self, rows: list[ExperimentRecord]) -> bool:
-        return any(r.kind == "baseline" and r.status == "kept" for r in rows)
 
     def _baseline_row(self, rows: list[ExperimentRecord]) -> ExperimentRecord:
         return next(r for r in rows if r.kind == "baseline" and r.status == "kept")
 
-    def _plan_baseline(self, lane: Lane, rows: list[ExperimentRecord]) -> ExperimentRecord | None:
-        baselines = [r for r in rows if r.kind == "baseline"]
-        if any(r.status in ("queued", *ACTIVE) for r in baselines):
-            return None  # another lane measures it
-        if any(r.status in CRASH_STATUSES for r in baselines):
-            failed = next(r for r in baselines if r.status in CRASH_STATUSES)
-            self._fatal = _baseline_failure(failed.id, failed.status, failed.error, failed.log_tail)
+    def _near_miss_move(self, lane: Lane) -> ExperimentRecord | None:
+        """Under `search = archive`, every few candidates: a near-miss re-tried on the current best (no agent call)."""
+        if not planner.archive_turn(self._planned_candidates, self.settings.judge):
             return None
-        source = self.workspace.baseline_source()
-        self._proposer(lane).prepare_ahead()
-        self.store.create_experiment(self.session_id, "baseline", source, description="baseline", seed=0,
-                                     source_hash=normalized_hash(source))
+        self._planned_candidates += 1  # this turn is used, whether or not the archive has a move
+        best = self.store.best(self.session_id)
+        if best is None:
+            return None
+        rows = self.store.list_experiments(session_id=self.session_id, limit=100_000)
+        picked = archive.pick_near_miss(rows, best, best.source, self.store.seen_hashes(self.session_id))
+        if picked is None:
+            return None
+        miss, source = picked
+        self.store.create_experiment(
+            self.session_id, "candidate", source, parent_id=best.id, parent2_id=miss.experiment_id,
+            description=f"near-miss #{miss.experiment_id} on the best #{best.id}: {miss.description}"[:500],
+            hypothesis=f"#{miss.experiment_id} looked better (t = {miss.t:.2f}) but did not prove it; "
+                       "re-tried on the current best", diff=unified_diff(best.source, source), seed=0,
+            source_hash=normalized_hash(source))
+        self._launched_candidates += 1
+        log.info("near-miss move", lane=lane.name, near_miss=miss.experiment_id, best=best.id)
         return self._claim(lane)
 
     def _plan_candidate(self, lane: Lane, stop: StopCondition) -> ExperimentRecord | None:
@@ -546,6 +569,7 @@ class ResearchSession:
             if proposal.fix_of is not None:
                 self._fix_attempts.add(record.id)
             self._launched_candidates += 1
+            self._planned_candidates += 1
             return self._claim(lane)
 
     def _take_proposal(self, lane: Lane,
@@ -743,10 +767,10 @@ class ResearchSession:
             killed_by_stop = status == "interrupted" and running.cancel.reason is RunStatus.INTERRUPTED
             if killed_by_stop:
                 # The session is ending: the next session redoes it (see `_find_leftovers`).
-                self._interrupt_awaiting(experiment.parent_id, "its confirmation run was cut short by a stop")
+                self._keeper.interrupt(experiment.parent_id, "its confirmation run was cut short by a stop")
             else:
                 self._retry_copy(experiment, f"sandbox run {status}")
-            self._abandon_confirmation(experiment, f"its confirmation run was {final}")
+            self._keeper.abandon(experiment, f"its confirmation run was {final}")
         else:
             final = status if status in CRASH_STATUSES else "invalid"
             self._transition(experiment.id, ACTIVE, final, **fields)
@@ -782,117 +806,18 @@ class ResearchSession:
             self._transition(experiment_id, "running", "evaluating")
 
     def _judge(self, experiment: ExperimentRecord, val_bpb: float, fields: dict[str, Any]) -> str:
-        """Record a measured experiment; returns its final status (or `evaluating` awaiting confirmation).
-
-        Under the session lock: two lanes finishing together must not both judge against the same
-        old best (and both commit on the session branch).
-        """
-        with self._lock:
-            return self._judge_locked(experiment, val_bpb, fields)
-
-    def _judge_locked(self, experiment: ExperimentRecord, val_bpb: float, fields: dict[str, Any]) -> str:
-        sid = self.session_id
-        if experiment.kind == "baseline":
-            self._transition(experiment.id, "evaluating", "kept", commit=self._main_commit(), **fields)
-            self.store.add_noise(sid, experiment.id, val_bpb, experiment.seed)
-            if self.metrics is not None:
-                self.metrics.baseline(val_bpb)
-                self.metrics.best(val_bpb)
-            self._publish_noise()
-            return "kept"
-        if experiment.kind == "noise":
-            self._transition(experiment.id, "evaluating", "measured", **fields)
-            self.store.add_noise(sid, experiment.id, val_bpb, experiment.seed)
-            self._publish_noise()
-            return "measured"
-        if experiment.kind == "confirm":
-            self._transition(experiment.id, "evaluating", "measured", **fields)
-            self._settle_confirmation(experiment, val_bpb)
-            return "measured"
-        best = self.store.best(sid)
-        if best is None or best.val_bpb is None:
-            raise RuntimeError(f"experiment {experiment.id} measured before the session had a best")
-        std = self.store.noise_floor(sid).std
-        verdict = judge(val_bpb, best.val_bpb, std, self.settings.judge)
-        log.info("verdict", experiment_id=experiment.id, decision=verdict.decision.value, reason=verdict.reason)
-        if verdict.decision is Decision.KEEP:
-            self._keep(experiment, fields, verdict)
-            return "kept"
-        if verdict.decision is Decision.CONFIRM:
-            self._awaiting[experiment.id] = _AwaitingConfirm(val_bpb, fields)
-            self.store.create_experiment(
-                sid, "confirm", experiment.source, parent_id=experiment.id,
-                description=f"confirm #{experiment.id}: {experiment.description}"[:500],
-                hypothesis=verdict.reason, seed=experiment.seed + CONFIRM_SEED_OFFSET + experiment.id,
-                source_hash=experiment.source_hash)
-            return "evaluating"
-        self._transition(experiment.id, "evaluating", "discarded", **fields)
-        return "discarded"
-
-    def _keep(self, experiment: ExperimentRecord, fields: dict[str, Any], verdict: Verdict) -> None:
-        val_bpb = fields["val_bpb"]
-        message = f"{experiment.description or 'experiment'} (val_bpb {val_bpb:.6f}, -{verdict.improvement:.6f})"
-        commit = self.workspace.commit_kept(self.session.tag if self.session else "session", experiment.source,
-                                            f"{message}\n\nexperiment {experiment.id}: {verdict.reason}")
-        self._transition(experiment.id, "evaluating", "kept", commit=commit, **fields)
-        if self.metrics is not None:
-            self.metrics.best(val_bpb)
-        log.info("new best kept", experiment_id=experiment.id, val_bpb=val_bpb, commit=commit[:12])
-
-    def _settle_confirmation(self, confirm: ExperimentRecord, val_bpb: float) -> None:
-        with self._lock:  # the best is read, judged against and replaced as one decision
-            awaiting = self._awaiting.pop(confirm.parent_id, None) if confirm.parent_id is not None else None
-            if awaiting is None or confirm.parent_id is None:
-                return  # its candidate was settled already (e.g. redone after a daemon crash)
-            candidate = self.store.get_experiment(confirm.parent_id)
-            best = self.store.best(self.session_id)
-            if candidate is None or best is None or best.val_bpb is None:
-                return
-            verdict = judge_confirmed([awaiting.val_bpb, val_bpb], best.val_bpb,
-                                      self.store.noise_floor(self.session_id).std, self.settings.judge)
-            log.info("confirmation verdict", experiment_id=candidate.id, decision=verdict.decision.value,
-                     reason=verdict.reason)
-            if verdict.decision is Decision.KEEP:
-                self._keep(candidate, awaiting.fields, verdict)
-            else:
-                self._transition(candidate.id, "evaluating", "discarded", **awaiting.fields)
-        self.workspace.write_results(self.store.results_tsv(self.session_id))
-
-    def _interrupt_awaiting(self, candidate_id: int | None, why: str) -> None:
-        """A close-call candidate whose confirmation cannot happen in this session: interrupted, redone later."""
-        with self._lock:
-            awaiting = self._awaiting.pop(candidate_id, None) if candidate_id is not None else None
-        if awaiting is not None and candidate_id is not None:
-            self._transition(candidate_id, "evaluating", "interrupted", **{**awaiting.fields, "error": why})
-            self._drop_queued_confirmation(candidate_id, why)
-
-    def _drop_queued_confirmation(self, candidate_id: int, why: str) -> None:
-        """The candidate's confirmation run, still queued: interrupted too, so no later session claims it."""
-        for row in self.store.list_experiments(session_id=self.session_id, status="queued", limit=100_000,
-                                               kind="confirm"):
-            if row.parent_id == candidate_id:
-                try:
-                    self.store.transition(row.id, "queued", "interrupted", error=why[:2000])
-                except TransitionError:  # claimed meanwhile: it runs, and `_settle_confirmation` ignores it
-                    log.info("the confirmation run was claimed meanwhile", experiment_id=row.id)
-
-    def _abandon_confirmation(self, confirm: ExperimentRecord, why: str) -> None:
-        if confirm.kind != "confirm" or confirm.parent_id is None:
-            return
-        with self._lock:
-            awaiting = self._awaiting.pop(confirm.parent_id, None)
-        if awaiting is not None:
-            self._transition(confirm.parent_id, "evaluating", "discarded", **{**awaiting.fields, "error": why})
+        """Record a measured experiment (`daemon.research.keeper`); its final status, or `evaluating`."""
+        return self._keeper.record(experiment, val_bpb, fields)
 
     def _after_crash(self, lane: Lane, experiment: ExperimentRecord, status: str, fields: dict[str, Any]) -> None:
         if experiment.kind == "baseline":
             self._fatal = _baseline_failure(experiment.id, status, str(fields.get("error", "")),
                                             str(fields.get("log_tail", "")))
             return
-        if experiment.kind == "noise":
+        if experiment.kind in ("noise", "remeasure"):
             return
         if experiment.kind == "confirm":
-            self._abandon_confirmation(experiment, f"its confirmation run {status}")
+            self._keeper.abandon(experiment, f"its confirmation run {status}")
             return
         self._crash_streak += 1
         limit = self.settings.judge.max_consecutive_crashes
@@ -960,10 +885,3 @@ class ResearchSession:
             if running is not None and running.cancel.reason is None:
                 log.warning("lease taken over by another owner; stopping our run", experiment_id=experiment_id)
                 running.cancel.set(RunStatus.INTERRUPTED)
-
-    def _publish_noise(self) -> None:
-        if self.metrics is not None:
-            self.metrics.noise_std(self.store.noise_floor(self.session_id).std)
-
-    def _main_commit(self) -> str:
-        return self.workspace.main_commit()

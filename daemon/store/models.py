@@ -113,6 +113,11 @@ class ExperimentRow(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # The judge's numbers for this experiment's keep/discard (see daemon.research.judge.Verdict.as_record).
+    verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # A combine move: the earlier change merged onto `parent_id` (the best at the time).
+    parent2_id: Mapped[int | None] = mapped_column(ForeignKey("experiments.id", ondelete="SET NULL",
+                                                              name="fk_experiments_parent2_id"))
 
 
 class AgentCallRow(Base):

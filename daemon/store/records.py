@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-KINDS = ("baseline", "noise", "candidate", "confirm", "manual")
+# remeasure: the current best run again with another seed (its recorded value is a mean of fresh runs)
+KINDS = ("baseline", "noise", "candidate", "confirm", "manual", "remeasure")
 
 ACTIVE_STATUSES = ("running", "evaluating")
 TERMINAL_STATUSES = (
@@ -80,6 +81,8 @@ class ExperimentRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    verdict: dict[str, Any] | None = None  # the judge's numbers (Verdict.as_record)
+    parent2_id: int | None = None  # a combine move's second parent
 
 
 @dataclass(frozen=True)

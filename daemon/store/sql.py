@@ -46,6 +46,7 @@ T = TypeVar("T")
 RESULT_FIELDS = frozenset({
     "commit", "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_m",
     "num_steps", "num_params_m", "depth", "eval_seconds", "probe", "exit_code", "oom", "log_tail", "error",
+    "verdict",
 })
 _EXPERIMENT_COLUMNS = [getattr(ExperimentRow, f.name) for f in dataclass_fields(ExperimentRecord)]
 _SESSION_COLUMNS = [getattr(SessionRow, f.name) for f in dataclass_fields(SessionRecord)]
@@ -253,8 +254,10 @@ class Store:
         seed: int = 0,
         attempt: int = 1,
         source_hash: str = "",
+        parent2_id: int | None = None,
     ) -> ExperimentRecord:
-        """Queue an experiment. `source_hash` is the caller's normalized-source hash (for dedup)."""
+        """Queue an experiment. `source_hash` is the caller's normalized-source hash (for dedup);
+        `parent2_id` is the earlier change a combine move merged onto `parent_id`."""
         if kind not in KINDS:
             raise StoreError(f"unknown experiment kind {kind!r}", hint=f"use one of {', '.join(KINDS)}")
         if attempt < 1:
@@ -268,10 +271,12 @@ class Store:
             if retried and (existing := self._experiment(conn, by_request)) is not None:
                 return existing
             self._session_by_id(conn, session_id)
-            if parent_id is not None:
-                self._experiment_by_id(conn, parent_id)
+            for parent in (parent_id, parent2_id):
+                if parent is not None:
+                    self._experiment_by_id(conn, parent)
             conn.execute(insert(ExperimentRow).values(
-                request_id=request_id, session_id=session_id, parent_id=parent_id, kind=kind, attempt=attempt,
+                request_id=request_id, session_id=session_id, parent_id=parent_id, parent2_id=parent2_id,
+                kind=kind, attempt=attempt,
                 seed=seed, status="queued", description=description, hypothesis=hypothesis, diff=diff,
                 source=source, source_sha256=_sha256(source), source_hash=source_hash, commit="", probe="",
                 oom=False, log_tail="", error="", created_at=utcnow(),
@@ -457,11 +462,15 @@ class Store:
     # -- judging and prompting --------------------------------------------------------------------
 
     def best(self, session_id: int) -> ExperimentRecord | None:
-        """The kept experiment with the lowest val_bpb (earliest on ties)."""
+        """The incumbent: the experiment kept last (each keep beat the one before it, by the judge's rule).
+
+        Not the lowest val_bpb: a single run's value is a noisy draw (the judge compares means), and a
+        simpler change may be kept at an equal result.
+        """
         query = (self._select_experiments()
                  .where(ExperimentRow.session_id == session_id, ExperimentRow.status == "kept",
                         ExperimentRow.val_bpb.is_not(None))
-                 .order_by(ExperimentRow.val_bpb, ExperimentRow.id).limit(1))
+                 .order_by(ExperimentRow.finished_at.desc(), ExperimentRow.id.desc()).limit(1))
         return self._read("best", lambda conn: self._experiment(conn, query))
 
     def baseline(self, session_id: int) -> ExperimentRecord | None:

@@ -1,81 +1,188 @@
-"""The noise-aware keep rule."""
+"""The keep rule (`daemon.research.judge`): worked examples, the t distribution, and its false-keep rate."""
 
 from __future__ import annotations
 
+import json
 import math
+import random
 
 import pytest
 
 from daemon.config import JudgeConfig
-from daemon.research.judge import Decision, judge, judge_confirmed, noise_margin
+from daemon.research.judge import (
+    ChangeSize,
+    Decision,
+    LegacyRule,
+    Noise,
+    decide,
+    look_alpha,
+    pooled_noise,
+    t_quantile,
+    t_sf,
+)
 
-CONFIG = JudgeConfig(k=2.0, min_delta=0.001, confirm=True)
-
-
-def test_margin_is_min_delta_when_noise_is_small() -> None:
-    """A tiny noise floor never lowers the margin below min_delta."""
-    assert noise_margin(0.0001, CONFIG) == pytest.approx(0.001)
-
-
-def test_margin_scales_with_noise_and_shrinks_with_runs() -> None:
-    """The margin is k * std, and k * std / sqrt(n) for a mean of n runs."""
-    assert noise_margin(0.002, CONFIG) == pytest.approx(0.004)
-    assert noise_margin(0.002, CONFIG, runs=2) == pytest.approx(0.004 / math.sqrt(2))
-
-
-def test_clear_win_is_kept() -> None:
-    """An improvement larger than the margin is kept."""
-    verdict = judge(0.990, 1.000, 0.002, CONFIG)
-    assert verdict.decision is Decision.KEEP
-    assert verdict.improvement == pytest.approx(0.010)
+CONFIG = JudgeConfig(max_runs=3, futility_t=0.5, min_delta=0.0005)
+NOISE = Noise(sigma=0.01, df=20)
+INCUMBENT = [1.0, 1.0, 1.0]  # mean 1.0 over 3 runs
 
 
-def test_worse_candidate_is_discarded() -> None:
-    """A candidate worse than the best is discarded."""
-    assert judge(1.010, 1.000, 0.002, CONFIG).decision is Decision.DISCARD
+def test_pooled_noise_worked_example() -> None:
+    """Sigma pools squared deviations of every group over the sum of (n - 1)."""
+    noise = pooled_noise([[1.0, 1.02, 0.98], [0.5, 0.52], [0.7]])
+    assert noise.df == 3
+    assert noise.sigma == pytest.approx(math.sqrt((0.0008 + 0.0002) / 3))
 
 
-def test_win_inside_noise_band_asks_for_confirmation() -> None:
-    """A win below the single-run margin but above the two-run margin is confirmed by a re-run."""
-    # margin 0.004, two-run margin 0.00283: an improvement of 0.0035 is a close call
-    assert judge(0.9965, 1.000, 0.002, CONFIG).decision is Decision.CONFIRM
+def test_pooled_noise_without_repeats_is_unmeasured() -> None:
+    """Single runs carry no noise information: df 0, sigma 0."""
+    assert pooled_noise([[1.0], [0.9]]) == Noise(0.0, 0)
 
 
-def test_tiny_win_is_discarded_without_confirmation() -> None:
-    """A win smaller than even the two-run margin is not worth a re-run."""
-    assert judge(0.9990, 1.000, 0.002, CONFIG).decision is Decision.DISCARD
+def test_t_distribution_matches_tables() -> None:
+    """Student's t: the 97.5% quantile at df 10 is 2.228, at df 2 the 95% one is 2.920; t = 0 is the median."""
+    assert t_quantile(0.975, 10) == pytest.approx(2.2281, abs=1e-3)
+    assert t_quantile(0.95, 2) == pytest.approx(2.9200, abs=1e-3)
+    assert t_sf(0.0, 5) == pytest.approx(0.5)
+    assert t_sf(-1.0, 7) == pytest.approx(1 - t_sf(1.0, 7))
 
 
-def test_confirmation_disabled_discards_close_calls() -> None:
-    """With confirm = false a close call is simply discarded."""
-    config = JudgeConfig(k=2.0, min_delta=0.001, confirm=False)
-    assert judge(0.9965, 1.000, 0.002, config).decision is Decision.DISCARD
+def test_look_alpha_is_pococks_boundary() -> None:
+    """Three looks at 5% overall: each look at z = 1.992 (Pocock), one look at the full 5%."""
+    assert look_alpha(JudgeConfig(max_runs=3)) == pytest.approx(0.5 * math.erfc(1.9921 / math.sqrt(2)), rel=2e-3)
+    assert look_alpha(JudgeConfig(max_runs=3, confirm=False)) == pytest.approx(0.05)
 
 
-def test_no_noise_floor_uses_min_delta_only() -> None:
-    """With no noise measured (std 0) the margin is min_delta and there is no confirm band."""
-    assert judge(0.9985, 1.000, 0.0, CONFIG).decision is Decision.KEEP
-    assert judge(0.9995, 1.000, 0.0, CONFIG).decision is Decision.DISCARD
+def test_clear_win_is_kept_at_the_first_look() -> None:
+    """A 5 sigma win is kept after one run, with its numbers."""
+    verdict = decide([0.95], INCUMBENT, NOISE, CONFIG)
+    assert verdict.decision is Decision.KEEP and verdict.rule == "significant"
+    assert verdict.improvement == pytest.approx(0.05)
+    assert verdict.t == pytest.approx(0.05 / (0.01 * math.sqrt(1 + 1 / 3)))
+    assert verdict.p is not None and verdict.alpha is not None and verdict.p < verdict.alpha
 
 
-def test_confirmed_mean_that_still_wins_is_kept() -> None:
-    """After a confirmation the mean of both runs is judged with the two-run margin."""
-    assert judge_confirmed([0.9965, 0.9968], 1.000, 0.002, CONFIG).decision is Decision.KEEP
+def test_close_call_is_confirmed() -> None:
+    """A 1.7 sigma win after one run is neither kept nor dropped: one more seed."""
+    verdict = decide([0.98], INCUMBENT, NOISE, CONFIG)
+    assert verdict.decision is Decision.CONFIRM
+    assert 0.02 < verdict.margin
 
 
-def test_confirmed_mean_that_regresses_is_discarded() -> None:
-    """A lucky first run whose re-run regresses is discarded."""
-    assert judge_confirmed([0.9965, 1.0005], 1.000, 0.002, CONFIG).decision is Decision.DISCARD
+def test_clear_loss_stops_early() -> None:
+    """No win at all (t below futility_t) is discarded without a confirmation."""
+    verdict = decide([1.0], INCUMBENT, NOISE, CONFIG)
+    assert (verdict.decision, verdict.rule) == (Decision.DISCARD, "futile")
+
+
+def test_mean_of_several_runs_decides() -> None:
+    """Three runs averaging a 2.5 sigma win are kept, though no single one would be."""
+    assert decide([0.98], INCUMBENT, NOISE, CONFIG).decision is Decision.CONFIRM
+    verdict = decide([0.98, 0.97, 0.975], INCUMBENT, NOISE, CONFIG)
+    assert verdict.decision is Decision.KEEP and verdict.n == 3
+
+
+def test_runs_exhausted_discards() -> None:
+    """At max_runs a still-unproven win is discarded."""
+    verdict = decide([0.99, 0.99, 0.99], INCUMBENT, NOISE, CONFIG)
+    assert (verdict.decision, verdict.rule) == (Decision.DISCARD, "runs-exhausted")
+
+
+def test_no_noise_estimate_falls_back_to_min_delta() -> None:
+    """Before any repeat was measured only min_delta decides."""
+    unmeasured = Noise(0.0, 0)
+    assert decide([0.999], [1.0], unmeasured, CONFIG).decision is Decision.KEEP
+    assert decide([0.9999], [1.0], unmeasured, CONFIG).decision is Decision.DISCARD
+
+
+def test_a_large_change_must_win_more() -> None:
+    """40 added lines need one sigma more: a 3 sigma win kept when small is a close call when large."""
+    small = decide([0.97], INCUMBENT, NOISE, CONFIG, change=ChangeSize(3, 1))
+    large = decide([0.97], INCUMBENT, NOISE, CONFIG, change=ChangeSize(41, 1))
+    assert small.decision is Decision.KEEP
+    assert large.decision is Decision.CONFIRM and large.extra_gain == pytest.approx(0.01)
+
+
+def test_memory_over_the_soft_limit_costs_gain() -> None:
+    """Peak memory 4 GB over the soft limit needs 2 sigma more (0.5 sigma per GB)."""
+    config = JudgeConfig(memory_soft_limit_mb=10_000, memory_gain_sigma_per_gb=0.5)
+    under = decide([0.96], INCUMBENT, NOISE, config, peak_memory_mb=9_000)
+    over = decide([0.96], INCUMBENT, NOISE, config, peak_memory_mb=10_000 + 4 * 1024)
+    assert under.decision is Decision.KEEP
+    assert over.decision is not Decision.KEEP and over.extra_gain == pytest.approx(0.02)
+
+
+def test_simpler_change_within_noise_is_kept() -> None:
+    """Removing code at an equal result (two runs, no worse) is kept; adding code at an equal result is not."""
+    removal = ChangeSize(added=2, removed=12)
+    assert decide([0.999, 1.0], INCUMBENT, NOISE, CONFIG, change=removal).rule == "simpler"
+    assert decide([0.999, 1.0], INCUMBENT, NOISE, CONFIG, change=ChangeSize(12, 2)).decision is not Decision.KEEP
+
+
+def test_simpler_change_that_is_worse_is_not_kept() -> None:
+    """Removing code does not excuse a worse result."""
+    verdict = decide([1.01, 1.012], INCUMBENT, NOISE, CONFIG, change=ChangeSize(0, 10))
+    assert verdict.decision is not Decision.KEEP
+
+
+def test_simpler_change_gets_a_second_run() -> None:
+    """One run of a removal within noise is confirmed before the simplicity rule may keep it."""
+    verdict = decide([1.005], INCUMBENT, NOISE, CONFIG, change=ChangeSize(0, 10))
+    assert (verdict.decision, verdict.rule) == (Decision.CONFIRM, "simpler-close-call")
+
+
+def test_change_size_counts_diff_lines() -> None:
+    """Added and removed lines of a unified diff, headers and blank lines excluded."""
+    diff = "--- a/train.py\n+++ b/train.py\n@@ -1,3 +1,3 @@\n x = 1\n-y = 2\n+y = 3\n+z = 4\n+\n"
+    assert ChangeSize.of_diff(diff) == ChangeSize(added=2, removed=1)
+
+
+def test_verdict_record_is_json_with_its_numbers() -> None:
+    """The stored verdict holds decision, rule, margin, sigma, df, n, t, p and alpha."""
+    record = decide([0.95], INCUMBENT, NOISE, CONFIG).as_record()
+    assert json.loads(json.dumps(record)) == record
+    assert record["decision"] == "keep"
+    assert {"margin", "sigma", "df", "n", "n_incumbent", "t", "p", "alpha", "reason"} <= set(record)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_measurement_is_refused(bad: float) -> None:
     """A NaN or infinite val_bpb is a clear error, never a keep."""
     with pytest.raises(ValueError, match="finite"):
-        judge(bad, 1.0, 0.001, CONFIG)
+        decide([bad], INCUMBENT, NOISE, CONFIG)
 
 
-def test_confirm_without_measurements_is_refused() -> None:
-    """judge_confirmed needs at least one measurement."""
-    with pytest.raises(ValueError, match="at least one"):
-        judge_confirmed([], 1.0, 0.001, CONFIG)
+def test_decide_without_runs_is_refused() -> None:
+    """decide needs at least one run on each side."""
+    with pytest.raises(ValueError, match="at least one run"):
+        decide([], INCUMBENT, NOISE, CONFIG)
+
+
+def test_legacy_rule_keeps_its_old_margin() -> None:
+    """The replaced rule (bench only): k * std on one run, a confirm band down to the two-run margin."""
+    config = JudgeConfig(k=2.0, min_delta=0.001)
+    assert LegacyRule.first_look(0.990, 1.0, 0.002, config) is Decision.KEEP
+    assert LegacyRule.first_look(0.9965, 1.0, 0.002, config) is Decision.CONFIRM
+    assert LegacyRule.confirmed([0.9965, 1.0005], 1.0, 0.002, config) is Decision.DISCARD
+
+
+def _sequential_trial(rng: random.Random, gain: float, config: JudgeConfig) -> bool:
+    """One candidate judged look by look, as the session does: baseline with 2 noise runs, pooled noise."""
+    incumbent = [rng.gauss(0.0, 1.0) for _ in range(3)]
+    others = [[rng.gauss(0.0, 1.0) for _ in range(2)] for _ in range(rng.randrange(0, 8))]
+    runs: list[float] = []
+    for _ in range(config.max_runs):
+        runs.append(rng.gauss(-gain, 1.0))
+        verdict = decide(runs, incumbent, pooled_noise([incumbent, runs, *others]), config)
+        if verdict.decision is not Decision.CONFIRM:
+            return verdict.decision is Decision.KEEP
+    raise AssertionError("the rule confirmed past max_runs")
+
+
+def test_false_keep_rate_is_below_target_on_a_fixed_seed_simulation() -> None:
+    """4000 no-effect changes judged sequentially with estimated noise: at most 5% kept; 3 sigma mostly kept."""
+    config = JudgeConfig()
+    rng = random.Random(20261130)
+    null_keeps = sum(_sequential_trial(rng, 0.0, config) for _ in range(4000)) / 4000
+    strong_keeps = sum(_sequential_trial(rng, 3.0, config) for _ in range(500)) / 500
+    assert null_keeps <= config.false_keep_rate
+    assert strong_keeps >= 0.5

@@ -4,6 +4,7 @@ the agent is scripted at its protocol seam (the loop's edge)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,7 +14,6 @@ from daemon.agents import Edit, Proposal, ProposalContext
 from daemon.agents.edits import normalized_hash
 from daemon.errors import AgentError, InvalidProposal
 from daemon.research import MAX_INVALID_PROPOSALS, ResearchSession
-from daemon.research.judge import noise_margin
 from daemon.runtime import Runtime, open_runtime
 from daemon.stop import StopCondition
 from daemon.store.records import SESSION_OPEN, ExperimentRecord
@@ -176,15 +176,13 @@ def test_stop_drops_the_queued_confirmation_of_an_interrupted_candidate(runtime:
     sid = session.open(resume=False).id
     base = _finished(runtime, sid, "baseline", baseline_source, 2.0)
     noise = _finished(runtime, sid, "noise", baseline_source, 2.01, status="measured")
-    runtime.store.add_noise(sid, base.id, 2.0, 0)
-    runtime.store.add_noise(sid, noise.id, 2.01, 1)
-    std = runtime.store.noise_floor(sid).std
+    assert base.id < noise.id
     source = baseline_source + "\nCLOSE = 1\n"
     candidate = runtime.store.create_experiment(sid, "candidate", source, source_hash=normalized_hash(source))
     assert session._claim(runtime.lanes[0]) is not None
     runtime.store.transition(candidate.id, "running", "evaluating", owner=runtime.owner)
-    config = runtime.settings.judge
-    close = 2.0 - (noise_margin(std, config) + noise_margin(std, config, runs=2)) / 2
+    sigma = 0.01 / math.sqrt(2)  # the sample std of 2.0 and 2.01
+    close = 2.005 - 2.0 * sigma * math.sqrt(1 + 1 / 2)  # t = 2: far below the keep bar at df 1, above futility
     assert session._judge(candidate, close, {"val_bpb": close}) == "evaluating"
     stop = StopCondition(grace_s=0)
     stop.request_stop("window ended")

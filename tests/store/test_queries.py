@@ -25,12 +25,13 @@ def _finish(store: Store, session: SessionRecord, status: str, kind: str = "cand
     return store.transition(claimed.id, "running", status, **fields)
 
 
-def test_best_is_lowest_kept(store: Store, session: SessionRecord) -> None:
-    """best() is the kept experiment with the lowest val_bpb; discarded ones never count."""
+def test_best_is_the_latest_kept(store: Store, session: SessionRecord) -> None:
+    """best() is the incumbent, the experiment kept last (not the lowest single run); discarded ones never count."""
     _finish(store, session, "kept", "baseline", val_bpb=1.00)
-    better = _finish(store, session, "kept", val_bpb=0.98)
+    _finish(store, session, "kept", val_bpb=0.97)
+    latest = _finish(store, session, "kept", val_bpb=0.98)
     _finish(store, session, "discarded", val_bpb=0.90)
-    assert store.best(session.id) == better
+    assert store.best(session.id) == latest
 
 
 def test_best_is_none_without_kept(store: Store, session: SessionRecord) -> None:

@@ -1,0 +1,194 @@
+"""The keeper: records each measured run and carries out the judge's verdicts in the store and the workspace.
+
+A baseline is kept (the first best), noise runs and re-measures are recorded (they feed the pooled noise
+and the best's mean), and a candidate is judged (`daemon.research.judge.decide`) on its runs against the
+best's runs (`daemon.research.measurements`):
+- keep: committed on the session branch, `kept` with the verdict's numbers;
+- confirm: left `evaluating` while a confirmation run (another seed) is queued; each confirmation is
+  another look of the sequential rule, until keep, discard or `max_runs`;
+- discard: `discarded` with the verdict's numbers (a near-miss when it looked better: see `archive`).
+Every decision is made under the session's lock, so two lanes never judge against the same old best.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.config import Settings
+from daemon.errors import TransitionError
+from daemon.logs import get_logger
+from daemon.research import measurements
+from daemon.research.judge import ChangeSize, Decision, Verdict, decide
+from daemon.research.planner import confirm_seed
+from daemon.store.records import ExperimentRecord
+from daemon.workspace import Workspace
+
+log = get_logger("autoresearch.research")
+
+
+@dataclass
+class Awaiting:
+    """A close-call candidate (kept `evaluating`) waiting for its confirmation runs."""
+
+    val_bpb: float  # its first run (not stored until its verdict)
+    fields: dict[str, Any]
+
+
+class Keeper:
+    """Records measurements and applies verdicts for one session (see the module docstring)."""
+
+    def __init__(self, *, settings: Settings, store: Any, workspace: Workspace, owner: str,
+                 session_id: Callable[[], int], tag: Callable[[], str], lock: threading.RLock,
+                 metrics: Any = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.workspace = workspace
+        self.owner = owner
+        self._session_id = session_id
+        self._tag = tag
+        self._lock = lock
+        self.metrics = metrics
+        self.awaiting: dict[int, Awaiting] = {}
+
+    def record(self, experiment: ExperimentRecord, val_bpb: float, fields: dict[str, Any]) -> str:
+        """Record a measured experiment; returns its final status (or `evaluating` awaiting confirmation)."""
+        with self._lock:
+            return self._record_locked(experiment, val_bpb, fields)
+
+    def _record_locked(self, experiment: ExperimentRecord, val_bpb: float, fields: dict[str, Any]) -> str:
+        sid = self._session_id()
+        if experiment.kind == "baseline":
+            self._transition(experiment.id, "evaluating", "kept", commit=self.workspace.main_commit(), **fields)
+            self.store.add_noise(sid, experiment.id, val_bpb, experiment.seed)
+            if self.metrics is not None:
+                self.metrics.baseline(val_bpb)
+            self.publish()
+            return "kept"
+        if experiment.kind in ("noise", "remeasure"):
+            self._transition(experiment.id, "evaluating", "measured", **fields)
+            if experiment.kind == "noise":
+                self.store.add_noise(sid, experiment.id, val_bpb, experiment.seed)
+            self.publish()
+            return "measured"
+        if experiment.kind == "confirm":
+            self._transition(experiment.id, "evaluating", "measured", **fields)
+            self._settle(experiment)
+            return "measured"
+        verdict = self._verdict(experiment, [val_bpb], fields)
+        if verdict.decision is Decision.KEEP:
+            self._keep(experiment, fields, verdict)
+            return "kept"
+        if verdict.decision is Decision.CONFIRM:
+            self.awaiting[experiment.id] = Awaiting(val_bpb, fields)
+            self._queue_confirmation(experiment, look=2, why=verdict.reason)
+            return "evaluating"
+        self._transition(experiment.id, "evaluating", "discarded", verdict=verdict.as_record(), **fields)
+        return "discarded"
+
+    def _verdict(self, candidate: ExperimentRecord, first: list[float], fields: dict[str, Any]) -> Verdict:
+        """Judge the candidate's runs (its first run, not stored yet, plus its measured confirmations)."""
+        sid = self._session_id()
+        best = self.store.best(sid)
+        if best is None or best.val_bpb is None:
+            raise RuntimeError(f"experiment {candidate.id} measured before the session had a best")
+        rows = self.store.list_experiments(session_id=sid, limit=1_000_000)
+        runs = first + measurements.runs_of(rows, candidate.id)
+        noise = measurements.noise_of(rows, extra={candidate.source_hash or f"#{candidate.id}": first})
+        peak = fields.get("peak_vram_mb")
+        verdict = decide(runs, measurements.incumbent_runs(rows, best), noise, self.settings.judge,
+                         change=ChangeSize.of_diff(candidate.diff),
+                         peak_memory_mb=float(peak) if isinstance(peak, int | float) else None)
+        log.info("verdict", experiment_id=candidate.id, best=best.id, decision=verdict.decision.value,
+                 rule=verdict.rule, reason=verdict.reason)
+        return verdict
+
+    def _queue_confirmation(self, candidate: ExperimentRecord, look: int, why: str) -> None:
+        self.store.create_experiment(
+            self._session_id(), "confirm", candidate.source, parent_id=candidate.id,
+            description=f"confirm #{candidate.id} (run {look}): {candidate.description}"[:500], hypothesis=why[:2000],
+            seed=confirm_seed(candidate.seed, candidate.id, look), source_hash=candidate.source_hash)
+
+    def _keep(self, experiment: ExperimentRecord, fields: dict[str, Any], verdict: Verdict) -> None:
+        message = (f"{experiment.description or 'experiment'} (val_bpb {fields['val_bpb']:.6f}, "
+                   f"mean improvement {verdict.improvement:.6f} over {verdict.n} run(s), {verdict.rule})")
+        commit = self.workspace.commit_kept(self._tag(), experiment.source,
+                                            f"{message}\n\nexperiment {experiment.id}: {verdict.reason}")
+        kept = self._transition(experiment.id, "evaluating", "kept", commit=commit, verdict=verdict.as_record(),
+                                **fields)
+        if self.metrics is not None:
+            rows = self.store.list_experiments(session_id=self._session_id(), limit=1_000_000)
+            mean = measurements.recorded_value(rows, kept)
+            if mean is not None:
+                self.metrics.best(mean)
+        log.info("new best kept", experiment_id=experiment.id, val_bpb=fields["val_bpb"], rule=verdict.rule,
+                 commit=commit[:12])
+
+    def _settle(self, confirm: ExperimentRecord) -> None:
+        """A confirmation run was measured: another look at its candidate."""
+        candidate_id = confirm.parent_id
+        awaiting = self.awaiting.get(candidate_id) if candidate_id is not None else None
+        if awaiting is None or candidate_id is None:
+            return  # its candidate was settled already (e.g. redone after a daemon crash)
+        candidate = self.store.get_experiment(candidate_id)
+        if candidate is None or self.store.best(self._session_id()) is None:
+            self.awaiting.pop(candidate_id, None)
+            return
+        verdict = self._verdict(candidate, [awaiting.val_bpb], awaiting.fields)
+        if verdict.decision is Decision.CONFIRM:
+            self._queue_confirmation(candidate, look=verdict.n + 1, why=verdict.reason)
+            return
+        self.awaiting.pop(candidate_id, None)
+        if verdict.decision is Decision.KEEP:
+            self._keep(candidate, awaiting.fields, verdict)
+        else:
+            self._transition(candidate.id, "evaluating", "discarded", verdict=verdict.as_record(), **awaiting.fields)
+        self.workspace.write_results(self.store.results_tsv(self._session_id()))
+
+    def interrupt(self, candidate_id: int | None, why: str) -> None:
+        """A close-call candidate whose confirmation cannot happen in this session: interrupted, redone later."""
+        with self._lock:
+            awaiting = self.awaiting.pop(candidate_id, None) if candidate_id is not None else None
+        if awaiting is not None and candidate_id is not None:
+            self._transition(candidate_id, "evaluating", "interrupted", **{**awaiting.fields, "error": why})
+            self._drop_queued_confirmation(candidate_id, why)
+
+    def _drop_queued_confirmation(self, candidate_id: int, why: str) -> None:
+        """The candidate's confirmation run, still queued: interrupted too, so no later session claims it."""
+        for row in self.store.list_experiments(session_id=self._session_id(), status="queued", limit=100_000,
+                                               kind="confirm"):
+            if row.parent_id == candidate_id:
+                try:
+                    self.store.transition(row.id, "queued", "interrupted", error=why[:2000])
+                except TransitionError:  # claimed meanwhile: it runs, and `_settle` ignores it
+                    log.info("the confirmation run was claimed meanwhile", experiment_id=row.id)
+
+    def abandon(self, confirm: ExperimentRecord, why: str) -> None:
+        """A confirmation run that failed (crash, sandbox trouble): its candidate is discarded."""
+        if confirm.kind != "confirm" or confirm.parent_id is None:
+            return
+        with self._lock:
+            awaiting = self.awaiting.pop(confirm.parent_id, None)
+        if awaiting is not None:
+            self._transition(confirm.parent_id, "evaluating", "discarded", **{**awaiting.fields, "error": why})
+
+    def publish(self) -> None:
+        """The pooled noise and the best's recorded value (a mean) on the metrics."""
+        if self.metrics is None:
+            return
+        sid = self._session_id()
+        rows = self.store.list_experiments(session_id=sid, limit=1_000_000)
+        self.metrics.noise_std(measurements.noise_of(rows).sigma)
+        best = self.store.best(sid)
+        if best is not None:
+            value = measurements.recorded_value(rows, best)
+            if value is not None:
+                self.metrics.best(value, best.finished_at)
+
+    def _transition(self, experiment_id: int, expected: str | tuple[str, ...], new: str,
+                    **fields: Any) -> ExperimentRecord:
+        """A state change of one of our leased rows: refused (TransitionError) once another owner took it over."""
+        record: ExperimentRecord = self.store.transition(experiment_id, expected, new, owner=self.owner, **fields)
+        return record

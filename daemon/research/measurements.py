@@ -1,0 +1,89 @@
+"""The runs of a research line as the judge reads them: repeats grouped by source, the incumbent's mean.
+
+Pure functions over store rows (anything with the `RunRow` attributes), so that the session, the
+morning report, the ledger and `bench/judge_sim.py` read the same numbers:
+- `noise_of(rows)`: sigma pooled over every source that was measured more than once (baseline + noise
+  runs, a candidate + its confirmations, the best + its re-measures).
+- `incumbent_runs(rows, best)`: the runs the best is judged on. For the baseline, all of its runs. For a
+  kept change, the fresh runs made after its keep (`remeasure`) once there are any: the runs that won
+  the keep were selected for being good (winner's curse), fresh ones are not; until then, its own runs.
+- `recorded_value(rows, best)`: the best's recorded val_bpb, the mean of `incumbent_runs`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from daemon.research.judge import Noise, pooled_noise
+
+MEASURED = ("kept", "discarded", "measured")  # statuses of rows whose val_bpb is a trusted measurement
+
+
+class RunRow(Protocol):
+    @property
+    def id(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def val_bpb(self) -> float | None: ...
+    @property
+    def source_hash(self) -> str: ...
+    @property
+    def parent_id(self) -> int | None: ...
+
+
+def measured(rows: Iterable[RunRow]) -> list[RunRow]:
+    """Rows with a trusted val_bpb, oldest first."""
+    return sorted((r for r in rows if r.status in MEASURED and r.val_bpb is not None
+                   and math.isfinite(r.val_bpb)), key=lambda r: r.id)
+
+
+def repeat_groups(rows: Iterable[RunRow], extra: dict[str, Sequence[float]] | None = None) -> list[list[float]]:
+    """val_bpb values grouped by normalized source (one group per source); `extra` adds values not stored yet."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for row in measured(rows):
+        groups[row.source_hash or f"#{row.id}"].append(float(row.val_bpb or 0.0))
+    for key, values in (extra or {}).items():
+        groups[key].extend(float(v) for v in values)
+    return list(groups.values())
+
+
+def noise_of(rows: Iterable[RunRow], extra: dict[str, Sequence[float]] | None = None) -> Noise:
+    """The pooled noise of the session's repeats (see `daemon.research.judge.pooled_noise`)."""
+    return pooled_noise(repeat_groups(rows, extra))
+
+
+def runs_of(rows: Iterable[RunRow], experiment_id: int) -> list[float]:
+    """A candidate's measured runs: its own (when measured) and those of its confirmations, oldest first."""
+    found = [r for r in measured(rows)
+             if r.id == experiment_id or (r.kind == "confirm" and r.parent_id == experiment_id)]
+    return [float(r.val_bpb or 0.0) for r in found]
+
+
+def fresh_runs(rows: Iterable[RunRow], best: RunRow) -> list[float]:
+    """Re-measures of `best` made after it was kept."""
+    return [float(r.val_bpb or 0.0) for r in measured(rows) if r.kind == "remeasure" and r.parent_id == best.id]
+
+
+def incumbent_runs(rows: Sequence[RunRow], best: RunRow) -> list[float]:
+    """The runs the best is compared on: see the module docstring."""
+    if best.kind == "baseline":
+        return [float(r.val_bpb or 0.0) for r in measured(rows)
+                if r.source_hash == best.source_hash and r.kind in ("baseline", "noise", "remeasure")] or (
+            [float(best.val_bpb)] if best.val_bpb is not None else [])
+    fresh = fresh_runs(rows, best)
+    if fresh:
+        return fresh
+    own = runs_of(rows, best.id)
+    return own or ([float(best.val_bpb)] if best.val_bpb is not None else [])
+
+
+def recorded_value(rows: Sequence[RunRow], best: RunRow) -> float | None:
+    """The best's recorded val_bpb: the mean of its `incumbent_runs` (None when it has none)."""
+    runs = incumbent_runs(rows, best)
+    return math.fsum(runs) / len(runs) if runs else None

@@ -1,8 +1,12 @@
 """The trusted eval stage: score an exported checkpoint on the VAL split and write result.json.
 
-No candidate code runs here: the checkpoint is a `torch.export` program. It must run on int64 tokens of
-shape (B, SEQ_LEN) and return (B, SEQ_LEN, vocab) logits, pass the causality probe, and give a finite
-val_bpb computed by prepare.py's `evaluate_bpb`. Called by `python3 -m trainer.harness eval`.
+No candidate code runs here: the checkpoint is a `torch.export` program, validated by allow-list
+(trainer.checkpoint_check) before torch reads it. It must run on int64 tokens of shape (B, SEQ_LEN) and
+return (B, SEQ_LEN, vocab) logits. Scoring visits the window's rows in a random order; every scoring batch
+has a probe twin of the same shape (its rows re-ordered, each cut at an unpredictable position and the rest
+replaced), the two run in a random order through the same call, and any drift of the log-probabilities the
+cut must not affect makes the result `invalid`. val_bpb is computed as in prepare.py's `evaluate_bpb`.
+Called by `python3 -m trainer.harness eval`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,6 @@ from trainer.prepare import (
     SEQ_LEN,
     DataError,
     eval_token_window,
-    evaluate_bpb,
     load_checkpoint,
     load_tokenizer,
     read_split_meta,
@@ -33,50 +37,85 @@ from trainer.prepare import (
 )
 
 PROBE_TOLERANCE = 1e-3        # absolute, in nats of log-probability: exact on CPU, slack for GPU kernels
-PROBE_ROUNDS = 1              # forward passes with a fresh random cut in every row but one (16 cuts each)
+FULL_ROW_SHARE = 4            # one probe row in this many (on average) keeps all its tokens: last position checked
 
 
-def _log_probs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    # Compared as log-probabilities: an offset added to all logits changes nothing the score sees, so it must
-    # not widen the tolerance either.
-    return torch.log_softmax(model(batch).float(), dim=-1)
-
-
-def _random_ints(count: int, high: int, device: torch.device) -> torch.Tensor:
+def _random_ints(count: int, high: int) -> torch.Tensor:
     """`count` ints in [0, high) from the OS's randomness: a checkpoint cannot know them in advance."""
     raw = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) % np.uint64(high)
-    return torch.as_tensor(raw.astype(np.int64), device=device)
+    return torch.as_tensor(raw.astype(np.int64))
 
 
-def causality_probe(model: torch.nn.Module, batch: torch.Tensor, vocab_size: int,
-                    base: torch.Tensor | None = None) -> str:
-    """'passed', or why the model's outputs at positions <= t depend on tokens after t (or on other rows).
-    `batch` has the shape the scorer uses; in each round every row but one gets its own unpredictable cut
-    and the remaining row, left whole, must not change at all. `base` may hold the logits for `batch`."""
+def _random_permutation(count: int) -> torch.Tensor:
+    return torch.argsort(_random_ints(count, 2**62))
+
+
+def probe_batch(batch: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The probe twin of a scoring batch: its rows in another random order, each row's tokens from an
+    unpredictable cut k on replaced by random tokens. Returns (probe, order, cuts): probe row i is scoring
+    row order[i], and its positions < cuts[i] must give the same log-probabilities as in the scoring pass.
+    k is uniform over [0, T) (0: the whole row changes, column 0 included), or T (nothing in the row
+    changes: every position is checked, the last one included) for one row in FULL_ROW_SHARE on average."""
     rows, seq_len = batch.shape
-    base = _log_probs(model, batch) if base is None else torch.log_softmax(base.float(), dim=-1)
-    positions = torch.arange(seq_len, device=batch.device)
-    for _ in range(PROBE_ROUNDS):
-        cuts = _random_ints(rows, seq_len - 1, batch.device)                    # one cut t per row, t < T-1
-        keep = int(_random_ints(1, rows, batch.device).item()) if rows > 1 else -1
-        if keep >= 0:
-            cuts[keep] = seq_len - 1                                            # this row keeps all its tokens
-        after = positions[None, :] > cuts[:, None]
-        changed = torch.where(after, _random_ints(rows * seq_len, vocab_size, batch.device).view(rows, seq_len),
-                              batch)
-        drift = (_log_probs(model, changed) - base).abs()
-        drift = torch.where(after[..., None], torch.zeros_like(drift), drift)
-        drift = torch.where(torch.isnan(drift), torch.full_like(drift, math.inf), drift)
-        per_row = drift.amax(dim=(1, 2))
-        if keep >= 0 and not per_row[keep].item() <= PROBE_TOLERANCE:
-            return (f"log-probabilities of one row changed by {per_row[keep].item():.3g} when only the other rows "
-                    f"of the batch changed (batch of {rows})")
-        row = int(per_row.argmax().item())
-        if not per_row[row].item() <= PROBE_TOLERANCE:
-            t = int(cuts[row].item())
-            return (f"log-probabilities at positions <= {t} changed by {per_row[row].item():.3g} when only tokens "
-                    f"after {t} changed (batch of {rows})")
+    order = _random_permutation(rows)
+    cuts = _random_ints(rows, seq_len)
+    cuts = torch.where(_random_ints(rows, FULL_ROW_SHARE) == 0, torch.full_like(cuts, seq_len), cuts)
+    replaced = torch.arange(seq_len)[None, :] >= cuts[:, None]
+    noise = _random_ints(rows * seq_len, vocab_size).view(rows, seq_len)
+    probe = torch.where(replaced.to(batch.device), noise.to(batch.device), batch[order.to(batch.device)])
+    return probe, order, cuts
+
+
+def probe_drift(scored: torch.Tensor, probed: torch.Tensor, order: torch.Tensor, cuts: torch.Tensor) -> str:
+    """'passed', or how the probe's log-probabilities at checked positions differ from the scoring pass."""
+    rows, seq_len, _ = scored.shape
+    for i in range(rows):  # row by row: a (T, V) difference at a time keeps the memory of one row
+        k = int(cuts[i])
+        if k == 0:
+            continue
+        drift = (probed[i, :k] - scored[int(order[i]), :k]).abs().amax().item()
+        if not drift <= PROBE_TOLERANCE:  # NaN fails too
+            if k == seq_len:
+                return (f"log-probabilities of a row changed by {drift:.3g} when only the other rows of the batch "
+                        f"and their order changed (batch of {rows})")
+            return (f"log-probabilities at positions <= {k - 1} changed by {drift:.3g} when only tokens after "
+                    f"{k - 1} in the row or the other rows of the batch changed (batch of {rows})")
     return "passed"
+
+
+def score_window(model: Callable[[torch.Tensor], torch.Tensor], window: np.ndarray, token_bytes: torch.Tensor,
+                 vocab_size: int, device: torch.device) -> tuple[float, str]:
+    """(val_bpb, probe verdict) for the window, scored in batches of EVAL_BATCH_SIZE rows in a random order.
+    Every scoring batch gets a probe twin (probe_batch) of the same shape and dtype through the same call,
+    and the two run in a random order; the first drift beyond PROBE_TOLERANCE ends the scoring."""
+    stream = torch.as_tensor(window, dtype=torch.int64)
+    rows = (len(stream) - 1) // SEQ_LEN
+    inputs = stream[:rows * SEQ_LEN].view(rows, SEQ_LEN)
+    targets = stream[1:rows * SEQ_LEN + 1].view(rows, SEQ_LEN)
+    token_bytes = token_bytes.to(device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    shuffled = _random_permutation(rows)
+    for start in range(0, rows, EVAL_BATCH_SIZE):
+        picked = shuffled[start:start + EVAL_BATCH_SIZE]
+        x, y = inputs[picked].to(device), targets[picked].to(device)
+        probe, order, cuts = probe_batch(x, vocab_size)
+        if _random_ints(1, 2).item():
+            scored = torch.log_softmax(model(x).float(), dim=-1)
+            probed = torch.log_softmax(model(probe).float(), dim=-1)
+        else:
+            probed = torch.log_softmax(model(probe).float(), dim=-1)
+            scored = torch.log_softmax(model(x).float(), dim=-1)
+        if (verdict := probe_drift(scored, probed, order, cuts)) != "passed":
+            return math.nan, verdict
+        del probed
+        nats = -scored.gather(-1, y[..., None]).squeeze(-1)
+        nbytes = token_bytes[y]
+        total_nats += torch.where(nbytes > 0, nats, torch.zeros_like(nats)).sum(dtype=torch.float64)
+        total_bytes += nbytes.sum()
+    if total_bytes.item() == 0:
+        raise DataError("the evaluated tokens hold no bytes: the val split is empty or only special tokens")
+    return float(total_nats.item() / (math.log(2) * total_bytes.item())), "passed"
 
 
 def eval_tokens_setting() -> int:
@@ -152,15 +191,11 @@ def _score_checkpoint(checkpoint: Path, window: np.ndarray, vocab_size: int, tok
     clock = time.monotonic()
     model, num_params = _load_program(checkpoint, device)
     timings["load"], clock = time.monotonic() - clock, time.monotonic()
-    # The probe runs at the full scoring shape (EVAL_BATCH_SIZE, SEQ_LEN) and at every other batch shape the
-    # scorer will use on this window (a smaller window, the remainder batch); short windows repeat their rows.
     rows = (len(window) - 1) // SEQ_LEN
-    text = torch.as_tensor(window[: rows * SEQ_LEN], dtype=torch.int64).view(rows, SEQ_LEN)
-    sizes = sorted({EVAL_BATCH_SIZE, min(rows, EVAL_BATCH_SIZE), rows % EVAL_BATCH_SIZE} - {0}, reverse=True)
-    probe_batches = [text.repeat((size + rows - 1) // rows, 1)[:size].to(device) for size in sizes]
+    first = torch.as_tensor(window[:SEQ_LEN], dtype=torch.int64)[None].to(device)
     with torch.no_grad():
         # Token 0 exists in every vocabulary, so a model for another vocabulary still runs and shows its size.
-        for inputs in (torch.zeros_like(probe_batches[0][:1]), probe_batches[0]):
+        for inputs in (torch.zeros_like(first), first.repeat(min(rows, EVAL_BATCH_SIZE), 1)):
             try:
                 logits = model(inputs)
             except Exception as exc:  # any failure of the candidate's graph on the fixed input shape
@@ -170,17 +205,17 @@ def _score_checkpoint(checkpoint: Path, window: np.ndarray, vocab_size: int, tok
             if tuple(logits.shape) != expected:
                 raise DataError(f"the checkpoint returns logits of shape {tuple(logits.shape)}, expected {expected}: it was "
                                 f"trained for another vocabulary or shape; train on this data (vocab {vocab_size})")
-        probe = "passed"
-        for probe_batch in probe_batches:
-            first = probe_batch is probe_batches[0]
-            if (probe := causality_probe(model, probe_batch, vocab_size, logits if first else None)) != "passed":
-                break
-        timings["probe"], clock = time.monotonic() - clock, time.monotonic()
-        if probe != "passed":
-            return {"status": "invalid", "probe": probe, "num_params": num_params,
-                    "error": f"causality probe failed: {probe}"}
-        val_bpb = evaluate_bpb(model, window, token_bytes, device=device)
-        timings["bpb"] = time.monotonic() - clock
+        timings["check"], clock = time.monotonic() - clock, time.monotonic()
+        try:
+            val_bpb, probe = score_window(model, window, token_bytes, vocab_size, device)
+        except DataError:
+            raise
+        except Exception as exc:  # the graph failed on a batch shape it accepted before (e.g. the remainder)
+            raise DataError(f"the checkpoint failed while scoring ({type(exc).__name__}: {str(exc)[:200]})") from None
+        timings["score+probe"] = time.monotonic() - clock
+    if probe != "passed":
+        return {"status": "invalid", "probe": probe, "num_params": num_params,
+                "error": f"causality probe failed: {probe}"}
     if not math.isfinite(val_bpb):
         return {"status": "invalid", "probe": probe, "num_params": num_params, "error": f"val_bpb is {val_bpb}"}
     return {"status": "ok", "val_bpb": val_bpb, "probe": probe, "num_params": num_params}

@@ -34,8 +34,9 @@ def _run_train(candidate: Path, data: Path, out: Path, timeout: float = 300) -> 
                           env=env, text=True, capture_output=True, timeout=timeout, check=False)
 
 
-def _run_eval(checkpoint: Path, data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, dict]:
-    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "4096")
+def _run_eval(checkpoint: Path, data: Path, out: Path, monkeypatch: pytest.MonkeyPatch,
+              tokens: int = 4096) -> tuple[int, dict]:
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", str(tokens))
     code = harness.main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)])
     result_path = out / "result.json"
     return code, json.loads(result_path.read_text()) if result_path.exists() else {}
@@ -64,6 +65,15 @@ class _TokenModel(torch.nn.Module):
         elif self.mix == "sly":  # peeks only in batches of 3+ rows and never at the old probe's fixed cuts
             gate = (idx.new_ones(idx.shape[0]).sum() > 2).to(hidden.dtype)
             hidden = hidden + gate * self.peek[None, :, None] * torch.roll(hidden, -1, dims=1)
+        elif self.mix == "sparse":  # peeks at odd positions only
+            odd_positions = (torch.arange(idx.shape[1]) % 2 == 1).to(hidden.dtype)
+            hidden = hidden + odd_positions[None, :, None] * torch.roll(hidden, -1, dims=1)
+        elif self.mix == "gated_row":  # peeks only in rows that start with an odd token (a row property)
+            odd = (idx[:, :1] % 2 == 1).to(hidden.dtype)
+            hidden = hidden + odd[:, :, None] * torch.roll(hidden, -1, dims=1)
+        elif self.mix == "next_row":  # the last position reads the next row's first token (its true target)
+            last = (torch.arange(idx.shape[1]) == idx.shape[1] - 1).to(hidden.dtype)
+            hidden = hidden + last[None, :, None] * torch.roll(hidden[:, :1], -1, dims=0)
         return self.head(hidden)
 
 
@@ -393,14 +403,56 @@ def test_guards_code_and_foreign_graph_targets_are_refused(tmp_path: Path) -> No
         prepare.check_checkpoint_archive(path)
 
 
-@pytest.mark.parametrize("mix", ["offset", "sly"])
+@pytest.mark.parametrize("mix", ["offset", "sly", "sparse", "gated_row"])
 def test_probe_catches_hidden_peeking(prepared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       mix: str) -> None:
-    """Peeking under a huge logit offset, only at the scoring batch size, or off fixed cuts is caught."""
+    """Peeking under a huge logit offset, only at some batch sizes, positions or rows is caught (the 40 rows of
+    the test split: a peek at every other position escapes them all with probability (5/8)^40, about 1e-8)."""
     export_checkpoint(_TokenModel(512, mix=mix), tmp_path)
-    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch)
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch,
+                             tokens=64 * 1024)
     assert code == 0 and result["status"] == "invalid" and result["val_bpb"] is None
     assert "when only tokens after" in result["probe"]
+
+
+def test_probe_catches_a_peek_at_the_next_row(prepared_data: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last position reading the next row's first token (its true target in order) is caught."""
+    export_checkpoint(_TokenModel(512, mix="next_row"), tmp_path)
+    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch,
+                             tokens=64 * 1024)
+    assert code == 0 and result["status"] == "invalid" and result["val_bpb"] is None
+    assert "other rows" in result["probe"]
+
+
+def test_scoring_matches_evaluate_bpb_for_an_honest_model(prepared_data: Path) -> None:
+    """Shuffled rows and probe twins change nothing in the number: it equals prepare.evaluate_bpb."""
+    model = _TokenModel(512).eval()
+    window = prepare.eval_token_window(prepared_data / "val", 8192)
+    token_bytes = prepare.token_byte_lengths(prepare.load_tokenizer(prepared_data / "val"))
+    with torch.no_grad():
+        val_bpb, probe = eval_stage.score_window(model, window, token_bytes, 512, torch.device("cpu"))
+    assert probe == "passed"
+    assert val_bpb == pytest.approx(prepare.evaluate_bpb(model, window, token_bytes), rel=1e-6)
+
+
+def test_probe_calls_look_like_scoring_calls(prepared_data: Path) -> None:
+    """Every forward is an int64 (rows, SEQ_LEN) batch, two per scoring batch, and each scored row is probed."""
+    model = _TokenModel(512).eval()
+    calls: list[torch.Tensor] = []
+
+    def recording(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.clone())
+        return model(batch)
+
+    window = prepare.eval_token_window(prepared_data / "val", 40 * 1024)
+    token_bytes = prepare.token_byte_lengths(prepare.load_tokenizer(prepared_data / "val"))
+    with torch.no_grad():
+        eval_stage.score_window(recording, window, token_bytes, 512, torch.device("cpu"))
+    assert len(calls) == 2 * math.ceil(40 / prepare.EVAL_BATCH_SIZE)
+    assert all(call.dtype == torch.int64 and call.shape[1] == prepare.SEQ_LEN for call in calls)
+    assert [len(call) for call in calls[::2]] == [len(call) for call in calls[1::2]]
+    assert sum(len(call) for call in calls) == 2 * 40
 
 
 def test_lr_multiplier_never_exceeds_one() -> None:

@@ -108,7 +108,7 @@ class SlurmCluster:
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(mode=0o755)
         self.shared.mkdir(mode=0o755)
-        memory_mb = 4096
+        memory_mb = 16384
         self.conf.write_text("\n".join([
             "ClusterName=artest",
             "SlurmctldHost=localhost(127.0.0.1)",

@@ -8,6 +8,7 @@ redoes the work.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -124,7 +125,7 @@ def test_two_lanes_ran_jobs_side_by_side(cluster_session: ClusterSession) -> Non
     assert {r.lane for r in cluster_session.rows} == {"slurm0", "slurm1"}
     spans = sorted((j["StartTime"], j["EndTime"]) for j in cluster_session.jobs
                    if j.get("Name", "").startswith("autoresearch-slurm-e2e-"))
-    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)), spans
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
 
 
 def test_cancelled_job_is_preempted_and_its_experiment_requeued(cluster_session: ClusterSession) -> None:

@@ -264,13 +264,17 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.lock import DaemonLock
     from daemon.reconcile import reconcile
     from daemon.runtime import choose_backend
     from daemon.store import open_store
 
+    # The runs of the daemon holding the lock (in any PID namespace) are left alone; all others are reaped.
+    lock = DaemonLock(settings.database_url, settings.instance_name)
     store = open_store(settings.database_url, retry_seconds=min(settings.database.retry_seconds, 10.0))
     try:
-        result = reconcile(store, choose_backend(settings, daemon=False), settings.instance_name)
+        result = reconcile(store, choose_backend(settings, daemon=False), settings.instance_name,
+                           owner_alive=lock.owner_alive)
     finally:
         store.close()
     print(f"reaped {len(result.reaped)} sandbox run(s)" + "".join(f"\n  {line}" for line in result.reaped))

@@ -7,6 +7,7 @@ never finish); only then put other owners' rows whose lease expired back in the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,16 +25,19 @@ class Reconciled:
     requeued: tuple[int, ...]  # experiment ids whose lease had expired
 
 
-def reconcile(store: Any, backend: Backend | None, instance: str) -> Reconciled:
+def reconcile(store: Any, backend: Backend | None, instance: str,
+              owner_alive: Callable[[str], bool] = owner_alive_here) -> Reconciled:
+    """`owner_alive` says whether an owner id still runs: the daemon lock's holder check (survives PID
+    namespaces), or the PID-based fallback of this namespace."""
     store.upgrade()
     reaped: tuple[str, ...] = ()
     if backend is not None:
-        reaped = tuple(f"{run.name}: {run.action}" for run in backend.reap(owner_alive_here))
+        reaped = tuple(f"{run.name}: {run.action}" for run in backend.reap(owner_alive))
     active = store.list_experiments(status=("running", "evaluating"), limit=100_000)
     dead_owners = sorted({
         record.lease_owner for record in active
         if record.lease_owner and record.lease_owner.rpartition(":")[0] == instance
-        and not owner_alive_here(record.lease_owner)
+        and not owner_alive(record.lease_owner)
     })
     interrupted: list[int] = []
     for owner in dead_owners:

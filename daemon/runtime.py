@@ -17,6 +17,7 @@ from daemon.agents import Agent, SystemClock, make_agent
 from daemon.config import Settings
 from daemon.errors import AutoresearchError, ConfigError
 from daemon.http import DaemonHTTPServer, Heartbeat, start_http_server
+from daemon.lock import DaemonLock
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.reconcile import Reconciled, reconcile
@@ -79,6 +80,7 @@ class Runtime:
     live: LiveState = field(default_factory=LiveState)
     server: DaemonHTTPServer | None = None
     cost_since: datetime = field(default_factory=lambda: SystemClock().now())
+    lock: DaemonLock | None = None
 
     def close(self) -> None:
         if self.server is not None:
@@ -86,6 +88,8 @@ class Runtime:
         close = getattr(self.store, "close", None)
         if close is not None:
             close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def choose_backend(settings: Settings, *, daemon: bool) -> Backend:
@@ -153,16 +157,25 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
     from daemon.store import open_store
 
     workspace = Workspace.open(settings.workspace)
-    store = open_store(settings.database_url, retry_seconds=settings.database.retry_seconds,
-                       pool_size=settings.database.pool_size)
+    owner = owner_id(settings.instance_name)
+    # One daemon per database and instance: a second `run`/`once`/`try` refuses here, before touching anything.
+    lock = DaemonLock(settings.database_url, settings.instance_name)
+    lock.acquire(owner)
+    try:
+        store = open_store(settings.database_url, retry_seconds=settings.database.retry_seconds,
+                           pool_size=settings.database.pool_size)
+    except BaseException:
+        lock.release()
+        raise
     try:
         backend = choose_backend(settings, daemon=daemon)
-        reconciled = reconcile(store, backend, settings.instance_name)
+        reconciled = reconcile(store, backend, settings.instance_name, owner_alive=lock.owner_alive)
         probe = probe if probe is not None else default_probe()
         lanes = plan_lanes(settings.gpus, probe)
         runner = make_runner(settings, backend, workspace, probe)
     except BaseException:
         store.close()  # e.g. data not prepared yet: the command fails, its connections must not linger
+        lock.release()
         raise
     metrics = Metrics(training_budget_s=settings.training.time_budget_s,
                       cost_cap_usd=settings.agent.nightly_cost_cap_usd)
@@ -173,7 +186,7 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
     heartbeat = Heartbeat(max_age_s=max(60.0, settings.training.time_budget_s))
     live = LiveState()
     runtime = Runtime(settings, workspace, store, backend, runner, agent, lanes, probe, metrics, heartbeat,
-                      owner_id(settings.instance_name), reconciled, live, cost_since=since)
+                      owner, reconciled, live, cost_since=since, lock=lock)
     if serve_http and settings.metrics.port != 0:
         runtime.server = start_http_server(settings.metrics.host, settings.metrics.port, metrics.registry,
                                            db_ping=store.ping, heartbeat=heartbeat,

@@ -58,8 +58,24 @@ class Service:
             stop.signal(signal.Signals(signum).name)
         self.triggers.put(_Trigger("shutdown"))
 
+    def _watch_lock(self) -> None:
+        """Stop like on SIGTERM if the daemon lock is lost to another daemon (after a database outage)."""
+        lock = self.runtime.lock
+        if lock is None:
+            return
+        while not self.shutdown.is_set():
+            if lock.lost.wait(timeout=1.0):
+                log.error("the daemon lock went to another daemon: stopping this one")
+                self.shutdown.set()
+                stop = self.current_stop
+                if stop is not None:  # the runs now belong to the lock's new holder: end ours at once
+                    stop.request_kill("daemon lock lost to another daemon")
+                self.triggers.put(_Trigger("shutdown"))
+                return
+
     def serve(self) -> int:
         notifier = SystemdNotifier.from_environ()
+        threading.Thread(target=self._watch_lock, name="lock-watch", daemon=True).start()
         self.scheduler.start()
         upcoming = self.scheduler.next_window()
         self.runtime.live.set_window(None, upcoming)

@@ -36,7 +36,7 @@ _GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "autoresearch",
     "GIT_COMMITTER_EMAIL": "autoresearch@localhost",
 }
-_IGNORED = ("data/", "reports/", "results.tsv", ".results.tsv.*.tmp", "*.db", "*.db-journal", "runs/")
+_IGNORED = ("data/", "reports/", "results.tsv", ".results.tsv.*.tmp", "*.db", "*.db-journal", "*.db.lock", "runs/")
 _TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # One commit lock per workspace folder: Workspace objects are cheap values and several may point at
 # the same repository, so the lock lives here rather than in the (frozen) instance.

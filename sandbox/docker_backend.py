@@ -97,10 +97,14 @@ def container_config(spec: RunSpec, instance: str) -> dict[str, Any]:
     if spec.gpu_uuid is not None:
         # Exactly this GPU, by UUID: never count=-1 ("all").
         device_requests.append(DeviceRequest(driver="nvidia", device_ids=[spec.gpu_uuid], capabilities=[["gpu"]]))
-    run_labels = {**spec.labels, L.INSTANCE: spec.labels.get(L.INSTANCE, instance)}
+    run_labels = {**spec.labels, L.INSTANCE: spec.labels.get(L.INSTANCE, instance),
+                  L.DEADLINE: L.deadline_label(limits.timeout_s, L.DEADLINE_MARGIN_S)}
     return {
         "image": spec.image,
-        "command": list(spec.command),
+        # The run's own deadline, enforced inside the container even if the daemon never comes back:
+        # `timeout` is PID 1 there, which the run cannot kill (SIGKILL/SIGSTOP from inside its PID
+        # namespace do not reach it); when it exits, the kernel kills every process of the container.
+        "command": L.deadline_command(list(spec.command), limits.timeout_s),
         "name": spec.name,
         # Base images such as pytorch/pytorch set NVIDIA_VISIBLE_DEVICES=all, which the nvidia
         # runtime honours over device_requests: pin it to this run's GPU, or to none.
@@ -175,8 +179,12 @@ class DockerBackend:
                 return RunResult(RunStatus.INFRA_ERROR, None, time.monotonic() - started,
                                  error=f"container {spec.name} did not start: {exc}")
             killed_as = self._wait(container, spec.limits.timeout_s, started, cancel)
-            return collect_result(container, out_dir, spec.limits.output_tail_bytes,
-                                  time.monotonic() - started, killed_as)
+            result = collect_result(container, out_dir, spec.limits.output_tail_bytes,
+                                    time.monotonic() - started, killed_as)
+            if L.wrapper_could_not_exec(result.exit_code, result.output_tail):
+                return RunResult(RunStatus.INFRA_ERROR, None, result.wall_seconds,
+                                 error=f"container {spec.name} did not start: {result.output_tail.strip()[:300]}")
+            return result
         finally:
             if container is not None:
                 self._remove(container)

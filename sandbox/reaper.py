@@ -56,8 +56,8 @@ def reap_containers(client: Any, instance: str, owner_alive: Callable[[str], boo
         owner = labels.get(L.OWNER, "")
         known = bool(owner) and L.EXPERIMENT in labels and L.STAGE in labels
         out_dir = _out_dir(container)
-        if container.status in _RUNNING_STATES and known and owner_alive(owner):
-            continue  # a live daemon's run: not ours to touch
+        if container.status in _RUNNING_STATES and known and owner_alive(owner) and not L.past_deadline(labels):
+            continue  # a live daemon's run within its deadline: not ours to touch
         try:
             if not known or out_dir is None or container.status not in (*_RUNNING_STATES, *_FINISHED_STATES):
                 reaped.append(ReapedRun(container.name, labels, "removed", None))

@@ -208,13 +208,13 @@ class JudgeConfig(_Section):
     noise_runs: int = Field(2, ge=0, description="extra baseline runs (other seeds) measuring the noise floor")
     false_keep_rate: float = Field(0.05, gt=0, lt=0.5,
                                    description="chance of keeping a change with no real effect (spent over the looks)")
-    max_runs: int = Field(3, ge=1, le=10, description="runs of one candidate at most (first run + confirmations)")
+    max_runs: int = Field(5, ge=1, le=10, description="runs of one candidate at most (first run + confirmations)")
     futility_t: float = Field(0.5, description="a close call is confirmed only while its t statistic is above this")
     min_delta: float = Field(0.0005, ge=0, description="keep only if improvement > this, whatever the noise")
     confirm: bool = Field(True, description="confirm close calls with more seeds (false: one look only)")
     remeasure_after_keep: int = Field(2, ge=0, le=10,
                                       description="fresh runs of a new best; its recorded value is their mean")
-    remeasure_every: int = Field(10, ge=0, description="re-measure the best after this many candidates (0 = never)")
+    remeasure_every: int = Field(6, ge=0, description="re-measure the best after this many candidates (0 = never)")
     simplicity: bool = Field(True, description="within noise, a change that removes code is kept")
     simplicity_tolerance_sigma: float = Field(0.0, ge=0, description="how much worse (in sigma) a simpler change may be")
     large_change_lines: int = Field(30, ge=1, description="net added lines from which a change counts as large")

@@ -1,8 +1,9 @@
 """The morning report: what a night of research found, as markdown + a PNG chart + results.tsv.
 
 `write_report(store, session_id, out_dir)` writes, into `out_dir/session-<id>/`:
-  report.md     experiments by status, best val_bpb and its delta vs the baseline, noise floor, GPU hours,
-                agent cost, the kept changes in order (description, delta), the best diff
+  report.md     experiments by status, best val_bpb (a mean of runs) and its delta vs the baseline, noise,
+                GPU hours, agent cost, the kept changes in order (description, delta), why each was kept
+                (the judge's numbers), the closest near-misses, the best diff
   val_bpb.png   val_bpb per experiment: the kept staircase, discarded runs as dots, crashes along the bottom
   results.tsv   the original experiment's format (`Store.results_tsv`)
 and returns the path of report.md. `val_bpb_series` is the chart's data, shared with the status page.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from daemon.errors import AutoresearchError
 from daemon.logs import get_logger
+from daemon.research import archive, measurements
 from daemon.store import TERMINAL_STATUSES, ExperimentRecord, SessionRecord, Store
 
 log = get_logger("autoresearch.report")
@@ -101,6 +103,8 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
     baseline = store.baseline(session.id)
     best = store.best(session.id)
     noise = store.noise_floor(session.id)
+    best_runs = measurements.incumbent_runs(experiments, best) if best is not None else []
+    best_value = sum(best_runs) / len(best_runs) if best_runs else (best.val_bpb if best is not None else None)
     by_status = Counter(e.status for e in experiments)
     kept = sorted((e for e in experiments if e.status == "kept"), key=lambda e: e.id)
     lines = [
@@ -110,16 +114,21 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
         + (f"ended: {session.ended_at:%Y-%m-%d %H:%M %Z} ({session.status})" if session.ended_at else "still open"),
         f"- trigger: {_cell(session.trigger)}",
         f"- experiments: {len(experiments)}",
-        f"- best val_bpb: {_bpb(best.val_bpb if best else None)}"
-        + (f" (experiment {best.id})" if best else ""),
+        f"- best val_bpb: {_bpb(best_value)}"
+        + (f" (experiment {best.id}; mean of {len(best_runs)} run{'s' if len(best_runs) != 1 else ''})"
+           if best else ""),
         f"- baseline val_bpb: {_bpb(baseline.val_bpb if baseline else None)}",
     ]
-    if best is not None and baseline is not None and best.val_bpb is not None and baseline.val_bpb is not None:
-        lines.append(f"- delta vs baseline: {_delta(best.val_bpb, baseline.val_bpb)}")
+    if best_value is not None and baseline is not None and baseline.val_bpb is not None:
+        lines.append(f"- delta vs baseline: {_delta(best_value, baseline.val_bpb)}")
     if noise.n:
         lines.append(f"- noise floor: mean {_bpb(noise.mean)}, std {noise.std:.6f} over {noise.n} runs")
     else:
         lines.append("- noise floor: not measured")
+    pooled = measurements.noise_of(experiments)
+    if pooled.df:
+        lines.append(f"- pooled noise (every repeat: noise runs, confirmations, re-measures): sigma {pooled.sigma:.6f}, "
+                     f"df {pooled.df}")
     gpu_runs = [e for e in experiments if e.gpu_uuid]
     cpu_runs = [e for e in experiments if not e.gpu_uuid]
     lines.append(f"- GPU hours: {_hours(gpu_runs):.2f}" + (f" (plus {_hours(cpu_runs):.2f} CPU lane hours)"
@@ -141,6 +150,8 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
                 previous = record.val_bpb
     else:
         lines.append("No experiment was kept.")
+    lines += _keep_explanations(kept)
+    lines += _near_miss_section(experiments)
     lines += ["", "## Best diff (against the baseline)", ""]
     if best is not None and best.diff.strip():
         fence = _fence(best.diff)
@@ -150,6 +161,47 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
     else:
         lines.append("No best yet.")
     return "\n".join(lines) + "\n"
+
+
+def _keep_explanations(kept: Sequence[ExperimentRecord]) -> list[str]:
+    """Why each change was kept: the judge's rule and numbers, as stored with its verdict."""
+    judged = [record for record in kept if record.verdict]
+    if not judged:
+        return []
+    lines = ["", "## Why each change was kept", "",
+             "A keep is a one-sided t-test on means: the candidate's runs against the best's runs, sigma pooled "
+             "from every repeat of the night; p must be below the look's alpha (the false-keep target spread "
+             "over the looks). `simpler`: removes code and is no worse within noise.", "",
+             "| experiment | rule | runs (candidate vs best) | mean improvement | margin | sigma (df) | t | p vs alpha |",
+             "|---|---|---|---|---|---|---|---|"]
+    for record in judged:
+        verdict = record.verdict or {}
+        lines.append(
+            f"| {record.id} | {_cell(str(verdict.get('rule', '-')), 30)} | {_num(verdict.get('n'), 'd')} vs "
+            f"{_num(verdict.get('n_incumbent'), 'd')} | {_num(verdict.get('improvement'), '.6f')} | "
+            f"{_num(verdict.get('margin'), '.6f')} | {_num(verdict.get('sigma'), '.6f')} "
+            f"({_num(verdict.get('df'), 'd')}) | {_num(verdict.get('t'), '.2f')} | "
+            f"{_num(verdict.get('p'), '.4f')} vs {_num(verdict.get('alpha'), '.4f')} |")
+    return lines
+
+
+def _near_miss_section(experiments: Sequence[ExperimentRecord]) -> list[str]:
+    """The closest discarded changes (the archive the planner re-tries on a new best)."""
+    misses = archive.near_misses(experiments, limit=5)
+    if not misses:
+        return []
+    lines = ["", "## Closest near-misses", "", "| experiment | t | mean improvement | runs | description |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {miss.experiment_id} | {miss.t:.2f} | {miss.improvement:.6f} | {miss.n} | "
+              f"{_cell(miss.description)} |" for miss in misses]
+    return lines
+
+
+def _num(value: object, spec: str) -> str:
+    """A number from a stored verdict (JSON), formatted; '-' when missing or not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "-"
+    return format(int(value) if spec == "d" else value, spec)
 
 
 def write_chart(points: Sequence[ChartPoint], path: Path, title: str) -> Path:

@@ -1,11 +1,34 @@
-"""The research loop: the session driver, the judge (keep rule), lanes, and what they share.
+"""The research loop, in parts a newcomer can name (each its own module with its own tests):
 
-`session` runs a research session (lanes, stop, leases, pipelining); `judge` is the statistical keep rule;
-`lanes` maps GPUs to lanes and gates launches.
+- `session`      the session driver: lanes (one thread each), stop and grace period, leases, heartbeat,
+                 the agent's proposals (pipelined), running one experiment and recording its outcome;
+- `planner`      what a free lane runs next: baseline, noise floor, re-measures of the best, candidates
+                 and near-miss moves (pure functions over the session's rows);
+- `judge`        the keep rule: a sequential one-sided t-test on means with pooled noise, simplicity and
+                 memory rules; every verdict carries its numbers;
+- `keeper`       records each measured run and carries out the judge's verdicts (commit, confirmations);
+- `measurements` the runs the judge reads: repeats grouped by source, the best's runs and recorded mean;
+- `archive`      near-misses with their diffs, re-applied onto a new best (search = archive);
+- `lanes`        GPUs to lanes, and the gate that says whether a lane may launch.
+
+`ResearchSession`, `SessionSummary`, `unified_diff` and `MAX_INVALID_PROPOSALS` are re-exported here,
+loaded on first use so that the pure parts (judge, planner, measurements, archive) import without the
+driver and its dependencies (the report and the status page read them).
 """
 
 from __future__ import annotations
 
-from daemon.research.session import MAX_INVALID_PROPOSALS, ResearchSession, SessionSummary, unified_diff
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daemon.research.session import MAX_INVALID_PROPOSALS, ResearchSession, SessionSummary, unified_diff
 
 __all__ = ["MAX_INVALID_PROPOSALS", "ResearchSession", "SessionSummary", "unified_diff"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from daemon.research import session
+
+        return getattr(session, name)
+    raise AttributeError(f"module 'daemon.research' has no attribute {name!r}")

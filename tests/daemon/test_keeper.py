@@ -1,0 +1,136 @@
+"""The judge inside a session on a real Postgres store: verdict numbers stored, sequential confirmations,
+re-measures of a new best, near-miss moves with two parents, and the morning report's keep explanations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.agents.edits import normalized_hash
+from daemon.report import write_report
+from daemon.research import ResearchSession
+from daemon.research.measurements import recorded_value
+from daemon.research.session import unified_diff
+from daemon.runtime import Runtime, open_runtime
+from daemon.stop import StopCondition
+from daemon.store.records import ExperimentRecord
+from tests.daemon.rows import finished
+
+pytestmark = [pytest.mark.postgres]
+
+
+@pytest.fixture()
+def runtime(tiny_settings: Any) -> Iterator[Runtime]:
+    rt = open_runtime(tiny_settings(judge={"noise_runs": 2, "remeasure_after_keep": 1, "max_runs": 3,
+                                           "search": "archive", "archive_every": 3}), daemon=False)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+def _open(runtime: Runtime, baseline_source: str) -> tuple[ResearchSession, int, ExperimentRecord]:
+    """A session whose baseline (2.00) and two noise runs (2.01, 1.99) are measured: sigma 0.01, df 2."""
+    session = ResearchSession(settings=runtime.settings, store=runtime.store, workspace=runtime.workspace,
+                              runner=runtime.runner, agent=runtime.agent, lanes=runtime.lanes[:1],
+                              owner=runtime.owner)
+    sid = session.open(resume=False).id
+    digest = normalized_hash(baseline_source)
+    base = finished(runtime.store, sid, "baseline", baseline_source, 2.00, source_hash=digest)
+    for value in (2.01, 1.99):
+        finished(runtime.store, sid, "noise", baseline_source, value, status="measured", source_hash=digest)
+    return session, sid, base
+
+
+def _evaluating(runtime: Runtime, session: ResearchSession, sid: int, source: str, parent_id: int) -> ExperimentRecord:
+    """A candidate claimed by the session's lane and in its eval stage."""
+    created = runtime.store.create_experiment(sid, "candidate", source, parent_id=parent_id,
+                                              source_hash=normalized_hash(source), description="candidate")
+    claimed = session._claim(runtime.lanes[0])
+    assert claimed is not None and claimed.id == created.id
+    return runtime.store.transition(created.id, "running", "evaluating", owner=runtime.owner)
+
+
+def test_a_keep_stores_its_numbers_and_the_new_best_is_remeasured(runtime: Runtime, baseline_source: str) -> None:
+    """A 10 sigma win is kept with its verdict; the next run is a re-measure whose value becomes the record."""
+    session, sid, base = _open(runtime, baseline_source)
+    candidate = _evaluating(runtime, session, sid, baseline_source + "\nWIN = 1\n", base.id)
+    assert session._judge(candidate, 1.90, {"val_bpb": 1.90}) == "kept"
+    kept = runtime.store.get_experiment(candidate.id)
+    assert kept is not None and kept.verdict is not None
+    assert kept.verdict["rule"] == "significant" and kept.verdict["n"] == 1 and kept.verdict["n_incumbent"] == 3
+    assert kept.verdict["df"] == 2 and kept.verdict["p"] < kept.verdict["alpha"]
+    remeasure = session._next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    assert remeasure is not None and (remeasure.kind, remeasure.parent_id) == ("remeasure", candidate.id)
+    assert remeasure.seed != candidate.seed
+    runtime.store.transition(remeasure.id, "running", "evaluating", owner=runtime.owner)
+    assert session._judge(remeasure, 1.93, {"val_bpb": 1.93}) == "measured"
+    rows = runtime.store.list_experiments(session_id=sid, limit=100)
+    best = runtime.store.best(sid)
+    assert best is not None and best.id == candidate.id
+    assert recorded_value(rows, best) == pytest.approx(1.93)
+
+
+def test_a_close_call_is_confirmed_until_its_mean_decides(runtime: Runtime, baseline_source: str) -> None:
+    """A first run that wins by 2.5 sigma queues a confirmation; two runs averaging a clearer win are kept."""
+    session, sid, base = _open(runtime, baseline_source)
+    candidate = _evaluating(runtime, session, sid, baseline_source + "\nCLOSE = 1\n", base.id)
+    assert session._judge(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
+    confirm = session._next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    assert confirm is not None and (confirm.kind, confirm.parent_id) == ("confirm", candidate.id)
+    runtime.store.transition(confirm.id, "running", "evaluating", owner=runtime.owner)
+    assert session._judge(confirm, 1.965, {"val_bpb": 1.965}) == "measured"
+    kept = runtime.store.get_experiment(candidate.id)
+    assert kept is not None and kept.status == "kept"
+    assert kept.verdict is not None and kept.verdict["n"] == 2
+    assert kept.verdict["improvement"] == pytest.approx(2.0 - (1.975 + 1.965) / 2)
+
+
+def test_a_clear_loss_is_discarded_with_its_numbers(runtime: Runtime, baseline_source: str) -> None:
+    """A worse candidate is discarded at its first look (futile), numbers stored, no confirmation queued."""
+    session, sid, base = _open(runtime, baseline_source)
+    candidate = _evaluating(runtime, session, sid, baseline_source + "\nLOSS = 1\n", base.id)
+    assert session._judge(candidate, 2.05, {"val_bpb": 2.05}) == "discarded"
+    discarded = runtime.store.get_experiment(candidate.id)
+    assert discarded is not None and discarded.verdict is not None and discarded.verdict["rule"] == "futile"
+    assert not runtime.store.list_experiments(session_id=sid, kind="confirm")
+
+
+def test_near_miss_move_records_both_parents(runtime: Runtime, baseline_source: str) -> None:
+    """Under search = archive, an archive turn re-applies a near-miss onto the new best: parent and parent2."""
+    session, sid, base = _open(runtime, baseline_source)
+    near_source = baseline_source + "\nNEAR = 1\n"
+    near = finished(runtime.store, sid, "candidate", near_source, 1.99, status="discarded", parent_id=base.id,
+                    source_hash=normalized_hash(near_source), diff=unified_diff(baseline_source, near_source),
+                    verdict={"t": 1.4, "improvement": 0.01, "sigma": 0.01, "n": 3})
+    best_source = "BEST = 1\n" + baseline_source
+    best = finished(runtime.store, sid, "candidate", best_source, 1.9, parent_id=base.id,
+                    source_hash=normalized_hash(best_source))
+    finished(runtime.store, sid, "remeasure", best_source, 1.91, status="measured", parent_id=best.id,
+             source_hash=normalized_hash(best_source))
+    session._planned_candidates = 2  # the next candidate is an archive turn (archive_every = 3)
+    move = session._next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    assert move is not None and move.kind == "candidate"
+    assert (move.parent_id, move.parent2_id) == (best.id, near.id)
+    assert move.source.startswith("BEST = 1\n") and "NEAR = 1" in move.source
+
+
+def test_report_explains_each_keep_and_lists_near_misses(runtime: Runtime, baseline_source: str,
+                                                          tmp_path: Path) -> None:
+    """The morning report shows each keep's rule and numbers, the best as a mean, and the closest near-misses."""
+    session, sid, base = _open(runtime, baseline_source)
+    candidate = _evaluating(runtime, session, sid, baseline_source + "\nWIN = 1\n", base.id)
+    session._judge(candidate, 1.90, {"val_bpb": 1.90})
+    near_source = baseline_source + "\nNEAR = 1\n"
+    near = _evaluating(runtime, session, sid, near_source, candidate.id)
+    assert session._judge(near, 1.88, {"val_bpb": 1.88}) == "evaluating"
+    session._keeper.abandon(runtime.store.create_experiment(sid, "confirm", near_source, parent_id=near.id), "x")
+    text = write_report(runtime.store, sid, tmp_path).read_text()
+    assert "## Why each change was kept" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {candidate.id} | significant |"))
+    assert "| 1 vs 3 |" in row and "(2) |" in row
+    assert "best val_bpb: 1.900000" in text and "mean of 1 run)" in text
+    assert "pooled noise" in text

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for `make test` / `make demo`. Each step says what it does and skips itself when done.
 # Steps: venv | services (docker engine, prometheus + alertmanager binaries, chromium, debootstrap,
-# postgres server binaries).
+# postgres server binaries, slurm-wlm + munge binaries).
 #
 # A shared lab server: set-up installs only what is missing (apt, --no-install-recommends, with no service
 # started by the package and none left enabled), and it never stops, kills or restarts anything it did not
@@ -116,10 +116,21 @@ step_postgres() {
   apt_install postgresql-15
 }
 
+# The Slurm tests start a private single-node cluster (tests/slurmcluster.py: its own munge key, socket,
+# ports and state dirs); only the binaries are installed here, no slurmctld/slurmd/munged is started.
+step_slurm() {
+  local missing=()
+  command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v sbatch >/dev/null 2>&1 \
+    || missing+=(slurm-wlm)
+  command -v munged >/dev/null 2>&1 || missing+=(munge)
+  if [ ${#missing[@]} -eq 0 ]; then say "slurm-wlm and munge present (the suite runs its own cluster)"; return; fi
+  apt_install "${missing[@]}"
+}
+
 for step in "$@"; do
   case "$step" in
     venv) step_venv ;;
-    services) step_docker; step_prometheus; step_chromium; step_debootstrap; step_postgres ;;
+    services) step_docker; step_prometheus; step_chromium; step_debootstrap; step_postgres; step_slurm ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -506,6 +506,8 @@ class ResearchSession:
                                              description=f"noise floor: baseline with seed {plan.seed}",
                                              seed=plan.seed, source_hash=baseline.source_hash)
                 return self._claim(lane)
+            if self._exhausted():
+                return None  # `once -n N`: N candidates, no re-measure after the last one
             if plan.move is planner.Move.REMEASURE:
                 best = self.store.best(self.session_id)
                 if best is not None:
@@ -514,8 +516,6 @@ class ResearchSession:
                         description=f"re-measure the best #{best.id} (seed {plan.seed})", seed=plan.seed,
                         source_hash=best.source_hash)
                     return self._claim(lane)
-            if self._exhausted():
-                return None
             carried = self._carry_leftover(lane)
             if carried is not None:
                 return carried

@@ -20,9 +20,17 @@ from sandbox import labels
 from sandbox.base import Backend
 from sandbox.gpu import GpuProbe, wait_for_gpu_release
 from sandbox.outfiles import is_safe_regular_file
+from sandbox.sanitize import clean_line, clean_summary, clean_text
 from sandbox.spec import Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
 
 TRAINER_TARGET = "/opt/autoresearch/trainer"
+# The harness's time rules (trainer/harness.py, which imports no daemon code): exit 5 is "over budget", and
+# the container may not outlive budget x (1 + tolerance) + compile budget + start-up + export + this grace.
+EXIT_OVER_BUDGET = 5
+BUDGET_TOLERANCE = 0.05
+STARTUP_SECONDS = 30.0
+EXPORT_SECONDS = 60.0
+CONTAINER_GRACE_SECONDS = 15.0
 CHECKPOINT_NAME = "model.pt2"
 # Only these reach the candidate; AUTORESEARCH_EVAL_TOKENS is for the eval stage alone.
 TRAIN_ENV_KEYS = ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_COMPILE_BUDGET", "AUTORESEARCH_PRESET")
@@ -70,16 +78,18 @@ def _json_file(result: RunResult, name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _numbers(data: object) -> dict[str, float]:
-    if not isinstance(data, dict):
-        return {}
-    return {str(k): number for k, v in data.items() if (number := _finite(v)) is not None}
-
-
 def _finite(value: object) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def _finite_setting(raw: str | None) -> float | None:
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
 def _stage_failure(stage: str, result: RunResult) -> str:
@@ -136,6 +146,26 @@ class StageRunner:
             return True
         return wait_for_gpu_release(self.gpu_probe, gpu_uuid, timeout_s=self.gpu_release_timeout_s)
 
+    def _over_budget(self, train: RunResult, train_json: dict[str, Any]) -> str | None:
+        """Why a train stage that ran to its end is over budget (None: it is not). The harness's exit status
+        says so from inside the container; the container's wall time, measured here, bounds it from outside
+        whatever the container wrote."""
+        if train.status is RunStatus.FAILED and train.exit_code == EXIT_OVER_BUDGET:
+            detail = train_json.get("over_budget")
+            return f"train stage over budget: {detail if isinstance(detail, str) and detail else 'harness exit 5'}"
+        if train.status not in (RunStatus.OK, RunStatus.FAILED):
+            return None
+        budget = _finite_setting(self.train_env.get("AUTORESEARCH_TIME_BUDGET"))
+        if budget is None:
+            return None
+        compile_budget = _finite_setting(self.train_env.get("AUTORESEARCH_COMPILE_BUDGET")) or 0.0
+        limit = budget * (1 + BUDGET_TOLERANCE) + compile_budget + STARTUP_SECONDS + EXPORT_SECONDS \
+            + CONTAINER_GRACE_SECONDS
+        if train.wall_seconds > limit:
+            return (f"train stage over budget: the container ran {train.wall_seconds:.1f} s by the daemon's clock, "
+                    f"over the {limit:.1f} s that budget, compile, start-up and export allow")
+        return None
+
     def run(self, experiment_id: int, attempt: int, source: str, seed: int, gpu_uuid: str | None = None,
             cancel: Cancel | None = None, on_stage: Callable[[str], None] | None = None) -> StageOutcome:
         run_dir = self.work_dir / f"{experiment_id}-{attempt}"
@@ -156,7 +186,7 @@ class StageRunner:
             {**self.train_env, "AUTORESEARCH_SEED": str(seed)}, self.train_limits, gpu_uuid,
         ), cancel)
         train_json = _json_file(train, "train.json") or {}
-        summary = _numbers(train_json.get("summary"))
+        summary = clean_summary(train_json.get("summary"))
         inner_train = _finite(train_json.get("wall_seconds"))
         overhead = {"train": max(0.0, train.wall_seconds - inner_train)} if inner_train is not None else {}
 
@@ -170,10 +200,15 @@ class StageRunner:
                 shutil.rmtree(out_dir, ignore_errors=True)
             tail = train.output_tail if eval_result is None or eval_result.ok else (
                 f"{train.output_tail}\n--- eval ---\n{eval_result.output_tail}")
+            # Everything that came out of the sandbox is cleaned and bounded here (sandbox.sanitize): the store,
+            # git, prompts, the status page and terminals get printable text and numbers they can hold.
             return StageOutcome(status=status, val_bpb=val_bpb, summary=summary, train=train, eval=eval_result,
-                                probe=probe, error=error, log_tail=tail, eval_seconds=eval_seconds,
+                                probe=clean_line(probe, 500), error=clean_text(error, 4000),
+                                log_tail=clean_text(tail, keep_end=True), eval_seconds=eval_seconds,
                                 overhead_seconds=overhead, gpu_quarantined=quarantined)
 
+        if (over := self._over_budget(train, train_json)) is not None:
+            return finish("timeout", over)
         if not train.ok:
             reason = _stage_failure("train", train)
             return finish(_TRAIN_STATUS[train.status], reason)
@@ -198,8 +233,10 @@ class StageRunner:
             if evaluation.ok:
                 why = "eval stage wrote no readable result.json"
             return finish(status, why, eval_result=evaluation, eval_seconds=eval_seconds)
-        probe = str(result.get("probe", ""))
+        probe = clean_line(result.get("probe", ""), 500)
         val_bpb = _finite(result.get("val_bpb"))
+        if val_bpb is not None and not 0.0 <= val_bpb < 1e6:
+            val_bpb = None
         if result.get("status") != "ok" or val_bpb is None or probe != "passed":
             why = str(result.get("error") or "") or f"eval judged the checkpoint invalid (probe: {probe or 'missing'})"
             return finish("invalid", why, eval_result=evaluation, probe=probe, eval_seconds=eval_seconds)

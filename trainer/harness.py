@@ -9,9 +9,11 @@ time itself and writes train.json. eval (trainer.eval_stage) loads the exported 
 code runs), probes it for causality, computes val_bpb with prepare.py's code and writes result.json.
 The numbers a candidate prints are informational only. This module imports no torch: the train stage
 does not need it, and the candidate pays for its own import.
+The harness owns time: it splits the candidate's run at the marker lines (trainer.layout) by its own
+clock and a clean run over budget exits 5 (the daemon records `timeout`, never a score).
 Exit codes: 0 ok (eval: result.json written, even for `invalid`), 3 wrong split visible,
-2 bad arguments, 4 no checkpoint after a clean train run, 1 eval crashed; train otherwise passes the
-candidate's own exit status on.
+2 bad arguments, 4 no checkpoint after a clean train run, 5 over budget, 1 eval crashed; train otherwise
+passes the candidate's own exit status on.
 """
 
 from __future__ import annotations
@@ -28,13 +30,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from trainer.layout import CHECKPOINT_NAME, DataError, read_split_meta
+from trainer.layout import CHECKPOINT_NAME, EXPORT_STARTS, TRAINING_STARTS, DataError, read_split_meta
 
-EXIT_CRASH, EXIT_USAGE, EXIT_WRONG_SPLIT, EXIT_NO_CHECKPOINT = 1, 2, 3, 4
+EXIT_CRASH, EXIT_USAGE, EXIT_WRONG_SPLIT, EXIT_NO_CHECKPOINT, EXIT_OVER_BUDGET = 1, 2, 3, 4, 5
+BUDGET_TOLERANCE = 0.05        # training may run this fraction past its budget (plus one second of clock slack)
+STARTUP_SECONDS = 30.0         # imports, data and model set-up, on top of the compile budget
+EXPORT_SECONDS = 60.0          # from the export line to the exit
 OUTPUT_TAIL_BYTES = 64 * 1024  # of the candidate's output kept for the summary block
 DRAIN_SECONDS = 2.0            # reading what is still in the pipe after the candidate exited
 POLL_SECONDS = 0.1
@@ -79,6 +86,49 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # train stage
 
+@dataclass(frozen=True)
+class TimeRules:
+    """The harness's budget, read from the environment the daemon set (never from the candidate).
+
+    The candidate's run is split by the harness's own clock at the first TRAINING_STARTS line and the first
+    EXPORT_STARTS line after it: start-up and compilation (capped at the compile budget plus a start-up
+    allowance), training (the budget plus BUDGET_TOLERANCE and one second), export (EXPORT_SECONDS). Without
+    a start line, training is counted from the launch; without an export line, up to the exit."""
+
+    budget_s: float
+    compile_s: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TimeRules | None:
+        raw = env.get("AUTORESEARCH_TIME_BUDGET", "").strip()
+        if not raw:
+            return None  # a bare developer run: nothing to enforce
+        try:
+            budget, compile_budget = float(raw), float(env.get("AUTORESEARCH_COMPILE_BUDGET", "120") or "120")
+        except ValueError:
+            raise ValueError(f"AUTORESEARCH_TIME_BUDGET/COMPILE_BUDGET are not numbers ({raw!r})") from None
+        if not (0 < budget < 1e6 and 0 <= compile_budget < 1e6):
+            raise ValueError(f"AUTORESEARCH_TIME_BUDGET={raw!r} is not a positive number of seconds")
+        return cls(budget, compile_budget)
+
+    def verdict(self, phases: dict[str, float]) -> str:
+        """'' when the phases fit the budget, else why not (one line)."""
+        limits = {"startup": self.compile_s + STARTUP_SECONDS, "training": self.budget_s * (1 + BUDGET_TOLERANCE) + 1.0,
+                  "export": EXPORT_SECONDS}
+        for phase, limit in limits.items():
+            if phases.get(phase, 0.0) > limit:
+                return (f"{phase} took {phases[phase]:.1f} s by the harness's clock, over its {limit:.1f} s allowance "
+                        f"(budget {self.budget_s:g} s, compile budget {self.compile_s:g} s)")
+        return ""
+
+
+def split_phases(launched: float, started: float | None, export: float | None, ended: float) -> dict[str, float]:
+    """Seconds of start-up, training and export from the harness's timestamps of the marker lines."""
+    begin = started if started is not None else launched
+    stop = export if export is not None and export >= begin else ended
+    return {"startup": round(begin - launched, 3), "training": round(stop - begin, 3), "export": round(ended - stop, 3)}
+
+
 class OutputRelay(threading.Thread):
     """Copies the candidate's output to ours and keeps its last OUTPUT_TAIL_BYTES.
 
@@ -91,6 +141,20 @@ class OutputRelay(threading.Thread):
         self.tail = bytearray()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop_at: float | None = None
+        self._line = bytearray()
+        self.marks: dict[str, float] = {}  # marker line -> when the harness first read it
+
+    def _note_markers(self, chunk: bytes) -> None:
+        now = time.monotonic()
+        self._line += chunk
+        *lines, rest = bytes(self._line).split(b"\n")
+        self._line = bytearray(rest[-4096:])
+        for line in lines:
+            text = line.strip().decode("utf-8", errors="replace")
+            if text == TRAINING_STARTS and not self.marks:
+                self.marks[TRAINING_STARTS] = now
+            elif text == EXPORT_STARTS and EXPORT_STARTS not in self.marks:
+                self.marks[EXPORT_STARTS] = now
 
     def run(self) -> None:
         while True:
@@ -102,6 +166,7 @@ class OutputRelay(threading.Thread):
             chunk = os.read(self.fd, 65536)
             if not chunk:
                 return
+            self._note_markers(chunk)
             self.tail += chunk
             del self.tail[:-OUTPUT_TAIL_BYTES]
             with contextlib.suppress(OSError, ValueError):  # our own output gone: keep draining the pipe anyway
@@ -131,6 +196,11 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
     if (problem := split_problem(data_dir, "train")) is not None:
         print(f"refusing to train: {problem}", flush=True)
         return EXIT_WRONG_SPLIT
+    try:
+        rules = TimeRules.from_env(os.environ)
+    except ValueError as exc:
+        print(str(exc), flush=True)
+        return EXIT_USAGE
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "AUTORESEARCH_DATA_DIR": str(data_dir), "AUTORESEARCH_OUT_DIR": str(out_dir),
            "PYTHONUNBUFFERED": "1"}
@@ -145,7 +215,8 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
     try:
         # The stage ends when the candidate PROCESS exits, not when its output pipe closes.
         returncode = child.wait()
-        wall_seconds = time.monotonic() - started
+        ended = time.monotonic()
+        wall_seconds = ended - started
     finally:
         _kill_session(child.pid)
         relay.stop()
@@ -154,8 +225,16 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
     exit_code = returncode if returncode >= 0 else 128 - returncode
     checkpoint = out_dir / CHECKPOINT_NAME
     summary = parse_summary(bytes(relay.tail).decode("utf-8", errors="replace"))
+    phases = split_phases(started, relay.marks.get(TRAINING_STARTS), relay.marks.get(EXPORT_STARTS), ended)
+    over_budget = rules.verdict(phases) if rules is not None else ""
     write_json(out_dir / "train.json", {"wall_seconds": round(wall_seconds, 3), "exit_code": exit_code,
-                                        "checkpoint": checkpoint.exists(), "summary": summary})
+                                        "checkpoint": checkpoint.exists(), "summary": summary, "phases": phases,
+                                        "over_budget": over_budget})
+    if over_budget and exit_code == 0:
+        # The exit status is the harness's own channel to the daemon (train.json sits in a folder the
+        # candidate could write): over budget is never scored, whatever the candidate wrote.
+        print(f"over budget: {over_budget}", flush=True)
+        return EXIT_OVER_BUDGET
     if exit_code != 0:
         print(f"candidate exited with status {exit_code} after {wall_seconds:.1f} s", flush=True)
         return exit_code

@@ -9,6 +9,20 @@ from pathlib import Path
 from typing import Any
 
 CHECKPOINT_NAME = "model.pt2"
+# Lines a candidate prints so that the harness's own clock can split its run into start-up/compile, training
+# and export (trainer.harness.TimeRules). Printing them early or late only moves time between capped phases.
+TRAINING_STARTS = "autoresearch: training starts"
+EXPORT_STARTS = "autoresearch: export starts"
+
+
+def announce_training_start() -> None:
+    """Tell the harness that warm-up/compilation is over: its budget clock starts at this line."""
+    print(TRAINING_STARTS, flush=True)
+
+
+def announce_export_start() -> None:
+    """Tell the harness that training is over (export_checkpoint calls this)."""
+    print(EXPORT_STARTS, flush=True)
 
 
 class DataError(Exception):

@@ -42,7 +42,14 @@ import torch
 
 # The torch-free names live in trainer.layout; they are re-exported here for train.py.
 from trainer.checkpoint_check import UnsafeCheckpoint, check_program
-from trainer.layout import CHECKPOINT_NAME, DataError, read_json, read_split_meta, sha256_file
+from trainer.layout import (
+    CHECKPOINT_NAME,
+    DataError,
+    announce_export_start,
+    read_json,
+    read_split_meta,
+    sha256_file,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Constants shared by every candidate and by the trusted evaluation
@@ -441,6 +448,7 @@ def evaluate_bpb(model: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarr
 
 def export_checkpoint(model: torch.nn.Module, out_dir: str | Path, device: str | torch.device = "cpu") -> Path:
     """Export `model` (eval mode, fp32) with a dynamic batch dimension to out_dir/model.pt2."""
+    announce_export_start()  # the harness's clock: training time ends here
     path = Path(out_dir) / CHECKPOINT_NAME
     example = torch.zeros(2, SEQ_LEN, dtype=torch.int64, device=device)
     batch = torch.export.Dim("batch", min=1, max=4096)

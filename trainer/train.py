@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.layout import announce_training_start
 from trainer.prepare import SEQ_LEN, TokenLoader, export_checkpoint, read_split_meta
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +314,8 @@ def main() -> None:
                   "not in the budget", flush=True)
             if warmup_time > compile_budget:
                 fail(f"warm-up (compilation) took {warmup_time:.0f} s, over the {compile_budget:.0f} s budget")
+            if step == warmup_steps:
+                announce_training_start()  # the harness's budget clock starts at this line
             train_start = last_print = time.perf_counter()
             last_print_step = step
             continue

@@ -39,6 +39,7 @@ from daemon.store.records import (
     SessionRecord,
 )
 from daemon.store.retry import call_with_retry
+from sandbox.sanitize import clean_fields, clean_text
 
 T = TypeVar("T")
 
@@ -265,6 +266,7 @@ class Store:
         if not isinstance(source, str) or not source.strip():
             raise StoreError("experiment source is empty", hint="pass the full text of the candidate train.py")
         request_id = str(uuid.uuid4())
+        description, hypothesis, diff = (clean_text(text) for text in (description, hypothesis, diff))
 
         def work(conn: Connection, retried: bool) -> ExperimentRecord:
             by_request = self._select_experiments().where(ExperimentRow.request_id == request_id)
@@ -374,6 +376,7 @@ class Store:
             raise StoreError(f"transition cannot set {', '.join(bad_fields)}",
                              hint=f"settable fields: {', '.join(sorted(RESULT_FIELDS))}")
         change_id = str(uuid.uuid4())
+        fields = clean_fields(fields)  # no NUL, surrogate, escape or out-of-range number reaches the database
 
         def work(conn: Connection, retried: bool) -> ExperimentRecord:
             values: dict[str, Any] = {**fields, "status": new, "change_id": change_id}

@@ -26,9 +26,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_ENV = {"AUTORESEARCH_PRESET": "tiny", "AUTORESEARCH_TIME_BUDGET": "4", "AUTORESEARCH_SEED": "0"}
 
 
-def _run_train(candidate: Path, data: Path, out: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _run_train(candidate: Path, data: Path, out: Path, timeout: float = 300,
+               budget: str = TINY_ENV["AUTORESEARCH_TIME_BUDGET"]) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
-    env.update(TINY_ENV, PYTHONPATH=str(REPO_ROOT))
+    env.update(TINY_ENV, PYTHONPATH=str(REPO_ROOT), AUTORESEARCH_TIME_BUDGET=budget)
     return subprocess.run([sys.executable, "-m", "trainer.harness", "train", "--candidate", str(candidate),
                            "--data", str(data), "--out", str(out)],
                           env=env, text=True, capture_output=True, timeout=timeout, check=False)
@@ -95,7 +96,8 @@ def baseline_run(baseline_source: str, prepared_data: Path,
         assert old in source, f"the baseline no longer contains {old!r}"
         source = source.replace(old, new)
     (work / "train.py").write_text(source)
-    return _run_train(work / "train.py", prepared_data / "train", work / "out"), work / "out"
+    # Its stop rule counts steps, not seconds: the harness's budget (which it enforces) must not bind.
+    return _run_train(work / "train.py", prepared_data / "train", work / "out", budget="600"), work / "out"
 
 
 @pytest.mark.slow
@@ -220,6 +222,64 @@ def test_terminated_harness_takes_the_candidate_with_it(prepared_data: Path, tmp
         assert not _process_alive(candidate_pid)
     finally:
         harness_process.kill()
+
+
+# Writes a stand-in checkpoint after "training" (sleeping) for `seconds`, announcing the start or not.
+OVERRUN_CANDIDATE = """
+import os, time
+from pathlib import Path
+from trainer.layout import announce_training_start
+if {announce}:
+    announce_training_start()
+time.sleep({seconds})
+(Path(os.environ["AUTORESEARCH_OUT_DIR"]) / "model.pt2").write_bytes(b"stand-in")
+"""
+
+
+@pytest.mark.parametrize("announce", [True, False])
+def test_training_past_the_budget_is_over_budget(prepared_data: Path, tmp_path: Path, announce: bool) -> None:
+    """A clean exit after training well past the budget (4 s) exits 5 with the harness's reason."""
+    candidate = tmp_path / "train.py"
+    candidate.write_text(OVERRUN_CANDIDATE.format(announce=announce, seconds=7))
+    completed = _run_train(candidate, prepared_data / "train", tmp_path / "out")
+    assert completed.returncode == harness.EXIT_OVER_BUDGET, completed.stdout
+    train_json = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert train_json["over_budget"].startswith("training took") and train_json["phases"]["training"] >= 7
+
+
+def test_training_within_the_budget_is_clean(prepared_data: Path, tmp_path: Path) -> None:
+    """The same candidate inside its budget exits 0 with no over-budget reason."""
+    candidate = tmp_path / "train.py"
+    candidate.write_text(OVERRUN_CANDIDATE.format(announce=True, seconds=0.5))
+    completed = _run_train(candidate, prepared_data / "train", tmp_path / "out")
+    assert completed.returncode == 0, completed.stdout
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["over_budget"] == ""
+
+
+def test_time_rules_cap_every_phase() -> None:
+    """Start-up is capped by the compile budget plus the start-up allowance, training by the budget, export too."""
+    rules = harness.TimeRules(budget_s=100.0, compile_s=20.0)
+    assert rules.verdict({"startup": 49.0, "training": 105.9, "export": 59.0}) == ""
+    assert rules.verdict({"startup": 51.0, "training": 1.0, "export": 1.0}).startswith("startup took")
+    assert rules.verdict({"startup": 1.0, "training": 106.5, "export": 1.0}).startswith("training took")
+    assert rules.verdict({"startup": 1.0, "training": 1.0, "export": 61.0}).startswith("export took")
+
+
+def test_phases_without_markers_count_everything_as_training() -> None:
+    """No start line: training is counted from the launch; no export line: up to the exit."""
+    assert harness.split_phases(10.0, None, None, 20.0) == {"startup": 0.0, "training": 10.0, "export": 0.0}
+    assert harness.split_phases(10.0, 12.0, 18.0, 20.0) == {"startup": 2.0, "training": 6.0, "export": 2.0}
+    assert harness.split_phases(10.0, 12.0, 11.0, 20.0) == {"startup": 2.0, "training": 8.0, "export": 0.0}
+
+
+def test_bad_budget_setting_is_refused(prepared_data: Path, tmp_path: Path) -> None:
+    """A budget that is not a positive number stops the train stage with exit 2 before the candidate runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), AUTORESEARCH_TIME_BUDGET="soon")
+    completed = subprocess.run([sys.executable, "-m", "trainer.harness", "train", "--candidate",
+                                str(REPO_ROOT / "trainer" / "train.py"), "--data", str(prepared_data / "train"),
+                                "--out", str(tmp_path)], env=env, text=True, capture_output=True, check=False)
+    assert completed.returncode == harness.EXIT_USAGE and not (tmp_path / "train.json").exists()
 
 
 def test_train_stage_does_not_import_torch() -> None:

@@ -1,4 +1,10 @@
-"""The `autoresearch` command line: argument parsing and dispatch; the work lives in `daemon.commands`."""
+"""The `autoresearch` command line: argument parsing and dispatch; the work lives in `daemon.commands`
+(and the read-only commands in `daemon.readout`).
+
+Global options (--config, --workspace, --json, --log-json) are accepted before or after the subcommand.
+The config file: --config, else $AUTORESEARCH_CONFIG, else ./autoresearch.toml, else
+/etc/autoresearch/autoresearch.toml (a system install), else built-in defaults.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from daemon import __version__
 from daemon.config import Settings, load_settings
-from daemon.errors import AutoresearchError
+from daemon.errors import AutoresearchError, ConfigError
 from daemon.logs import configure_logging
 
 # command name -> handler in daemon.commands (each: (args, settings) -> exit code)
@@ -19,10 +26,10 @@ HANDLERS = {
     "run": "cmd_run",
     "once": "cmd_once",
     "try": "cmd_try",
-    "status": "cmd_status",
-    "experiments": "cmd_experiments",
-    "best": "cmd_best",
-    "report": "cmd_report",
+    "status": "daemon.readout:cmd_status",
+    "experiments": "daemon.readout:cmd_experiments",
+    "best": "daemon.readout:cmd_best",
+    "report": "daemon.readout:cmd_report",
     "reap": "cmd_reap",
     "db": "cmd_db",
     "image": "cmd_image",
@@ -35,9 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autoresearch",
         description="Let an LLM agent run small-GPT pretraining research on this machine's GPUs, overnight.",
     )
-    parser.add_argument("--config", type=Path, default=None, help="TOML config file (default ./autoresearch.toml)")
-    parser.add_argument("--workspace", type=Path, default=None, help="override the configured workspace")
-    parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
+    parser.add_argument("--version", action="version", version=f"autoresearch {__version__}")
+    _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="create a workspace: program.md, baseline train.py, git repo, config")
@@ -58,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.add_argument("--description", "-m", default=None)
 
-    sub.add_parser("status", help="window, lanes, running experiments, best, tonight's cost")
+    p = sub.add_parser("status", help="is the daemon running; window, lanes (with GPUs), best, tonight's cost; "
+                                      "exit 0 running, 1 unhealthy, 3 not running")
+    p.add_argument("--url", default=None,
+                   help="ask the daemon at this address (e.g. http://127.0.0.1:9464): needs no config or database")
 
     p = sub.add_parser("experiments", help="table of experiments")
     p.add_argument("--session", type=int, default=None)
@@ -82,7 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None)
 
     sub.add_parser("doctor", help="check this machine: Python, torch/CUDA, Docker, image, database, port, API key")
+    for subparser in sub.choices.values():
+        _add_global_options(subparser, suppress=True)
     return parser
+
+
+JSON_COMMANDS = ("status", "experiments", "best", "report")
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The options every command takes; on subcommands their default is SUPPRESS so they never undo the
+    value given before the subcommand."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--config", type=Path, default=default(None),
+                        help="TOML config file (default: $AUTORESEARCH_CONFIG, ./autoresearch.toml, "
+                             "/etc/autoresearch/autoresearch.toml)")
+    parser.add_argument("--workspace", type=Path, default=default(None), help="override the configured workspace")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help=f"machine-readable output ({', '.join(JSON_COMMANDS)})")
+    parser.add_argument("--log-json", action="store_true", default=default(None),
+                        help="JSON log lines even on a terminal")
 
 
 def _settings_for(args: argparse.Namespace) -> Settings:
@@ -95,10 +126,18 @@ def _settings_for(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = _settings_for(args)
+        if args.json and args.command not in JSON_COMMANDS:
+            raise AutoresearchError(f"--json is not supported by `{args.command}`",
+                                    hint=f"--json works with: {', '.join(JSON_COMMANDS)}")
+        try:
+            settings = _settings_for(args)
+        except ConfigError:
+            if not (args.command == "status" and getattr(args, "url", None)):
+                raise
+            settings = Settings.model_construct()  # status --url needs no config (e.g. one this user cannot read)
         configure_logging(settings.log_level, json=args.log_json)
-        commands = importlib.import_module("daemon.commands")
-        handler = getattr(commands, HANDLERS[args.command])
+        module, _, name = HANDLERS[args.command].rpartition(":")
+        handler = getattr(importlib.import_module(module or "daemon.commands"), name)
         return int(handler(args, settings))
     except AutoresearchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,7 +6,6 @@ import argparse
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -192,75 +191,12 @@ def _session_or_latest(store: Any, session_id: int | None) -> Any:
     return session
 
 
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.scheduler import current_window, next_window
-
-    store = _open_store(settings)
-    now = datetime.now(timezone.utc)
-    window = current_window(settings.scheduler.windows, settings.scheduler.timezone, now)
-    upcoming = next_window(settings.scheduler.windows, settings.scheduler.timezone, now)
-    if window is not None:
-        print(f"window: {window.name or 'open'} until {window.end.isoformat(timespec='minutes')}")
-    else:
-        print("window: closed" + (f"; next opens {upcoming.start.isoformat(timespec='minutes')}" if upcoming else
-                                  " (no windows configured)"))
-    session = store.latest_session()
-    if session is None:
-        print("no session yet: run `autoresearch once` or start the daemon")
-        return 0
-    print(f"session {session.id} ({session.tag}, {session.trigger}): {session.status}, "
-          f"started {session.started_at.isoformat(timespec='seconds')}")
-    running = store.list_experiments(session_id=session.id, status=("running", "evaluating"), limit=100)
-    print("running:" if running else "running: nothing")
-    if running:
-        print(_experiments_table(running))
-    best, baseline = store.best(session.id), store.baseline(session.id)
-    if best is not None:
-        delta = f" ({best.val_bpb - baseline.val_bpb:+.6f} vs baseline)" if baseline and baseline.val_bpb else ""
-        print(f"best: {best.val_bpb:.6f} (experiment {best.id}){delta}")
-    since = now - timedelta(hours=24)
-    print(f"agent cost, last 24 h: ${store.cost_since(since):.2f} of ${settings.agent.nightly_cost_cap_usd:.2f} cap")
-    return 0
 
 
-def cmd_experiments(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.store.records import STATUSES
-
-    if args.status is not None and args.status not in STATUSES:
-        raise AutoresearchError(f"unknown status {args.status!r}", hint=f"one of: {', '.join(STATUSES)}")
-    if args.limit <= 0:
-        raise AutoresearchError(f"--limit must be positive, got {args.limit}", hint="e.g. --limit 50")
-    store = _open_store(settings)
-    rows = store.list_experiments(session_id=args.session, status=args.status, limit=args.limit)
-    print(_experiments_table(list(reversed(rows))) if rows else "no experiments match")
-    return 0
 
 
-def cmd_best(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.research import unified_diff
-
-    store = _open_store(settings)
-    session = _session_or_latest(store, None)
-    best, baseline = store.best(session.id), store.baseline(session.id)
-    if best is None or baseline is None:
-        raise AutoresearchError(f"session {session.id} has no measured baseline yet",
-                                hint="wait for the first experiment, or run `autoresearch once`")
-    print(f"best val_bpb {best.val_bpb:.6f} (experiment {best.id}, commit {best.commit[:12] or '-'}); "
-          f"baseline {baseline.val_bpb:.6f}; delta {best.val_bpb - baseline.val_bpb:+.6f}")
-    diff = unified_diff(baseline.source, best.source)
-    print(diff if diff else "(the best is the baseline: no diff)")
-    return 0
 
 
-def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.report import write_report
-    from daemon.workspace import Workspace
-
-    store = _open_store(settings)
-    session = _session_or_latest(store, args.session)
-    out = args.out if args.out is not None else Workspace(settings.workspace).reports_dir
-    print(f"report: {write_report(store, session.id, out)}")
-    return 0
 
 
 def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:

@@ -33,6 +33,7 @@ from pydantic_settings import (
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("autoresearch.toml")
+SYSTEM_CONFIG_PATH = Path("/etc/autoresearch/autoresearch.toml")  # a system install's (deploy/install.sh)
 ENV_PREFIX = "AUTORESEARCH_"
 
 
@@ -362,18 +363,39 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def discover_config(config_path: Path | None = None) -> tuple[Path | None, bool]:
+    """(the config file to read, whether it was asked for): --config, else $AUTORESEARCH_CONFIG, else
+    ./autoresearch.toml, else /etc/autoresearch/autoresearch.toml, each when present; else none (defaults)."""
+    if config_path is not None:
+        return config_path, True
+    from_env = os.environ.get(f"{ENV_PREFIX}CONFIG", "")
+    if from_env:
+        return Path(from_env), True
+    for candidate in (DEFAULT_CONFIG_PATH, SYSTEM_CONFIG_PATH):
+        if candidate.exists():
+            return candidate, False
+    return None, False
+
+
 def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
     """Load and validate settings; raise `ConfigError` with one line per problem.
 
-    An explicitly given `config_path` must exist; the default `./autoresearch.toml` is optional.
+    The file comes from `discover_config`: an explicitly given one (--config, AUTORESEARCH_CONFIG) must exist.
     """
-    explicit = config_path is not None
-    path = config_path if explicit else Path(os.environ.get(f"{ENV_PREFIX}CONFIG", DEFAULT_CONFIG_PATH))
-    assert path is not None
-    if not path.exists():
+    path, explicit = discover_config(config_path)
+    if path is not None and not path.exists():
         if explicit:
-            raise ConfigError(f"config file {str(path)!r} does not exist", hint="run `autoresearch init` or fix --config")
+            raise ConfigError(f"config file {str(path)!r} does not exist",
+                              hint="run `autoresearch init`, or fix --config / AUTORESEARCH_CONFIG")
         path = None
+    if path is not None:
+        try:
+            path.open("rb").close()
+        except PermissionError:
+            raise ConfigError(f"config file {str(path)!r} is not readable by this user",
+                              hint="a system install keeps it private: ask to join the daemon's group, or read "
+                                   "the daemon's status without it: `autoresearch status --url "
+                                   "http://127.0.0.1:9464`") from None
     origin = f"config {str(path)!r}" if path is not None else "config"
     settings_cls = type("LoadedSettings", (Settings,), {"_toml_path": path})
     try:

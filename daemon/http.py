@@ -1,4 +1,5 @@
-"""The daemon's HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (liveness), `/` (status page).
+"""The daemon's HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (liveness), `/` (status page),
+`/status.json` (the same status as data, for `autoresearch status` and scripts; read-only, no secrets).
 
 Wiring, in the `run` command:
 
@@ -15,6 +16,7 @@ the loop: a failing status page answers 500 with a short message.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -96,8 +98,17 @@ class _Handler(BaseHTTPRequestHandler):
                            b"status page failed; see the daemon log\n")
                 return
             self._send(HTTPStatus.OK, "text/html; charset=utf-8", page.encode())
+        elif path == "/status.json" and self.server.status_json is not None:
+            try:
+                data = self.server.status_json()
+            except Exception as exc:  # e.g. the database is down: say so, keep serving
+                log.warning("status data failed", error=f"{type(exc).__name__}: {exc}")
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, "application/json",
+                           json.dumps({"error": f"status unavailable: {type(exc).__name__}"}).encode())
+                return
+            self._send(HTTPStatus.OK, "application/json", json.dumps(data).encode())
         else:
-            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found: try /, /metrics or /healthz\n")
+            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found: try /, /status.json, /metrics or /healthz\n")
 
     def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
         self.send_response(status)
@@ -125,11 +136,13 @@ class _DaemonHTTPServer(ThreadingHTTPServer):
         db_ping: Callable[[], object],
         heartbeat: Heartbeat,
         status_page: Callable[[], str] | None,
+        status_json: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.registry = registry
         self.db_ping = db_ping
         self.heartbeat = heartbeat
         self.status_page = status_page
+        self.status_json = status_json
         super().__init__(address, _Handler)
 
 
@@ -172,11 +185,12 @@ def start_http_server(
     db_ping: Callable[[], object],
     heartbeat: Heartbeat,
     status_page: Callable[[], str] | None = None,
+    status_json: Callable[[], dict[str, Any]] | None = None,
 ) -> DaemonHTTPServer:
     """Bind and serve in a background thread; a taken port raises `AutoresearchError` with the fix."""
     server_class = _DaemonHTTPServer6 if ":" in host else _DaemonHTTPServer
     try:
-        server = server_class((host, port), registry, db_ping, heartbeat, status_page)
+        server = server_class((host, port), registry, db_ping, heartbeat, status_page, status_json)
     except OSError as exc:
         raise AutoresearchError(
             f"cannot serve metrics on {host}:{port}: {exc.strerror}",

@@ -23,6 +23,7 @@ from daemon.metrics import Metrics
 from daemon.reconcile import Reconciled, reconcile
 from daemon.research.lanes import Lane, plan_lanes
 from daemon.runner import StageRunner
+from daemon.statusdata import DaemonFacts, LaneInfo, status_data
 from daemon.statuspage import LiveState, render_status_page
 from daemon.store.records import AgentCallRecord
 from daemon.workspace import Workspace
@@ -126,6 +127,14 @@ def default_probe() -> GpuProbe:
         return NoGpuProbe()
 
 
+def gpu_indexes(probe: GpuProbe) -> dict[str, int]:
+    """GPU UUID -> NVML index, for the lane info metric and `status` (empty when the probe fails)."""
+    try:
+        return {info.uuid: info.index for info in probe.gpus()}
+    except Exception:  # NVML hiccup: the lanes still run, only the index is unknown
+        return {}
+
+
 def sandbox_env(settings: Settings) -> dict[str, str]:
     env = {
         "AUTORESEARCH_TIME_BUDGET": str(settings.training.time_budget_s),
@@ -187,9 +196,17 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
     live = LiveState()
     runtime = Runtime(settings, workspace, store, backend, runner, agent, lanes, probe, metrics, heartbeat,
                       owner, reconciled, live, cost_since=since, lock=lock)
+    from daemon import __version__
+
+    indexes = gpu_indexes(probe)
+    facts = DaemonFacts(instance=settings.instance_name, owner=owner, version=__version__,
+                        lanes=[LaneInfo(lane.name, lane.gpu_uuid, indexes.get(lane.gpu_uuid or "")) for lane in lanes],
+                        cost=lambda: (float(store.cost_since(sink.since)), sink.since),
+                        cost_cap_usd=settings.agent.nightly_cost_cap_usd)
     if serve_http and settings.metrics.port != 0:
         runtime.server = start_http_server(settings.metrics.host, settings.metrics.port, metrics.registry,
                                            db_ping=store.ping, heartbeat=heartbeat,
-                                           status_page=lambda: render_status_page(store, live))
+                                           status_page=lambda: render_status_page(store, live),
+                                           status_json=lambda: status_data(store, live, facts))
         log.info("metrics endpoint", url=runtime.server.url)
     return runtime

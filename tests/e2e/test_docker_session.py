@@ -85,7 +85,8 @@ def docker_session(tmp_path_factory: pytest.TempPathFactory, prepared_data: Path
     for command in (["status"], ["experiments", "--status", "kept"], ["best"]):
         done = subprocess.run([exe, *command], cwd=workspace.root, env=env, text=True, capture_output=True,
                               timeout=60, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
+        # status exits 3: no daemon answers (this session ran in-process); it still shows the database's state
+        assert done.returncode == (3 if command[0] == "status" else 0), done.stderr[-3000:]
         cli_outputs[command[0]] = done.stdout
     store = open_store(settings.database_url)
     try:

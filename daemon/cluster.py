@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from daemon.config import Settings
 from daemon.errors import ConfigError
+from sandbox import labels as L
 from sandbox.base import Backend
 from sandbox.errors import BackendUnavailable
 from sandbox.slurm import SlurmBackend, SlurmOptions
+from sandbox.spec import RunSpec
 
 
 def slurm_options(settings: Settings) -> SlurmOptions:
@@ -30,3 +33,18 @@ def require_node_paths(backend: Backend, paths: list[Path]) -> None:
         backend.require_shared(paths)
     except BackendUnavailable as exc:
         raise ConfigError(str(exc), hint="see deploy/slurm/README.md (the shared directory)") from None
+
+
+def record_jobs(backend: Backend, store: Any) -> None:
+    """Store each stage's Slurm job id on its experiment as soon as it is submitted (crash-safe bookkeeping)."""
+    from daemon.store.sandbox_jobs import add_sandbox_job
+
+    if not isinstance(backend, SlurmBackend):
+        return
+
+    def submitted(spec: RunSpec, job_id: str) -> None:
+        experiment = spec.labels.get(L.EXPERIMENT, "")
+        if experiment.isdigit():
+            add_sandbox_job(store, int(experiment), spec.labels.get(L.STAGE, "stage"), job_id)
+
+    backend.on_submitted = submitted

@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sandbox import labels as L
@@ -32,6 +32,8 @@ META_FILE = "meta.json"
 SLURM_OUT = "slurm.out"
 # How long a cancelled job may take to reach a final state (Slurm's KillWait plus the container's kill).
 CANCEL_WAIT_S = 90.0
+# How long a finished job's status file may take to appear here (NFS attribute caching on the shared dir).
+STATUS_GRACE_S = 15.0
 # Polls in a row that find no trace of a submitted job before the run is reported lost.
 LOST_AFTER_POLLS = 10
 _COMMENT_SAFE = re.compile(r"[^A-Za-z0-9_.:=-]")
@@ -82,6 +84,8 @@ class SlurmBackend:
         self.client = client if client is not None else SlurmClient(options.slurm_conf, options.jobcomp_log,
                                                                      options.command_timeout_s)
         self.jobs_dir = options.shared_dir / "jobs"
+        # Told `(spec, job_id)` as soon as sbatch answers (the daemon stores the job id with the run).
+        self.on_submitted: Callable[[RunSpec, str], None] | None = None
 
     # --- submission ----------------------------------------------------------------------------------
 
@@ -187,9 +191,18 @@ class SlurmBackend:
         except (SlurmCommandError, OSError) as exc:
             shutil.rmtree(job_dir, ignore_errors=True)
             return RunResult(RunStatus.INFRA_ERROR, None, time.monotonic() - began, error=f"sbatch failed: {exc}")
+        notes = []
+        if self.on_submitted is not None:
+            try:
+                self.on_submitted(spec, job_id)
+            except Exception as exc:  # the job runs regardless: failing here would orphan it
+                notes.append(f"job id not recorded ({type(exc).__name__}: {exc})")
         try:
             killed_as, info, running_s = self._wait(job_id, spec, job_dir, cancel)
-            return self._collect(spec, job_dir, info, killed_as, running_s, job_id)
+            result = self._collect(spec, job_dir, info, killed_as, running_s, job_id)
+            if notes:
+                result = replace(result, error="; ".join([*notes, result.error]).strip("; "))
+            return result
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
 
@@ -240,6 +253,11 @@ class SlurmBackend:
     def _collect(self, spec: RunSpec, job_dir: Path, info: JobInfo | None, killed_as: RunStatus | None,
                  running_s: float, job_id: str) -> RunResult:
         status = _read_status(job_dir)
+        deadline = time.monotonic() + STATUS_GRACE_S
+        while status is None and killed_as is None and info is not None and info.state in ("COMPLETED", "FAILED") \
+                and time.monotonic() < deadline:
+            time.sleep(min(self.options.poll_s, 1.0))  # a shared filesystem may show the node's file late
+            status = _read_status(job_dir)
         if killed_as is not None:
             outcome, note = killed_as, ""
         else:

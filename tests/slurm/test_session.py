@@ -120,6 +120,16 @@ def test_session_experiments_run_as_slurm_jobs(cluster_session: ClusterSession) 
     assert cluster_session.leftover_dirs == []
 
 
+def test_each_experiment_stores_its_job_ids(cluster_session: ClusterSession) -> None:
+    """experiments.sandbox_jobs names the Slurm job of each stage ("train:<id> eval:<id>"), as Slurm knows them."""
+    ids = {j["Name"]: j["JobId"] for j in cluster_session.jobs}
+    measured = [r for r in cluster_session.rows if r.status in ("kept", "discarded", "measured")]
+    assert measured
+    for row in measured:
+        prefix = f"autoresearch-slurm-e2e-{row.id}-{row.attempt}"
+        assert row.sandbox_jobs == f"train:{ids[prefix + '-train']} eval:{ids[prefix + '-eval']}", row.id
+
+
 def test_two_lanes_ran_jobs_side_by_side(cluster_session: ClusterSession) -> None:
     """Both cluster lanes ran experiments, and two of the session's jobs overlapped in time."""
     assert {r.lane for r in cluster_session.rows} == {"slurm0", "slurm1"}

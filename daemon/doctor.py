@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from daemon.config import Settings
 from daemon.tables import render_table
+from sandbox.images import LABEL_PREFIX, TORCH_VERSION
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -52,8 +53,7 @@ def check_docker(settings: Settings) -> list[Check]:
                       "install docker.io and start dockerd; add this user to the docker group")]
     checks = [Check("docker engine", OK, f"Docker {info.get('Version')} (API {info.get('ApiVersion')})")]
     try:
-        client.images.get(settings.sandbox.image)
-        checks.append(Check("trainer image", OK, settings.sandbox.image))
+        checks.append(image_check(settings.sandbox.image, client.images.get(settings.sandbox.image).labels or {}))
     except ImageNotFound:
         checks.append(Check("trainer image", FAIL, f"{settings.sandbox.image} missing",
                             "autoresearch image build (or: autoresearch image build --offline)"))
@@ -62,6 +62,20 @@ def check_docker(settings: Settings) -> list[Check]:
     finally:
         client.close()
     return checks
+
+
+def image_check(tag: str, labels: dict[str, str]) -> Check:
+    """The trainer image line: its torch and CUDA versions from the labels `autoresearch image build` sets."""
+    found = {key[len(LABEL_PREFIX):]: value for key, value in labels.items() if key.startswith(LABEL_PREFIX)}
+    if "torch" not in found:
+        return Check("trainer image", WARN, f"{tag}: no version labels (built by another recipe)",
+                     "autoresearch image build (records torch and CUDA versions)")
+    cuda = found.get("torch_cuda", "none")
+    detail = (f"{tag}: torch {found['torch']}, " + (f"CUDA {cuda}" if cuda != "none" else "CPU build")
+              + f" ({found.get('variant', '?')} variant, {found.get('base', '?')} base)")
+    if found["torch"] != TORCH_VERSION:
+        return Check("trainer image", WARN, detail, f"rebuild: this version of the daemon pins torch {TORCH_VERSION}")
+    return Check("trainer image", OK, detail)
 
 
 def check_database(settings: Settings) -> Check:
@@ -109,6 +123,12 @@ def check_api_key(settings: Settings) -> Check:
                  "set AUTORESEARCH_AGENT__API_KEY_FILE to use the Anthropic agent")
 
 
+def _slurm_checks(settings: Settings) -> list[Check]:
+    from daemon.doctor_slurm import check_slurm  # imports this module: loaded only when called
+
+    return check_slurm(settings)
+
+
 def run_checks(settings: Settings) -> list[Check]:
     runners: list[Callable[[], Check | list[Check]]] = [
         check_python,
@@ -117,6 +137,7 @@ def run_checks(settings: Settings) -> list[Check]:
         lambda: check_database(settings),
         lambda: check_metrics_port(settings),
         lambda: check_api_key(settings),
+        lambda: _slurm_checks(settings),
     ]
     checks: list[Check] = []
     for runner in runners:

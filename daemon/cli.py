@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, nargs="?", default=None, help="workspace folder (default: configured)")
 
     p = sub.add_parser("prepare", help="download/collect data, train the tokenizer, pre-tokenize (idempotent)")
-    p.add_argument("--source", default=None, help="'stdlib', a local file/folder, or parquet URLs (comma separated)")
+    p.add_argument("--source", default=None, help="'stdlib', 'climbmix[:N]' (N shards + the pinned val shard), a local file/folder, or parquet URLs")
     p.add_argument("--vocab-size", type=int, default=None)
 
     sub.add_parser("run", help="the daemon: open windows on schedule, harvest idle GPUs, run experiments")
@@ -89,8 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build"])
     p.add_argument("--offline", action="store_true", help="build the CPU test image offline (debootstrap + local torch wheel)")
     p.add_argument("--tag", default=None)
+    p.add_argument("--variant", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="cuda: PyPI's CUDA torch; cpu: the CPU wheel; auto: from this host's NVIDIA driver")
+    p.add_argument("--base", choices=["debootstrap", "public"], default="debootstrap",
+                   help="debootstrap: no registry needed; public: python:3.11-slim from a registry")
+    p.add_argument("--torch-index", default=None,
+                   help="index for torch's wheel (default PyPI); older drivers: https://download.pytorch.org/whl/cu128")
 
-    sub.add_parser("doctor", help="check this machine: Python, torch/CUDA, Docker, image, database, port, API key")
+    p = sub.add_parser("doctor", help="check this machine: Python, torch/CUDA, Docker, image, database, port, API key")
+    p.add_argument("--gpu", action="store_true",
+                   help="also train and evaluate a tiny model on the GPU through the sandbox (under two minutes)")
     for subparser in sub.choices.values():
         _add_global_options(subparser, suppress=True)
     return parser

@@ -23,7 +23,14 @@ EXPERIMENT_HEADERS = ("id", "kind", "status", "val_bpb", "lane", "attempt", "com
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     checks = doctor.run_checks(settings)
     print(doctor.render(checks))
-    return 1 if any(c.verdict == doctor.FAIL for c in checks) else 0
+    code = 1 if any(c.verdict == doctor.FAIL for c in checks) else 0
+    if getattr(args, "gpu", False):
+        from daemon.gpu_smoke import run_gpu_smoke
+
+        report = run_gpu_smoke(settings, progress=lambda line: print(f"  {line}", flush=True))
+        print(f"\n{report.render()}")
+        code = code if report.ok else 1
+    return code
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
@@ -156,8 +163,13 @@ def cmd_try(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.corpus_check import check_corpus_for_gpu
+    from daemon.runtime import default_probe
     from daemon.service import serve
 
+    # On a GPU, a corpus a night would read many times over is refused before anything starts.
+    check_corpus_for_gpu(settings.data_dir, settings.training.time_budget_s, settings.training.preset,
+                         len(default_probe().gpus()))
     return serve(settings)
 
 
@@ -237,7 +249,7 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_image(args: argparse.Namespace, settings: Settings) -> int:
     from sandbox.errors import SandboxError
-    from sandbox.images import build_production_image, ensure_offline_image
+    from sandbox.images import PYPI_INDEX, build_production_image, ensure_offline_image
 
     def progress(line: str) -> None:
         print(f"  {line}", flush=True)
@@ -246,7 +258,10 @@ def cmd_image(args: argparse.Namespace, settings: Settings) -> int:
         if args.offline:
             tag = ensure_offline_image(args.tag or settings.sandbox.image, progress=progress)
         else:
-            tag = build_production_image(args.tag or settings.sandbox.image, progress=progress)
+            tag = build_production_image(args.tag or settings.sandbox.image, progress=progress,
+                                         variant=getattr(args, "variant", "auto"),
+                                         base=getattr(args, "base", "debootstrap"),
+                                         torch_index=getattr(args, "torch_index", None) or PYPI_INDEX)
     except SandboxError as exc:
         raise AutoresearchError(f"image build failed: {exc}", hint="see `autoresearch doctor`") from None
     print(f"image ready: {tag}")

@@ -7,6 +7,7 @@ prints is informational. The candidate's environment is minimal and the eval set
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -22,8 +23,10 @@ from sandbox.gpu import GpuProbe, wait_for_gpu_release
 from sandbox.outfiles import is_safe_regular_file
 from sandbox.sanitize import clean_line, clean_summary, clean_text
 from sandbox.spec import Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
+from trainer.compile_cache import CACHE_ENV, PUBLISH_ENV, PUBLISHED_DIR, harvest
 
 TRAINER_TARGET = "/opt/autoresearch/trainer"
+CACHE_TARGET = "/cache"  # the lane's compile cache, read-only
 # The harness's time rules (trainer/harness.py, which imports no daemon code): exit 5 is "over budget", and
 # the container may not outlive budget x (1 + tolerance) + compile budget + start-up + export + this grace.
 EXIT_OVER_BUDGET = 5
@@ -103,7 +106,8 @@ class StageRunner:
 
     def __init__(self, backend: Backend, *, image: str, trainer_dir: Path, data_dir: Path, work_dir: Path,
                  instance: str, train_limits: Limits, eval_limits: Limits, env: dict[str, str],
-                 gpu_probe: GpuProbe | None = None, gpu_release_timeout_s: float = 60.0) -> None:
+                 gpu_probe: GpuProbe | None = None, gpu_release_timeout_s: float = 60.0,
+                 compile_cache: Path | None = None) -> None:
         for split in ("train", "val"):
             if not (data_dir / split).is_dir():
                 from daemon.errors import WorkspaceError
@@ -122,6 +126,13 @@ class StageRunner:
         self.eval_env = {k: v for k, v in env.items() if k in EVAL_ENV_KEYS}
         self.gpu_probe = gpu_probe
         self.gpu_release_timeout_s = gpu_release_timeout_s
+        # The torch.compile cache: read-only in every train stage. Only a run of the shipped baseline (the
+        # trusted trainer_dir/train.py, byte for byte) fills it; an agent's code, even a kept one, never does.
+        self.compile_cache = compile_cache.resolve() if compile_cache is not None else None
+        if self.compile_cache is not None:
+            self.compile_cache.mkdir(parents=True, exist_ok=True)
+        shipped = self.trainer_dir / "train.py"
+        self.cache_writer_source = shipped.read_text() if shipped.is_file() else None
 
     def _name(self, experiment_id: int, attempt: int, stage: str) -> str:
         safe_instance = re.sub(r"[^a-zA-Z0-9_.-]", "-", self.instance)
@@ -139,6 +150,14 @@ class StageRunner:
             gpu_uuid=gpu_uuid,
             labels=labels.run_labels(self.instance, experiment_id, stage, attempt),
         )
+
+    def _cache_mounts(self) -> tuple[Mount, ...]:
+        return () if self.compile_cache is None else (Mount(self.compile_cache, CACHE_TARGET),)
+
+    def _cache_env(self, publish: bool) -> dict[str, str]:
+        if self.compile_cache is None:
+            return {}
+        return {CACHE_ENV: CACHE_TARGET, **({PUBLISH_ENV: "1"} if publish else {})}
 
     def _released(self, result: RunResult, gpu_uuid: str | None) -> bool:
         """After a killed GPU run, whether its memory came back (False: quarantine the GPU)."""
@@ -177,14 +196,19 @@ class StageRunner:
         candidate_dir.chmod(0o755)
         (candidate_dir / "train.py").chmod(0o644)
         train_out, eval_out = run_dir / "train_out", run_dir / "eval_out"
+        publish_cache = self.compile_cache is not None and source == self.cache_writer_source
 
         if on_stage is not None:
             on_stage("train")
         train = self.backend.run(self._spec(
             experiment_id, attempt, "train", TRAIN_COMMAND,
-            (Mount(candidate_dir, "/candidate"), Mount(self.data_dir / "train", "/data"), Mount(train_out, "/out", True)),
-            {**self.train_env, "AUTORESEARCH_SEED": str(seed)}, self.train_limits, gpu_uuid,
+            (Mount(candidate_dir, "/candidate"), Mount(self.data_dir / "train", "/data"), Mount(train_out, "/out", True),
+             *self._cache_mounts()),
+            {**self.train_env, "AUTORESEARCH_SEED": str(seed), **self._cache_env(publish_cache)}, self.train_limits, gpu_uuid,
         ), cancel)
+        if publish_cache and self.compile_cache is not None and train.status == RunStatus.OK:
+            with contextlib.suppress(OSError):  # the cache only saves time: the next run compiles cold
+                harvest(train_out / PUBLISHED_DIR, self.compile_cache)
         train_json = _json_file(train, "train.json") or {}
         summary = clean_summary(train_json.get("summary"))
         inner_train = _finite(train_json.get("wall_seconds"))

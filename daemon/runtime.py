@@ -158,7 +158,8 @@ def make_runner(settings: Settings, backend: Backend, workspace: Workspace, prob
     return StageRunner(backend, image=sandbox.image, trainer_dir=TRAINER_DIR, data_dir=settings.data_dir,
                        work_dir=workspace.runs_dir, instance=settings.instance_name, train_limits=train_limits,
                        eval_limits=eval_limits, env=sandbox_env(settings), gpu_probe=probe,
-                       gpu_release_timeout_s=sandbox.gpu_release_timeout_s)
+                       gpu_release_timeout_s=sandbox.gpu_release_timeout_s,
+                       compile_cache=workspace.root / "compile-cache")
 
 
 def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = None, serve_http: bool = True,

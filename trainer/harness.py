@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from trainer import compile_cache
 from trainer.layout import CHECKPOINT_NAME, EXPORT_STARTS, TRAINING_STARTS, DataError, read_split_meta
 
 EXIT_CRASH, EXIT_USAGE, EXIT_WRONG_SPLIT, EXIT_NO_CHECKPOINT, EXIT_OVER_BUDGET = 1, 2, 3, 4, 5
@@ -205,6 +207,12 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
     env = {**os.environ, "AUTORESEARCH_DATA_DIR": str(data_dir), "AUTORESEARCH_OUT_DIR": str(out_dir),
            "PYTHONUNBUFFERED": "1"}
     env.pop("AUTORESEARCH_EVAL_TOKENS", None)  # the candidate has no business with eval settings
+    # Compile caches: the candidate compiles into a private copy of the lane's shared cache (trainer.compile_cache).
+    shared_cache = env.pop(compile_cache.CACHE_ENV, None)
+    publishing = env.pop(compile_cache.PUBLISH_ENV, "") == "1"
+    cache_dir, cache_env, cache_note = compile_cache.private_cache(shared_cache)
+    env.update(cache_env)
+    print(cache_note, flush=True)
     previous_handler = signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     child = subprocess.Popen([sys.executable, str(candidate)], cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
@@ -224,6 +232,9 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
     exit_code = returncode if returncode >= 0 else 128 - returncode
     checkpoint = out_dir / CHECKPOINT_NAME
+    if publishing and exit_code == 0 and checkpoint.exists():
+        print(compile_cache.publish(cache_dir, out_dir / compile_cache.PUBLISHED_DIR), flush=True)
+    shutil.rmtree(cache_dir, ignore_errors=True)
     summary = parse_summary(bytes(relay.tail).decode("utf-8", errors="replace"))
     phases = split_phases(started, relay.marks.get(TRAINING_STARTS), relay.marks.get(EXPORT_STARTS), ended)
     over_budget = rules.verdict(phases) if rules is not None else ""

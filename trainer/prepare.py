@@ -68,6 +68,12 @@ SPLIT_PATTERN = (
 )
 DOWNLOAD_RETRIES = 5
 DOWNLOAD_WORKERS = 4
+PROGRESS_EVERY_SECONDS = 5.0
+# climbmix, the public autoresearch corpus: parquet shards with a pinned validation shard (the last one).
+# `--source climbmix:N` takes N train shards plus that shard; AUTORESEARCH_CLIMBMIX_URL points at a mirror.
+CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+CLIMBMIX_VAL_SHARD = 6542
+CLIMBMIX_DEFAULT_SHARDS = 8
 
 Progress = Callable[[str], None]
 
@@ -127,10 +133,13 @@ def _download(url: str, target: Path, progress: Progress) -> Path:
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 # A server that ignores Range answers 200 with the whole file: start over.
-                mode = "ab" if have and response.status == 206 else "wb"
-                with open(partial, mode) as handle:
-                    shutil.copyfileobj(response, handle, 1 << 20)
+                resumed = bool(have) and response.status == 206
+                expected = _expected_size(response, have if resumed else 0)
+                with open(partial, "ab" if resumed else "wb") as handle:
+                    _copy_with_progress(response, handle, target.name, have if resumed else 0, expected, progress)
+            _check_download(partial, expected, response.headers.get("X-Linked-ETag") or response.headers.get("ETag"))
             partial.rename(target)
+            _write_checksum(target)
             progress(f"downloaded {url} ({target.stat().st_size / 1e6:.1f} MB)")
             return target
         except urllib.error.HTTPError as exc:
@@ -147,9 +156,88 @@ def _download(url: str, target: Path, progress: Progress) -> Path:
     raise DataError(f"download of {url} failed {DOWNLOAD_RETRIES} times: check the network or the URL")
 
 
-def _download_all(urls: list[str], cache_dir: Path, progress: Progress) -> list[Path]:
+def _expected_size(response: Any, offset: int) -> int | None:
+    length = response.headers.get("Content-Length")
+    return offset + int(length) if length is not None and length.isdigit() else None
+
+
+def _copy_with_progress(response: Any, handle: Any, name: str, done: int, expected: int | None,
+                        progress: Progress) -> None:
+    """Copy the body in 1 MiB chunks, with a progress line every PROGRESS_EVERY_SECONDS."""
+    last = time.monotonic()
+    while chunk := response.read(1 << 20):
+        handle.write(chunk)
+        done += len(chunk)
+        if time.monotonic() - last >= PROGRESS_EVERY_SECONDS:
+            last = time.monotonic()
+            share = f" ({100 * done / expected:3.0f}%)" if expected else ""
+            total = f"/{expected / 1e6:.1f}" if expected else ""
+            progress(f"  {name}: {done / 1e6:.1f}{total} MB{share}")
+
+
+def _check_download(partial: Path, expected: int | None, etag: str | None) -> None:
+    """A short file is kept (.part) for the next attempt to resume; a wrong sha256 (the server's LFS ETag, when
+    it sends one) is deleted."""
+    size = partial.stat().st_size
+    if expected is not None and size != expected:
+        raise OSError(f"{partial.name}: got {size} of {expected} bytes")
+    digest = (etag or "").strip('"').removeprefix("W/").strip('"').lower()
+    if re.fullmatch(r"[0-9a-f]{64}", digest) and sha256_file(partial) != digest:
+        partial.unlink()
+        raise OSError(f"{partial.name}: sha256 differs from the server's {digest[:12]}…; downloading again")
+
+
+def _write_checksum(path: Path) -> None:
+    path.with_name(path.name + ".sha256").write_text(sha256_file(path) + "\n")
+
+
+def _verified(target: Path) -> bool:
+    """A finished download whose recorded checksum still matches (a missing record is written now)."""
+    record = target.with_name(target.name + ".sha256")
+    if not record.exists():
+        _write_checksum(target)
+        return True
+    return record.read_text().strip() == sha256_file(target)
+
+
+def climbmix_urls(source: str) -> tuple[list[str], str]:
+    """'climbmix' or 'climbmix:N' -> (the URLs of N train shards, the URL of the pinned validation shard)."""
+    _, _, count = source.partition(":")
+    try:
+        shards = int(count) if count else CLIMBMIX_DEFAULT_SHARDS
+    except ValueError:
+        shards = 0
+    if not 1 <= shards < CLIMBMIX_VAL_SHARD:
+        raise DataError(f"{source!r}: give the number of train shards, e.g. climbmix:8 (1 to {CLIMBMIX_VAL_SHARD - 1}; "
+                        "about 0.1 GB to download each)")
+    base = (os.environ.get("AUTORESEARCH_CLIMBMIX_URL") or CLIMBMIX_URL).rstrip("/")
+    return [f"{base}/shard_{i:05d}.parquet" for i in range(shards)], f"{base}/shard_{CLIMBMIX_VAL_SHARD:05d}.parquet"
+
+
+def collect_pinned_split(source: str, download_dir: Path, progress: Progress = print) -> tuple[list[str], list[str]] | None:
+    """(train, val) documents of a source that pins its own validation shard (climbmix); None for other sources.
+    Shards keep their names in download_dir/climbmix, so a larger N downloads only the new ones."""
+    if source != "climbmix" and not source.startswith("climbmix:"):
+        return None
+    train_urls, val_url = climbmix_urls(source)
+    urls = [*train_urls, val_url]
+    files = _download_all(urls, download_dir / "climbmix", progress, names=[u.rsplit("/", 1)[1] for u in urls])
+    train = [doc for path in files[:-1] for doc in _parquet_documents(path) if doc.strip()]
+    val = [doc for doc in _parquet_documents(files[-1]) if doc.strip()]
+    progress(f"climbmix: {len(train)} train documents from {len(train_urls)} shards, {len(val)} val documents "
+             f"from the pinned shard {CLIMBMIX_VAL_SHARD}")
+    return train, val
+
+
+def _download_all(urls: list[str], cache_dir: Path, progress: Progress, names: list[str] | None = None) -> list[Path]:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    targets = [cache_dir / f"{i:05d}-{Path(url.split('?')[0]).name or 'shard.parquet'}" for i, url in enumerate(urls)]
+    if names is None:
+        names = [f"{i:05d}-{Path(url.split('?')[0]).name or 'shard.parquet'}" for i, url in enumerate(urls)]
+    targets = [cache_dir / name for name in names]
+    for target in targets:
+        if target.exists() and not _verified(target):
+            progress(f"{target.name} does not match its recorded sha256 (damaged): downloading it again")
+            target.unlink()
     done = 0
     with ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
         for _ in pool.map(lambda pair: _download(pair[0], pair[1], progress), zip(urls, targets, strict=True)):
@@ -302,8 +390,10 @@ def prepare_data(source: str, out_dir: str | Path, vocab_size: int = DEFAULT_VOC
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    documents = collect_documents(source, out_dir / ".downloads", progress)
-    fingerprint = hashlib.sha256(f"v{PREPARE_VERSION}:{vocab_size}:{SPLIT_PATTERN}".encode())
+    pinned = collect_pinned_split(source, out_dir / ".downloads", progress)  # climbmix: its own val shard
+    documents = [*pinned[0], *pinned[1]] if pinned else collect_documents(source, out_dir / ".downloads", progress)
+    split_rule = f"pinned:{len(pinned[1])}" if pinned else "hash"
+    fingerprint = hashlib.sha256(f"v{PREPARE_VERSION}:{vocab_size}:{SPLIT_PATTERN}:{split_rule}".encode())
     for doc in documents:
         fingerprint.update(hashlib.sha256(doc.encode("utf-8")).digest())
     input_sha256 = fingerprint.hexdigest()
@@ -311,8 +401,12 @@ def prepare_data(source: str, out_dir: str | Path, vocab_size: int = DEFAULT_VOC
         progress(f"{out_dir} is already prepared from these inputs: nothing to do")
         return out_dir
 
-    val_docs = [d for d in documents if is_val_document(d)]
-    train_docs = [d for d in documents if not is_val_document(d)]
+    if pinned:
+        val_docs, held_out = pinned[1], set(pinned[1])
+        train_docs = [d for d in pinned[0] if d not in held_out]  # a val document never trains, even if repeated
+    else:
+        val_docs = [d for d in documents if is_val_document(d)]
+        train_docs = [d for d in documents if not is_val_document(d)]
     if len(val_docs) < 1 or len(train_docs) < 2:
         raise DataError(f"{source!r} gave {len(documents)} documents, too few for a train and a val split: "
                         "use a source with more documents (e.g. more files, or a .jsonl with one text per line)")

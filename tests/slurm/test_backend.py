@@ -180,3 +180,35 @@ def test_account_not_allowed_is_a_clear_error_before_any_run(slurm_cluster: Slur
 def test_good_settings_pass_the_check(slurm_backend: SlurmBackend) -> None:
     """The cluster accepts the configured partition and account; `check` describes the partition."""
     assert slurm_backend.check().startswith("partition normal (UP")
+
+
+def test_candidate_cannot_forge_the_stage_verdict(slurm_backend: SlurmBackend, script_spec: SpecFactory,
+                                                  trainer_image: str) -> None:
+    """A candidate that writes a fake status file and looks for the job folder still ends `failed` by its exit."""
+    code = f"""
+import os, sys
+forged = "phase=done\\nstate=0 false\\n"
+open(os.path.join(sys.argv[1], "status"), "w").write(forged)
+jobs = {str(slurm_backend.jobs_dir)!r}
+print("job folder visible", os.path.exists(jobs))
+for path in (jobs, "/status"):
+    try:
+        open(os.path.join(path, "status") if path == jobs else path, "w").write(forged)
+        print("wrote", path)
+    except OSError as e:
+        print("denied", path, e.errno)
+raise SystemExit(7)
+"""
+    result = slurm_backend.run(script_spec(code, image=trainer_image))
+    assert result.status is RunStatus.FAILED and result.exit_code == 7, (result.error, result.output_tail)
+    assert "job folder visible False" in result.output_tail and "wrote" not in result.output_tail
+
+
+def test_output_flood_is_capped(slurm_backend: SlurmBackend, script_spec: SpecFactory, trainer_image: str) -> None:
+    """A candidate printing tens of megabytes (escape sequences included) yields a short, sanitized tail."""
+    code = "import sys\nfor _ in range(400000): sys.stdout.write('\\x1b[31mflood\\x07' * 16 + '\\n')\nprint('end')"
+    spec = script_spec(code, image=trainer_image)
+    result = slurm_backend.run(spec)
+    assert result.status is RunStatus.OK, result.error
+    assert len(result.output_tail.encode()) <= spec.limits.output_tail_bytes
+    assert "\x1b" not in result.output_tail and "\x07" not in result.output_tail and "end" in result.output_tail

@@ -64,8 +64,9 @@ def test_running_job_of_a_dead_daemon_is_cancelled_as_interrupted(slurm_backend:
     spec = script_spec("import time; time.sleep(300)", image=trainer_image, labels=_labels(), timeout_s=120)
     job_id = _abandon(slurm_backend, spec)
     reaped = {run.name: run for run in slurm_backend.reap(lambda owner: False)}
-    assert reaped[spec.name].action == "killed"
-    assert reaped[spec.name].result is not None and reaped[spec.name].result.status is RunStatus.INTERRUPTED
+    killed = reaped[spec.name]
+    assert killed.action == "killed" and killed.result is not None
+    assert killed.result.status is RunStatus.INTERRUPTED
     assert slurm_backend.client.job(job_id).state == "CANCELLED"  # type: ignore[union-attr]
 
 

@@ -111,7 +111,7 @@ class DataConfig(_Section):
 
 
 class SandboxConfig(_Section):
-    backend: Literal["auto", "docker", "local"] = "auto"
+    backend: Literal["auto", "docker", "local", "slurm"] = "auto"
     image: str = "autoresearch-trainer:latest"
     memory_gb: float = Field(16.0, gt=0)
     cpus: float = Field(0.0, ge=0, description="CPU quota per run; 0 = every CPU of the host (capped at that)")
@@ -122,12 +122,44 @@ class SandboxConfig(_Section):
     gpu_release_timeout_s: float = Field(60.0, ge=0)
 
 
+class SlurmConfig(_Section):
+    """The cluster backend (`[sandbox] backend = "slurm"`): each stage is one job; see deploy/slurm/README.md."""
+
+    shared_dir: Path | None = Field(None, description="directory every node sees at the same path; job files go "
+                                    "here (required for the slurm backend)")
+    node_paths: list[Path] = Field(default_factory=list, description="further directories the nodes see at the "
+                                   "same path (workspace, data, the trainer's install) when not under shared_dir")
+    partition: str = Field("", description="partition of the stage jobs; empty = the cluster's default")
+    qos: str = ""
+    account: str = ""
+    gres: str = Field("gpu:1", description="GPU request of each job (--gres); empty = CPU-only jobs")
+    max_jobs: int = Field(1, ge=1, le=1024, description="concurrent jobs = lanes (not the local GPU count)")
+    cpus_per_job: int = Field(4, ge=1, le=1024, description="CPUs each job asks for (and the container's quota)")
+    time_slack_s: float = Field(120.0, ge=0, description="added to a stage's limit for --time (container start/stop)")
+    poll_s: float = Field(2.0, gt=0, le=60)
+    extra_args: list[str] = Field(default_factory=list, description="more sbatch options, e.g. ['--constraint=h100']")
+    slurm_conf: Path | None = Field(None, description="SLURM_CONF for the client commands; default: theirs")
+    jobcomp_log: Path | None = Field(None, description="jobcomp/filetxt log: states of jobs slurmctld forgot")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _options_only(cls, value: list[str]) -> list[str]:
+        bad = [arg for arg in value if not arg.startswith("--") or "\n" in arg]
+        if bad:
+            raise ValueError(f"each extra sbatch argument must be one --option=value: {bad}")
+        return value
+
+
 class TrainingConfig(_Section):
     time_budget_s: float = Field(300.0, gt=0, description="training wall-clock budget per experiment")
     compile_budget_s: float = Field(120.0, ge=0, description="bounded warm-up (torch.compile) outside the budget")
     preset: Literal["auto", "gpu", "cpu", "tiny"] = "auto"
     startup_grace_s: float = Field(120.0, ge=0, description="imports, data loading, checkpoint save")
     eval_tokens: int = Field(0, ge=0, description="target tokens scored by the eval stage; 0 = the trainer's fixed default")
+    smoke: bool = Field(True, description="smoke-run every candidate first (tiny preset, seconds, CPU, same sandbox)")
+    smoke_budget_s: float = Field(2.0, gt=0, le=120, description="training seconds of a smoke run")
+    smoke_eval_tokens: int = Field(2048, ge=256, description="val tokens the smoke run's eval check scores")
+    smoke_repair_rounds: int = Field(2, ge=0, le=10, description="smoke failures sent back to the agent for repair")
 
 
 class ModelPrice(_Section):
@@ -172,6 +204,8 @@ class AgentConfig(_Section):
     thinking_budget_tokens: int = Field(6000, ge=1024, description="thinking budget (thinking = 'enabled'); < max_tokens")
     cache_ttl: Literal["5m", "1h"] = Field("1h", description="prompt cache lifetime of the stable prefix")
     ledger_tokens: int = Field(12000, ge=500, description="token budget of the ledger in the prompt")
+    continue_line: bool = Field(True, description="a new session continues the research line (its best, ledger, "
+                                "notebook); false: every session starts over from the workspace train.py")
 
     @model_validator(mode="after")
     def _read_key_file(self) -> AgentConfig:
@@ -281,6 +315,26 @@ class MetricsConfig(_Section):
     port: int = Field(9464, ge=0, le=65535)
 
 
+class ReportConfig(_Section):
+    """The morning report the daemon writes when a session ends (`<workspace>/reports/session-<id>/`)."""
+
+    on_session_end: bool = Field(True, description="write the report when a session of the daemon ends")
+    webhook_url: SecretStr | None = Field(None, description="POST the report's summary here (JSON), if set")
+    webhook_url_file: Path | None = Field(None, description="a file holding webhook_url (it may carry a token)")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _read_webhook_file(self) -> ReportConfig:
+        if self.webhook_url_file is not None:
+            if self.webhook_url is not None:
+                raise ValueError("set report.webhook_url or report.webhook_url_file, not both")
+            object.__setattr__(self, "webhook_url",
+                               SecretStr(_read_secret_file(self.webhook_url_file, "report.webhook_url_file")))
+        if self.webhook_url is not None and not self.webhook_url.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("report.webhook_url must be an http:// or https:// URL")
+        return self
+
+
 class Settings(BaseSettings):
     """All settings of the daemon. Build with `load_settings`, which turns errors into `ConfigError`."""
 
@@ -303,6 +357,19 @@ class Settings(BaseSettings):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _slurm_complete(self) -> Settings:
+        if self.sandbox.backend == "slurm":
+            if self.slurm.shared_dir is None:
+                raise ValueError("sandbox.backend is 'slurm' but slurm.shared_dir is not set (a directory every "
+                                 "node sees at the same path)")
+            if self.gpus:
+                raise ValueError("gpus lists local GPU UUIDs, but with the slurm backend Slurm picks the GPUs: "
+                                 "remove gpus and set slurm.max_jobs and slurm.gres")
+        return self
 
     # The TOML path is a class-level hook because pydantic-settings builds sources per class.
     _toml_path: ClassVar[Path | None] = None
@@ -327,7 +394,8 @@ class Settings(BaseSettings):
 
     def public_snapshot(self) -> dict[str, Any]:
         """The settings as JSON data with every secret left out or masked: what a session stores in the DB."""
-        data = self.model_dump(mode="json", exclude={"agent": {"api_key", "api_key_file"}})
+        data = self.model_dump(mode="json", exclude={"agent": {"api_key", "api_key_file"},
+                                                     "report": {"webhook_url", "webhook_url_file"}})
         database = data["database"]
         database["url"] = self.database.public_url
         database.pop("url_file", None)

@@ -95,3 +95,14 @@ def test_queued_job_with_our_labels_but_no_folder_is_cancelled(slurm_backend: Sl
     assert reaped[spec.name].action == "removed"
     _wait_final(slurm_backend, job_id)
     assert slurm_backend.client.job(job_id).state == "CANCELLED"  # type: ignore[union-attr]
+
+
+def test_orphan_never_outlives_its_time_limit(slurm_backend: SlurmBackend, script_spec: SpecFactory,
+                                              trainer_image: str) -> None:
+    """With no daemon watching, a stage over its limit is still ended on the node; the restart collects a timeout."""
+    spec = script_spec("import time; print('sleeping', flush=True); time.sleep(300)", image=trainer_image,
+                       labels=_labels(), timeout_s=3)
+    _wait_final(slurm_backend, _abandon(slurm_backend, spec), timeout=90)
+    run = {run.name: run for run in slurm_backend.reap(lambda owner: False)}[spec.name]
+    assert run.action == "collected" and run.result is not None
+    assert run.result.status is RunStatus.TIMEOUT and "sleeping" in run.result.output_tail

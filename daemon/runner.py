@@ -11,22 +11,21 @@ import contextlib
 import json
 import math
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.replay import ReplayGuard
 from sandbox import labels
 from sandbox.base import Backend
 from sandbox.gpu import GpuProbe, wait_for_gpu_release
-from sandbox.outfiles import is_safe_regular_file
+from sandbox.outfiles import is_safe_regular_file, out_dir_bytes, remove_tree
 from sandbox.sanitize import clean_line, clean_summary, clean_text
 from sandbox.spec import Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
 from trainer.compile_cache import CACHE_ENV, PUBLISH_ENV, PUBLISHED_DIR, harvest
 
 TRAINER_TARGET = "/opt/autoresearch/trainer"
-CACHE_TARGET = "/cache"  # the lane's compile cache, read-only
 # The harness's time rules (trainer/harness.py, which imports no daemon code): exit 5 is "over budget", and
 # the container may not outlive budget x (1 + tolerance) + compile budget + start-up + export + this grace.
 EXIT_OVER_BUDGET = 5
@@ -34,9 +33,14 @@ BUDGET_TOLERANCE = 0.05
 STARTUP_SECONDS = 30.0
 EXPORT_SECONDS = 60.0
 CONTAINER_GRACE_SECONDS = 15.0
+EXIT_OUT_QUOTA = 6               # the harness killed a candidate whose out dir passed its total quota
+OUT_QUOTA_BYTES = 16 * 1024**3   # as trainer/harness.py; AUTORESEARCH_OUT_QUOTA overrides both
+OUT_QUOTA_SLACK_BYTES = 64 * 1024**2
+CACHE_TARGET = "/cache"  # the lane's compile cache, read-only
 CHECKPOINT_NAME = "model.pt2"
 # Only these reach the candidate; AUTORESEARCH_EVAL_TOKENS is for the eval stage alone.
-TRAIN_ENV_KEYS = ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_COMPILE_BUDGET", "AUTORESEARCH_PRESET")
+TRAIN_ENV_KEYS = ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_COMPILE_BUDGET", "AUTORESEARCH_PRESET",
+                  "AUTORESEARCH_OUT_QUOTA")
 EVAL_ENV_KEYS = ("AUTORESEARCH_EVAL_TOKENS",)
 TRAIN_COMMAND = ("python3", "-m", "trainer.harness", "train", "--candidate", "/candidate/train.py",
                  "--data", "/data", "--out", "/out")
@@ -125,6 +129,7 @@ class StageRunner:
         self.train_env = {k: v for k, v in env.items() if k in TRAIN_ENV_KEYS}
         self.eval_env = {k: v for k, v in env.items() if k in EVAL_ENV_KEYS}
         self.gpu_probe = gpu_probe
+        self.replays = ReplayGuard()
         self.gpu_release_timeout_s = gpu_release_timeout_s
         # The torch.compile cache: read-only in every train stage. Only a run of the shipped baseline (the
         # trusted trainer_dir/train.py, byte for byte) fills it; an agent's code, even a kept one, never does.
@@ -165,6 +170,24 @@ class StageRunner:
             return True
         return wait_for_gpu_release(self.gpu_probe, gpu_uuid, timeout_s=self.gpu_release_timeout_s)
 
+    def _remove(self, folder: Path) -> None:
+        """Remove a run folder whatever the sandbox left in it; the backend purges what this user cannot."""
+        if not remove_tree(folder) and hasattr(self.backend, "purge"):
+            with contextlib.suppress(Exception):  # a purge that fails leaves a folder, never a failed run
+                self.backend.purge(folder, self.image)
+            remove_tree(folder)
+
+    def _over_quota(self, train: RunResult, train_out: Path) -> str | None:
+        """Why the train stage's out dir is over its total quota (the harness kills at the quota and exits 6;
+        the size is also measured here, from outside)."""
+        quota = _finite_setting(self.train_env.get("AUTORESEARCH_OUT_QUOTA")) or OUT_QUOTA_BYTES
+        if train.status is RunStatus.FAILED and train.exit_code == EXIT_OUT_QUOTA:
+            return "train stage out dir over its total quota: the harness stopped the candidate"
+        used = out_dir_bytes(train_out)
+        if used > quota + OUT_QUOTA_SLACK_BYTES:
+            return f"train stage out dir holds {used} bytes, over its total quota of {quota:.0f} bytes"
+        return None
+
     def _over_budget(self, train: RunResult, train_json: dict[str, Any]) -> str | None:
         """Why a train stage that ran to its end is over budget (None: it is not). The harness's exit status
         says so from inside the container; the container's wall time, measured here, bounds it from outside
@@ -189,7 +212,7 @@ class StageRunner:
             cancel: Cancel | None = None, on_stage: Callable[[str], None] | None = None) -> StageOutcome:
         run_dir = self.work_dir / f"{experiment_id}-{attempt}"
         # A retry after a crash starts from a clean folder: half-written outputs must not leak in.
-        shutil.rmtree(run_dir, ignore_errors=True)
+        self._remove(run_dir)
         candidate_dir = run_dir / "candidate"
         candidate_dir.mkdir(parents=True)
         (candidate_dir / "train.py").write_text(source)
@@ -221,7 +244,7 @@ class StageRunner:
             # Everything needed was read into the results: drop what the candidate wrote (checkpoints are
             # large, and a hostile candidate may have filled its out dir), keep the small candidate/ folder.
             for out_dir in (train_out, eval_out):
-                shutil.rmtree(out_dir, ignore_errors=True)
+                self._remove(out_dir)
             tail = train.output_tail if eval_result is None or eval_result.ok else (
                 f"{train.output_tail}\n--- eval ---\n{eval_result.output_tail}")
             # Everything that came out of the sandbox is cleaned and bounded here (sandbox.sanitize): the store,
@@ -233,6 +256,8 @@ class StageRunner:
 
         if (over := self._over_budget(train, train_json)) is not None:
             return finish("timeout", over)
+        if (quota := self._over_quota(train, train_out)) is not None:
+            return finish("crashed", quota)
         if not train.ok:
             reason = _stage_failure("train", train)
             return finish(_TRAIN_STATUS[train.status], reason)
@@ -264,4 +289,7 @@ class StageRunner:
         if result.get("status") != "ok" or val_bpb is None or probe != "passed":
             why = str(result.get("error") or "") or f"eval judged the checkpoint invalid (probe: {probe or 'missing'})"
             return finish("invalid", why, eval_result=evaluation, probe=probe, eval_seconds=eval_seconds)
+        replay = self.replays.check(source, seed, str(result.get("checkpoint_sha256", "")), val_bpb)
+        if replay:
+            return finish("invalid", replay, eval_result=evaluation, probe=probe, eval_seconds=eval_seconds)
         return finish("ok", "", eval_result=evaluation, val_bpb=val_bpb, probe=probe, eval_seconds=eval_seconds)

@@ -5,9 +5,28 @@ hostile but unprivileged code that wants to (a) fake a good result, (b) reach th
 (c) damage or read the host, (d) exhaust shared resources, or (e) outlive its run.
 
 Covered by the Docker backend:
-- Faked results: metrics come only from the eval stage's `result.json`, written by the trusted harness
-  in a second container that mounts the checkpoint read-only and the VAL split; the train stage never
-  sees the VAL split. Printed summaries are informational.
+- Faked results (issue #11): metrics come only from the eval stage's `result.json`, written by the trusted
+  harness in a second container that mounts the checkpoint read-only and the VAL split; the train stage
+  never sees the VAL split's files. Printed summaries are informational. Against a candidate that wants a
+  val_bpb its model did not earn:
+  * the checkpoint is data until validated by allow-list before torch.export.load reads it
+    (trainer.checkpoint_check): pure ATen ops only (no file I/O such as from_file, no randomness, no in-place,
+    out= or higher-order ops), every symbolic-shape string in a strict integer-arithmetic grammar (torch
+    would hand it to sympy, which evaluates Python), no mutated buffers or inputs (no state across calls),
+    size and node caps; unpickling is refused during the load;
+  * every scored row is probed: each scoring batch has a same-shape twin (rows re-ordered, each cut at an
+    unpredictable point, column 0 and the last position included) run in a random order through the same
+    call; log-probabilities that the cut must not affect may drift 1e-3 nats at most, else `invalid`. A peek
+    at a fraction f of positions escapes with probability about (1 - 3f/4) per scored row;
+  * the harness owns time (marker lines split start-up/compile, training and export by its clock; a clean run
+    over budget exits 5 and is `timeout`), and the daemon bounds the train container's wall time from outside;
+  * a scored result bit-identical (checkpoint SHA-256 or exact val_bpb) to the same source's run under
+    another seed is refused as a replay (daemon.replay), so noise-floor and confirmation runs stay real;
+  * everything that leaves the sandbox (file names, summary numbers, output and error text) and the agent's
+    descriptions pass sandbox.sanitize before the store, git, prompts, the status page or a terminal;
+  * the out dir has a total quota (bytes and entries, enforced by the harness and measured again by the
+    daemon) on top of the per-file size limit, and clean-up survives any permissions the sandbox left
+    (remove_tree, then a purge container running as the sandbox uid).
 - Network: `network_mode=none` (no interface but loopback: no egress, no DNS, no bridge gateway).
 - Host filesystem: read-only root, data/trainer/candidate mounted read-only, only the per-run out dir
   writable; out files are read back with O_NOFOLLOW and size caps (symlinks and special files refused).
@@ -19,6 +38,21 @@ Covered by the Docker backend:
   name; it is removed after the run and the reaper reconciles what a crashed daemon left.
 
 Not covered:
+- Faked results, what remains: (1) the trusted scorer and the untrusted exported program share one process
+  in the eval container (the program is validated data, executed by torch's own kernels, but a kernel or
+  deserializer bug would put it next to the val tokens and result.json). The planned separation: the eval
+  container starts as root with only SETUID/SETGID kept and no-new-privileges; the scorer keeps the tokens,
+  the randomness and /out, and forks an inference child that drops to an unprivileged uid with no read
+  access to /data and /out, fed batches and returning logits through shared memory (on a GPU: CUDA IPC
+  handles, since 2^19 tokens x vocab 8192 of logits cannot cross a pipe); a compromised child could then at
+  worst return wrong logits for the inputs it is given, which the probe judges. Not built yet. (2) The harness
+  and the candidate share uid 1000 in the train container: the candidate can signal the harness or write
+  train.json; the exit status and the daemon's outside wall-clock bound are what is trusted. (3) Time before
+  the start line (start-up/compilation) is capped, not verified: a candidate may train during it, up to the
+  compile budget + 30 s. (4) A peek at very few positions can escape the probe with the probability above.
+  (5) The val split of the embedded `stdlib` source comes from the same standard library the train image
+  ships: a candidate can rebuild those documents (issue #11 class 5, not fixed; use a downloaded source).
+  (6) Replay memory is per daemon process; a restart forgets earlier seeds.
 - Kernel, runc or NVIDIA driver exploits (container escape); use gVisor/Kata or a VM where that matters.
 - GPU side channels and GPU memory left by a killed context (we wait for NVML to show it released and
   quarantine the GPU otherwise, but cannot scrub it).

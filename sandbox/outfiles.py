@@ -7,7 +7,9 @@ sub-directories are refused; files over the cap stay on disk unread (the checkpo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,3 +99,41 @@ def prepare_out_dir(out_dir: Path, uid: int = 1000, gid: int = 1000) -> None:
     if os.geteuid() == 0:
         os.chown(out_dir, uid, gid)
     os.chmod(out_dir, 0o770 if os.geteuid() == 0 else 0o777)
+
+
+def out_dir_bytes(out_dir: Path) -> int:
+    """Bytes allocated under `out_dir` (never following symlinks; unreadable folders count as empty)."""
+    total = 0
+    for root, dirs, files in os.walk(out_dir, followlinks=False):
+        for name in (*dirs, *files):
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
+def remove_tree(path: Path) -> bool:
+    """Remove `path` whatever permissions the sandbox left inside (folders are made writable and searchable
+    first, as far as this user may); True when it is gone."""
+    if not os.path.lexists(path):
+        return True
+    for root, dirs, _files in os.walk(path, followlinks=False):
+        for name in dirs:
+            full = os.path.join(root, name)
+            try:
+                if not os.path.islink(full):
+                    os.chmod(full, 0o700)
+            except OSError:
+                continue
+    for _ in range(2):  # a second pass for folders that became walkable only after the first chmod
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return True
+        for root, dirs, _files in os.walk(path, followlinks=False):
+            for name in dirs:
+                with contextlib.suppress(OSError):
+                    os.chmod(os.path.join(root, name), 0o700)
+    return not os.path.lexists(path)

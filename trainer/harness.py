@@ -12,8 +12,9 @@ does not need it, and the candidate pays for its own import.
 The harness owns time: it splits the candidate's run at the marker lines (trainer.layout) by its own
 clock and a clean run over budget exits 5 (the daemon records `timeout`, never a score).
 Exit codes: 0 ok (eval: result.json written, even for `invalid`), 3 wrong split visible,
-2 bad arguments, 4 no checkpoint after a clean train run, 5 over budget, 1 eval crashed; train otherwise
-passes the candidate's own exit status on.
+2 bad arguments, 4 no checkpoint after a clean train run, 5 over budget, 6 out dir over its total quota
+(the candidate is killed when it passes it), 1 eval crashed; train otherwise passes the candidate's own
+exit status on.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ EXIT_CRASH, EXIT_USAGE, EXIT_WRONG_SPLIT, EXIT_NO_CHECKPOINT, EXIT_OVER_BUDGET =
 BUDGET_TOLERANCE = 0.05        # training may run this fraction past its budget (plus one second of clock slack)
 STARTUP_SECONDS = 30.0         # imports, data and model set-up, on top of the compile budget
 EXPORT_SECONDS = 60.0          # from the export line to the exit
+EXIT_OUT_QUOTA = 6
+OUT_QUOTA_BYTES = 16 * 1024**3 # the out dir in total (each file is also capped by the sandbox's fsize limit)
+OUT_QUOTA_ENTRIES = 10_000
+QUOTA_POLL_SECONDS = 0.5
 OUTPUT_TAIL_BYTES = 64 * 1024  # of the candidate's output kept for the summary block
 DRAIN_SECONDS = 2.0            # reading what is still in the pipe after the candidate exited
 POLL_SECONDS = 0.1
@@ -183,6 +188,50 @@ class OutputRelay(threading.Thread):
         self.join(DRAIN_SECONDS + 1.0)
 
 
+def _out_quota(env: Mapping[str, str]) -> tuple[int, int]:
+    """(bytes, entries) the out dir may hold in total (AUTORESEARCH_OUT_QUOTA overrides the bytes)."""
+    raw = env.get("AUTORESEARCH_OUT_QUOTA", "").strip()
+    return (int(raw) if raw.isdigit() else OUT_QUOTA_BYTES), OUT_QUOTA_ENTRIES
+
+
+def out_dir_usage(out_dir: Path, max_entries: int) -> tuple[int, int]:
+    """(bytes, entries) under `out_dir`, never following symlinks; stops counting past max_entries."""
+    total, entries, stack = 0, 0, [str(out_dir)]
+    while stack and entries <= max_entries:
+        folder = stack.pop()
+        with contextlib.suppress(OSError):  # a folder the candidate locked (chmod 000) is ours to reopen
+            if not os.access(folder, os.R_OK | os.X_OK):
+                os.chmod(folder, 0o700)
+        try:
+            with os.scandir(folder) as listing:
+                for entry in listing:
+                    entries += 1
+                    with contextlib.suppress(OSError):
+                        info = entry.stat(follow_symlinks=False)
+                        total += info.st_blocks * 512 if hasattr(info, "st_blocks") else info.st_size
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+        except OSError:  # still unreadable: it counts as the one entry it is
+            continue
+    return total, entries
+
+
+def _wait_within_quota(child: subprocess.Popen[bytes], out_dir: Path, quota: tuple[int, int]) -> tuple[int, str]:
+    """Wait for the candidate; kill its session if the out dir passes the total quota. (returncode, problem)."""
+    limit_bytes, limit_entries = quota
+    while True:
+        try:
+            return child.wait(timeout=QUOTA_POLL_SECONDS), ""
+        except subprocess.TimeoutExpired:
+            pass
+        used, entries = out_dir_usage(out_dir, limit_entries)
+        if used > limit_bytes or entries > limit_entries:
+            _kill_session(child.pid)
+            returncode = child.wait()
+            return returncode, (f"the candidate wrote {used} bytes in {entries} entries under its out dir, over the "
+                                f"quota of {limit_bytes} bytes and {limit_entries} entries")
+
+
 def _kill_session(pid: int) -> None:
     # The candidate leads its own session and process group: this takes every process it started
     # (except one that made itself a new session; the container's end takes that one).
@@ -222,7 +271,7 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
     relay.start()
     try:
         # The stage ends when the candidate PROCESS exits, not when its output pipe closes.
-        returncode = child.wait()
+        returncode, quota_problem = _wait_within_quota(child, out_dir, _out_quota(os.environ))
         ended = time.monotonic()
         wall_seconds = ended - started
     finally:
@@ -240,7 +289,10 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
     over_budget = rules.verdict(phases) if rules is not None else ""
     write_json(out_dir / "train.json", {"wall_seconds": round(wall_seconds, 3), "exit_code": exit_code,
                                         "checkpoint": checkpoint.exists(), "summary": summary, "phases": phases,
-                                        "over_budget": over_budget})
+                                        "over_budget": over_budget, "out_quota": quota_problem})
+    if quota_problem:
+        print(f"out dir over quota: {quota_problem}", flush=True)
+        return EXIT_OUT_QUOTA
     if over_budget and exit_code == 0:
         # The exit status is the harness's own channel to the daemon (train.json sits in a folder the
         # candidate could write): over budget is never scored, whatever the candidate wrote.

@@ -282,6 +282,34 @@ def test_bad_budget_setting_is_refused(prepared_data: Path, tmp_path: Path) -> N
     assert completed.returncode == harness.EXIT_USAGE and not (tmp_path / "train.json").exists()
 
 
+def test_out_dir_over_its_total_quota_stops_the_candidate(prepared_data: Path, tmp_path: Path) -> None:
+    """Many files under the per-file cap but over the total quota: the candidate is killed, exit 6."""
+    candidate = tmp_path / "train.py"
+    candidate.write_text("import os, time\nfrom pathlib import Path\nout = Path(os.environ['AUTORESEARCH_OUT_DIR'])\n"
+                         "for i in range(12):\n    (out / f'f{i}').write_bytes(os.urandom(1 << 20))\n"
+                         "time.sleep(30)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), AUTORESEARCH_OUT_QUOTA=str(4 << 20))
+    completed = subprocess.run([sys.executable, "-m", "trainer.harness", "train", "--candidate", str(candidate),
+                                "--data", str(prepared_data / "train"), "--out", str(tmp_path / "out")],
+                               env=env, text=True, capture_output=True, timeout=120, check=False)
+    assert completed.returncode == harness.EXIT_OUT_QUOTA, completed.stdout
+    assert "quota" in json.loads((tmp_path / "out" / "train.json").read_text())["out_quota"]
+
+
+def test_out_dir_usage_counts_locked_folders(tmp_path: Path) -> None:
+    """A folder chmod 000 by the candidate (same user) is reopened and counted."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "data").write_bytes(b"x" * 100_000)
+    locked.chmod(0)
+    try:
+        used, entries = harness.out_dir_usage(tmp_path, 100)
+    finally:
+        locked.chmod(0o700)
+    assert used >= 100_000 and entries == 2
+
+
 def test_train_stage_does_not_import_torch() -> None:
     """The harness and the train stage's helpers load without torch (the candidate pays for its own)."""
     code = "import sys, trainer.harness; sys.exit('torch' in sys.modules)"

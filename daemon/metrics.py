@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "autoresearch_"
@@ -86,6 +86,36 @@ class _LaneBusyTime(Collector):
         yield family
 
 
+class _KnownGauge(Collector):
+    """A gauge absent from /metrics until its value is known: a 0 before the baseline is measured would
+    read as a real val_bpb on a dashboard and in alert rules."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self._lock = threading.Lock()
+        self._value: float | None = None
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value = float(value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._value = None
+
+    def get(self) -> float | None:
+        with self._lock:
+            return self._value
+
+    def describe(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterable[Metric]:
+        value = self.get()
+        if value is not None:
+            yield GaugeMetricFamily(self.name, self.documentation, value=value)
+
+
 class Metrics:
     """All metrics of one daemon process, registered on `self.registry`."""
 
@@ -106,11 +136,20 @@ class Metrics:
         self.experiments_total = Counter(
             f"{p}experiments", "Experiments finished, by final status", ["status", "lane", "kind"], registry=reg
         )
-        self.best_val_bpb = Gauge(f"{p}best_val_bpb", "Best val_bpb of the current session", registry=reg)
-        self.baseline_val_bpb = Gauge(f"{p}baseline_val_bpb", "Baseline val_bpb of the current session", registry=reg)
+        self.best_val_bpb = _KnownGauge(f"{p}best_val_bpb", "Best val_bpb of the current session (absent until known)")
+        self.baseline_val_bpb = _KnownGauge(f"{p}baseline_val_bpb",
+                                            "Baseline val_bpb of the current session (absent until measured)")
+        reg.register(self.best_val_bpb)
+        reg.register(self.baseline_val_bpb)
         self.last_val_bpb = Gauge(f"{p}last_val_bpb", "val_bpb of the lane's last evaluated experiment", ["lane"],
                                   registry=reg)
-        self.noise_std_bpb = Gauge(f"{p}noise_std_bpb", "Standard deviation of repeated baseline runs", registry=reg)
+        self.noise_std_bpb = _KnownGauge(f"{p}noise_std_bpb",
+                                         "Standard deviation of repeated baseline runs (absent until measured)")
+        reg.register(self.noise_std_bpb)
+        self.lane_info_gauge = Gauge(f"{p}lane_info", "1 per lane, naming its GPU by UUID and NVML index",
+                                     ["lane", "gpu_uuid", "gpu_index"], registry=reg)
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds... of the daemon itself
+        ProcessCollector(registry=reg)
         self.experiment_duration = Histogram(
             f"{p}experiment_duration_seconds", "Wall time of one experiment, claim to verdict", ["lane"],
             buckets=_EXPERIMENT_BUCKETS, registry=reg,
@@ -184,6 +223,10 @@ class Metrics:
         """A sandbox stage (`train`/`eval`) ended: its wall time and the part not spent in the trainer."""
         self.stage_duration.labels(stage).observe(seconds)
         self.sandbox_overhead.labels(stage).observe(max(overhead_s, 0.0))
+
+    def lane_info(self, lane: str, gpu_uuid: str | None, gpu_index: int | None) -> None:
+        """Tie a lane to its GPU (`none` for a CPU lane or an unknown index)."""
+        self.lane_info_gauge.labels(lane, gpu_uuid or "none", "none" if gpu_index is None else str(gpu_index)).set(1)
 
     def lane_busy(self, lane: str, busy: bool) -> None:
         """A lane started (True) or stopped (False) running an experiment."""

@@ -200,6 +200,8 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
     from daemon import __version__
 
     indexes = gpu_indexes(probe)
+    for lane in lanes:
+        metrics.lane_info(lane.name, lane.gpu_uuid, indexes.get(lane.gpu_uuid or ""))
     facts = DaemonFacts(instance=settings.instance_name, owner=owner, version=__version__,
                         lanes=[LaneInfo(lane.name, lane.gpu_uuid, indexes.get(lane.gpu_uuid or "")) for lane in lanes],
                         cost=lambda: (float(store.cost_since(sink.since)), sink.since),

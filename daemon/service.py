@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from daemon.config import Settings
+from daemon.http import Heartbeat
 from daemon.logs import get_logger
 from daemon.notify import SystemdNotifier
 from daemon.research import ResearchSession
@@ -23,6 +24,15 @@ from daemon.scheduler import Scheduler, SystemClock, Window
 from daemon.stop import StopCondition
 
 log = get_logger("autoresearch.service")
+
+
+def loop_alive(heartbeat: Heartbeat, watchdog_interval_s: float | None) -> bool:
+    """The watchdog's rule: the main loop beat within half of WatchdogSec (the ping interval), so a hung
+    loop is caught by systemd within WatchdogSec, not only after the (longer) /healthz limit."""
+    age = heartbeat.age()
+    if age is None:
+        return False
+    return age <= (watchdog_interval_s if watchdog_interval_s is not None else heartbeat.max_age_s)
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class Service:
         self.clock = SystemClock()
         self.triggers: queue.Queue[_Trigger] = queue.Queue()
         self.shutdown = threading.Event()
+        self.notifier = SystemdNotifier.from_environ()
         self.current_stop: StopCondition | None = None
         self.orphans = runtime.reconciled.interrupted  # redone once, by the first session
         gpu_uuids = [lane.gpu_uuid for lane in runtime.lanes if lane.gpu_uuid is not None]
@@ -52,6 +63,9 @@ class Service:
             gpu_uuids=gpu_uuids or None, metrics=runtime.metrics)
 
     def on_signal(self, signum: int, _frame: object) -> None:
+        if not self.shutdown.is_set():  # STOPPING=1 at once: systemd shows "deactivating" during the grace
+            self.notifier.stopping(f"{signal.Signals(signum).name}: finishing the running experiments "
+                                   f"(grace {self.settings.scheduler.grace_s:g} s)")
         self.shutdown.set()
         stop = self.current_stop
         if stop is not None:
@@ -74,7 +88,7 @@ class Service:
                 return
 
     def serve(self) -> int:
-        notifier = SystemdNotifier.from_environ()
+        notifier = self.notifier
         threading.Thread(target=self._watch_lock, name="lock-watch", daemon=True).start()
         self.scheduler.start()
         upcoming = self.scheduler.next_window()
@@ -83,7 +97,8 @@ class Service:
         log.info("daemon ready", lanes=[lane.name for lane in self.runtime.lanes],
                  next_window=upcoming.start.isoformat() if upcoming is not None else None)
         self.runtime.heartbeat.beat()
-        watchdog = notifier.start_watchdog(self.runtime.heartbeat.fresh)  # the same rule as /healthz
+        watchdog = notifier.start_watchdog(
+            lambda: loop_alive(self.runtime.heartbeat, notifier.watchdog_interval_s))
         try:
             while not self.shutdown.is_set():
                 self.runtime.heartbeat.beat()
@@ -122,6 +137,10 @@ class Service:
         try:
             summary = session.run(stop)
             log.info("session done", session=summary.session_id, reason=summary.stop_reason, status=summary.status)
+            if self.settings.report.on_session_end:
+                from daemon.morning import finish_session
+
+                finish_session(runtime.store, runtime.workspace.reports_dir, summary, self.settings.report)
         finally:
             self.current_stop = None
             runtime.metrics.window(False)

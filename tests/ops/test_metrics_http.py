@@ -42,6 +42,7 @@ CONTRACT_METRICS = {
     "autoresearch_window_started_timestamp_seconds": ("gauge", set()),
     "autoresearch_training_budget_seconds": ("gauge", set()),
     "autoresearch_build_info": ("gauge", {"version", "python", "torch"}),
+    "autoresearch_lane_info": ("gauge", {"lane", "gpu_uuid", "gpu_index"}),
 }
 
 
@@ -57,6 +58,7 @@ def exercised_metrics(monotonic: Callable[[], float] | None = None) -> Metrics:
     kwargs = {"monotonic": monotonic} if monotonic is not None else {}
     metrics = Metrics(training_budget_s=300.0, cost_cap_usd=20.0, **kwargs)
     metrics.window(True, datetime(2026, 11, 2, 22, 0, tzinfo=timezone.utc))
+    metrics.lane_info("gpu0", "GPU-0", 0)
     metrics.lane_busy("gpu0", True)
     metrics.stage_finished("train", 310.0, 1.5)
     metrics.experiment_finished("candidate", "kept", "gpu0", 0.99, 340.0)
@@ -112,7 +114,7 @@ def test_every_contract_metric_is_exposed_with_its_type_and_labels() -> None:
         assert family.type == kind, name
         sample_labels = {k for s in family.samples for k in s.labels if k not in ("le",)}
         assert sample_labels == labels, name
-    assert {n for n in found if not n.endswith("_created")} == set(CONTRACT_METRICS)
+    assert {n for n in found if n.startswith("autoresearch_") and not n.endswith("_created")} == set(CONTRACT_METRICS)
 
 
 def test_metrics_use_their_own_registry() -> None:

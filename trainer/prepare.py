@@ -214,9 +214,50 @@ def climbmix_urls(source: str) -> tuple[list[str], str]:
     return [f"{base}/shard_{i:05d}.parquet" for i in range(shards)], f"{base}/shard_{CLIMBMIX_VAL_SHARD:05d}.parquet"
 
 
+# The embedded `stdlib` source draws its val documents only from parts of the standard library that Debian's
+# python3 (the trainer image's interpreter) does not ship: the train container must not hold a val document.
+# (tests/redteam/test_redteam_val_split.py searches the whole train container for them.)
+STDLIB_VAL_ONLY_DIRS = ("idlelib", "tkinter", "turtledemo")
+STDLIB_SHIPPED_TESTS = {"test_support.py"}  # Debian's libpython3.x-stdlib ships these under test/
+STDLIB_VAL_PER_MILLE = 250  # of the val-only pool (by content hash): about 3 MB of text, the rest trains
+
+
+def _hash_per_mille(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") % 1000
+
+
+def _stdlib_val_pool(root: Path) -> list[Path]:
+    pool = [p for folder in STDLIB_VAL_ONLY_DIRS for p in (root / folder).rglob("*.py")]
+    pool += [p for p in (root / "test").rglob("test_*.py")
+             if p.name not in STDLIB_SHIPPED_TESTS and "support" not in p.relative_to(root).parts]
+    return sorted(p for p in pool if "__pycache__" not in p.parts)
+
+
+def _stdlib_pinned_split(progress: Progress) -> tuple[list[str], list[str]]:
+    """(train, val) documents of the embedded source: val is a content-hash sample of the val-only pool."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    pool = _stdlib_val_pool(root)
+    pooled = set(pool)
+    pool_docs = [doc for path in pool for doc in _text_documents(path) if doc.strip()]
+    val = [doc for doc in pool_docs if _hash_per_mille(doc) < STDLIB_VAL_PER_MILLE]
+    if not val:
+        raise DataError(f"the standard library at {root} has none of {', '.join(STDLIB_VAL_ONLY_DIRS)} or its "
+                        "test suite, which the `stdlib` source's val split is drawn from (the trainer image ships "
+                        "the rest): install them (e.g. the python3 test suite) or use another data source")
+    held_out = set(val)
+    train = [doc for path in _stdlib_files() if path not in pooled for doc in _text_documents(path) if doc.strip()]
+    train += [doc for doc in pool_docs if doc not in held_out]
+    progress(f"stdlib: {len(train)} train documents, {len(val)} val documents drawn only from "
+             f"{', '.join(STDLIB_VAL_ONLY_DIRS)} and test/ (absent from the trainer image)")
+    return train, val
+
+
 def collect_pinned_split(source: str, download_dir: Path, progress: Progress = print) -> tuple[list[str], list[str]] | None:
-    """(train, val) documents of a source that pins its own validation shard (climbmix); None for other sources.
+    """(train, val) documents of a source that pins its own validation split (climbmix's val shard, stdlib's
+    val-only parts); None for other sources.
     Shards keep their names in download_dir/climbmix, so a larger N downloads only the new ones."""
+    if source == "stdlib":
+        return _stdlib_pinned_split(progress)
     if source != "climbmix" and not source.startswith("climbmix:"):
         return None
     train_urls, val_url = climbmix_urls(source)

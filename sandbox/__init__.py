@@ -24,6 +24,8 @@ Covered by the Docker backend:
     another seed is refused as a replay (daemon.replay), so noise-floor and confirmation runs stay real;
   * everything that leaves the sandbox (file names, summary numbers, output and error text) and the agent's
     descriptions pass sandbox.sanitize before the store, git, prompts, the status page or a terminal;
+  * the val split is unreadable from the train stage for every source, the embedded `stdlib` one included
+    (its val documents come only from stdlib parts absent from the trainer image);
   * the out dir has a total quota (bytes and entries, enforced by the harness and measured again by the
     daemon) on top of the per-file size limit, and clean-up survives any permissions the sandbox left
     (remove_tree, then a purge container running as the sandbox uid).
@@ -50,9 +52,11 @@ Not covered:
   train.json; the exit status and the daemon's outside wall-clock bound are what is trusted. (3) Time before
   the start line (start-up/compilation) is capped, not verified: a candidate may train during it, up to the
   compile budget + 30 s. (4) A peek at very few positions can escape the probe with the probability above.
-  (5) The val split of the embedded `stdlib` source comes from the same standard library the train image
-  ships: a candidate can rebuild those documents (issue #11 class 5, not fixed; use a downloaded source).
-  (6) Replay memory is per daemon process; a restart forgets earlier seeds.
+  (5) The val split's files never reach the train container, and for the embedded `stdlib` source the val
+  documents come only from stdlib parts the trainer image does not ship (idlelib, tkinter, turtledemo, the
+  regression tests; a red-team test searches the whole train container for them). For a user's own source
+  nothing stops them from also being public text a candidate could embed; a replay of memorized text is not
+  detectable by the scorer. (6) Replay memory is per daemon process; a restart forgets earlier seeds.
 - Kernel, runc or NVIDIA driver exploits (container escape); use gVisor/Kata or a VM where that matters.
 - GPU side channels and GPU memory left by a killed context (we wait for NVML to show it released and
   quarantine the GPU otherwise, but cannot scrub it).

@@ -1,5 +1,8 @@
 """Shared fixtures and the service-marker policy.
 
+The suite owns its services: Postgres is a cluster of its own (tests/pgcluster.py: initdb in a temp dir,
+a free port, stopped at the end), never the host's; Prometheus and Alertmanager run on free ports.
+
 A test marked `docker`, `postgres`, `prometheus`, `chromium` or `gpu` needs that service. When it is
 missing the test is skipped with the reason on a developer's machine, but fails under CI (CI=true),
 where `make test` has set every service up (except a GPU, which CI never has: gpu tests always skip).
@@ -86,8 +89,11 @@ def _postgres_reason() -> str | None:
 
 @functools.cache
 def _prometheus_reason() -> str | None:
-    missing = [b for b in ("prometheus", "promtool") if shutil.which(b) is None]
-    return f"missing {', '.join(missing)}: apt-get install prometheus" if missing else None
+    missing = [b for b in ("prometheus", "promtool", "amtool") if shutil.which(b) is None]
+    if shutil.which("prometheus-alertmanager") is None and shutil.which("alertmanager") is None:
+        missing.append("alertmanager")
+    return (f"missing {', '.join(missing)}: `make services` (apt-get install --no-install-recommends "
+            "prometheus prometheus-alertmanager)") if missing else None
 
 
 @functools.cache

@@ -97,8 +97,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 class TimeRules:
     """The harness's budget, read from the environment the daemon set (never from the candidate).
 
-    The candidate's run is split by the harness's own clock at the first TRAINING_STARTS line and the first
-    EXPORT_STARTS line after it: start-up and compilation (capped at the compile budget plus a start-up
+    The candidate's run is split by the harness's own clock at the first TRAINING_STARTS line and the last
+    EXPORT_STARTS line: start-up and compilation (capped at the compile budget plus a start-up
     allowance), training (the budget plus BUDGET_TOLERANCE and one second), export (EXPORT_SECONDS). Without
     a start line, training is counted from the launch; without an export line, up to the exit."""
 
@@ -160,7 +160,7 @@ class OutputRelay(threading.Thread):
             text = line.strip().decode("utf-8", errors="replace")
             if text == TRAINING_STARTS and not self.marks:
                 self.marks[TRAINING_STARTS] = now
-            elif text == EXPORT_STARTS and EXPORT_STARTS not in self.marks:
+            elif text == EXPORT_STARTS:  # the last one: an early export does not end the training clock
                 self.marks[EXPORT_STARTS] = now
 
     def run(self) -> None:

@@ -247,6 +247,17 @@ def test_training_past_the_budget_is_over_budget(prepared_data: Path, tmp_path: 
     assert train_json["over_budget"].startswith("training took") and train_json["phases"]["training"] >= 7
 
 
+def test_an_early_export_line_does_not_stop_the_training_clock(prepared_data: Path, tmp_path: Path) -> None:
+    """Printing the export line first and training afterwards still counts the training (the last line wins)."""
+    candidate = tmp_path / "train.py"
+    candidate.write_text(OVERRUN_CANDIDATE.format(announce=True, seconds=0.1).replace(
+        "time.sleep(0.1)", "from trainer.layout import announce_export_start\nannounce_export_start()\n"
+                           "time.sleep(7)\nannounce_export_start()"))
+    completed = _run_train(candidate, prepared_data / "train", tmp_path / "out")
+    assert completed.returncode == harness.EXIT_OVER_BUDGET, completed.stdout
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["phases"]["training"] >= 7
+
+
 def test_training_within_the_budget_is_clean(prepared_data: Path, tmp_path: Path) -> None:
     """The same candidate inside its budget exits 0 with no over-budget reason."""
     candidate = tmp_path / "train.py"

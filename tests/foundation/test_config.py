@@ -77,7 +77,7 @@ def test_out_of_range_value_says_the_bound(tmp_path: Path) -> None:
 def test_bad_choice_lists_allowed_values(tmp_path: Path) -> None:
     """A value outside a closed set lists the allowed ones."""
     path = write(tmp_path / "c.toml", '[sandbox]\nbackend = "vm"\n')
-    with pytest.raises(ConfigError, match=r"sandbox.backend = 'vm': Input should be 'auto', 'docker' or 'local'"):
+    with pytest.raises(ConfigError, match=r"sandbox.backend = 'vm': Input should be 'auto', 'docker', 'local' or 'slurm'"):
         load_settings(path)
 
 

@@ -56,6 +56,7 @@ VE_GATE_CHANNELS = 32       # value-embedding gate reads this many channels of t
 LOGIT_SOFTCAP = 15.0
 LOSS_EXPLOSION = 50.0       # a loss above this (or NaN) stops the run at once
 PRINT_EVERY_SECONDS = 2.0
+OVERRUN_FRACTION = 0.02     # stop before a step that would end later than budget × (1 + this) (slow CPU steps)
 
 # Dense bf16 peak FLOP/s by device-name substring (first match wins, so longer names come first).
 PEAK_BF16_FLOPS = (
@@ -444,6 +445,8 @@ def main() -> None:
             last_print, last_print_step = now, step
         if training_time >= time_budget:
             break
+        if training_time + (time.perf_counter() - step_start) > time_budget * (1 + OVERRUN_FRACTION):
+            break  # the next step would end past the budget the harness enforces: stop a step early instead
 
     trained_steps = max(step - warmup_steps, 0)
     tokens_per_second = trained_steps * tokens_per_step / training_time if training_time else 0.0

@@ -34,6 +34,7 @@ HANDLERS = {
     "db": "cmd_db",
     "image": "cmd_image",
     "doctor": "cmd_doctor",
+    "notebook": "cmd_notebook",
 }
 
 
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="debootstrap: no registry needed; public: python:3.11-slim from a registry")
     p.add_argument("--torch-index", default=None,
                    help="index for torch's wheel (default PyPI); older drivers: https://download.pytorch.org/whl/cu128")
+
+    p = sub.add_parser("notebook", help="the agent's notebook of the research line: show, history, edit; "
+                                         "fresh starts a new line")
+    p.add_argument("action", choices=["show", "history", "edit", "fresh"], nargs="?", default="show")
+    p.add_argument("--file", default=None, help="edit: the new text from this file (- for stdin) instead of $EDITOR")
+    p.add_argument("--reason", default="", help="fresh: why the line starts over (kept with the line)")
 
     p = sub.add_parser("doctor", help="check this machine: Python, torch/CUDA, Docker, image, database, port, API key")
     p.add_argument("--gpu", action="store_true",

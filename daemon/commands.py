@@ -209,6 +209,16 @@ def _session_or_latest(store: Any, session_id: int | None) -> Any:
 
 
 
+def cmd_notebook(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.notebook import run_notebook
+
+    store = _open_store(settings)
+    try:
+        return run_notebook(args.action, store, file=args.file, reason=args.reason)
+    finally:
+        store.close()
+
+
 
 
 def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:

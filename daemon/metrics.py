@@ -172,6 +172,12 @@ class Metrics:
             f"{p}gpu_quarantined", "1 while the GPU is withheld from experiments", ["gpu"], registry=reg
         )
         self.window_active = Gauge(f"{p}window_active", "1 while a research window is open", registry=reg)
+        self.smoke_runs = Counter(f"{p}smoke_runs", "Smoke runs of candidates, by outcome (passed/crashed/...)",
+                                  ["outcome"], registry=reg)
+        self.smoke_seconds = Histogram(f"{p}smoke_run_seconds", "Wall time of one smoke run (train + eval check)",
+                                       buckets=_STAGE_BUCKETS, registry=reg)
+        self.crashes_caught = Counter(f"{p}crashes_caught", "Candidate crashes, by where they were caught "
+                                      "(smoke: seconds spent; full: a full run spent)", ["stage"], registry=reg)
         self.agent_requests = Counter(
             f"{p}agent_requests", "LLM requests, by outcome", ["provider", "model", "outcome"], registry=reg
         )
@@ -213,11 +219,20 @@ class Metrics:
     ) -> None:
         """An experiment reached a final status; `val_bpb` is None when it never got evaluated."""
         self.experiments_total.labels(status, lane, kind).inc()
+        if kind == "candidate" and status in ("crashed", "timeout", "oom", "invalid"):
+            self.crashes_caught.labels("full").inc()
         if val_bpb is not None:
             self.last_val_bpb.labels(lane).set(val_bpb)
         if duration_s is not None:
             self.experiment_duration.labels(lane).observe(duration_s)
         self.last_finished_ts.set(self._wall_clock())
+
+    def smoke_run(self, outcome: str, seconds: float) -> None:
+        """A candidate's smoke run ended (`passed`, or the failure status)."""
+        self.smoke_runs.labels(outcome).inc()
+        self.smoke_seconds.observe(max(seconds, 0.0))
+        if outcome != "passed":
+            self.crashes_caught.labels("smoke").inc()
 
     def stage_finished(self, stage: str, seconds: float, overhead_s: float) -> None:
         """A sandbox stage (`train`/`eval`) ended: its wall time and the part not spent in the trainer."""

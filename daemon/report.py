@@ -160,7 +160,37 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
         lines.append("The best is the baseline itself: no diff.")
     else:
         lines.append("No best yet.")
+    lines += _smoke_section(store, session, experiments)
+    lines += _notebook_section(store, session)
     return "\n".join(lines) + "\n"
+
+
+def _smoke_section(store: Store, session: SessionRecord, experiments: list[ExperimentRecord]) -> list[str]:
+    """Crashes caught by the seconds-long smoke runs against those that cost a full run."""
+    counts = store.smoke_counts(session.id)
+    full = sum(1 for e in experiments if e.kind == "candidate" and e.status in ("crashed", "timeout", "oom", "invalid"))
+    caught = sum(count for status, count in counts.items() if status not in ("passed", "running"))
+    lines = ["", "## Smoke runs", ""]
+    if not counts:
+        return [*lines, f"No smoke runs (candidate failures in full runs: {full})."]
+    outcome = ", ".join(f"{status} {count}" for status, count in sorted(counts.items()))
+    return [*lines, f"- smoke runs: {sum(counts.values())} ({outcome})",
+            f"- candidate failures caught by a smoke run (seconds each): {caught}",
+            f"- candidate failures that cost a full run: {full}"]
+
+
+def _notebook_section(store: Store, session: SessionRecord) -> list[str]:
+    """The research line's notebook as the agent left it (LLM-written: shown verbatim inside a fence)."""
+    lines = ["", "## The agent's notebook", ""]
+    line = store.line_of(session.id)
+    entry = store.notebook(line) if line is not None else None
+    if line is None or entry is None:
+        return [*lines, "The notebook is empty."]
+    nights = len(store.line_sessions(line))
+    lines.append(f"Research line {line} ({nights} session{'s' if nights != 1 else ''}); version {entry.id} by "
+                 f"{entry.author}, {entry.created_at:%Y-%m-%d %H:%M %Z}. Edit it with `autoresearch notebook edit`.")
+    fence = _fence(entry.text)
+    return [*lines, "", f"{fence}text", entry.text.rstrip("\n"), fence]
 
 
 def _keep_explanations(kept: Sequence[ExperimentRecord]) -> list[str]:

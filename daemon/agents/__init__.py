@@ -52,6 +52,7 @@ class CrashInfo:
     status: str
     output_tail: str
     diff: str = ""  # the crashed candidate's diff against its parent, so a fix can redo the same idea
+    smoke: bool = False  # caught by the seconds-long smoke run (no full run was spent; experiment_id is 0)
 
 
 @dataclass(frozen=True)

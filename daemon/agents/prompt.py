@@ -165,7 +165,19 @@ def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = No
                                    ledger_tokens))
     else:
         night.append(_history_table(ctx.history, nonce))
-    if ctx.crash is not None:
+    if ctx.crash is not None and ctx.crash.smoke:
+        crash = ctx.crash
+        night.append(
+            f"# Your proposal failed its smoke run (`{crash.status}`)\n\n"
+            "Before a full run, every candidate trains for a few seconds with the tiny preset on CPU, exports its "
+            "checkpoint and passes the eval checks. Yours did not; no full run was spent.\n"
+            f"Its description:\n{fence(crash.description, nonce, MAX_DESCRIPTION_CHARS)}\n"
+            + (f"Its diff against the best:\n{fence(crash.diff, nonce, MAX_DIFF_CHARS)}\n" if crash.diff else "")
+            + f"The error and the last lines of its output:\n{fence(crash.output_tail, nonce)}\n"
+            "Fix the bug and propose the same idea again, as edits to the current best train.py above "
+            "(not to the failed version). If the idea cannot work, propose a different one."
+        )
+    elif ctx.crash is not None:
         crash = ctx.crash
         night.append(
             f"# The last experiment ended `{crash.status}` (experiment {crash.experiment_id})\n\n"

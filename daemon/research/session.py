@@ -40,8 +40,18 @@ from daemon.errors import (
 )
 from daemon.logs import bind_experiment, get_logger
 from daemon.research import archive, planner
+from daemon.research.environment import describe_environment, visible_gpus
 from daemon.research.keeper import Keeper
 from daemon.research.lanes import Lane, LaunchGate
+from daemon.research.ledger import build_ledger
+from daemon.research.line import (
+    join_research_line,
+    line_seen_hashes,
+    line_start,
+    notebook_text,
+    record_notes,
+)
+from daemon.research.smoke import SmokeTest, smoke_stage_runner
 from daemon.statuspage import LiveState
 from daemon.stop import StopCondition
 from daemon.store.records import SESSION_OPEN, ExperimentRecord, SessionRecord
@@ -91,8 +101,9 @@ class Proposer:
     """Asks the agent for a lane's next proposals in a worker thread, so they are ready when the lane is."""
 
     def __init__(self, agent: Agent, context: Callable[[CrashInfo | None], ProposalContext], lane: str,
-                 pipelined: bool = True) -> None:
+                 pipelined: bool = True, smoke: SmokeTest | None = None) -> None:
         self._agent = agent
+        self._smoke = smoke
         self._pipelined = pipelined
         self._context = context
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"propose-{lane}")
@@ -102,6 +113,8 @@ class Proposer:
     def _ask(self, crash: CrashInfo | None) -> Prepared:
         ctx = self._context(crash)
         proposal = self._agent.propose(ctx)
+        if self._smoke is not None:  # seconds at tiny shapes first; failures go back to the agent
+            proposal = self._smoke.vet(self._agent, ctx, proposal, unified_diff)
         return Prepared(proposal, ctx.best_id, crash.experiment_id if crash is not None else None,
                         ctx.best_source)
 
@@ -261,8 +274,18 @@ class ResearchSession:
         self._proposers: dict[str, Proposer] = {}
         self._program_md = ""
         self._leftovers: list[ExperimentRecord] = []
+        self._line: int | None = None  # the research line (see daemon.research.line)
+        smoke_runner = smoke_stage_runner(runner, settings) if settings.training.smoke else None
+        self._smoke = SmokeTest(smoke_runner, store, settings.training.smoke_repair_rounds, metrics) \
+            if smoke_runner is not None else None
 
     # -- session life --------------------------------------------------------------------------
+
+    @property
+    def line_id(self) -> int:
+        if self._line is None:
+            raise RuntimeError("ResearchSession.open() was not called")
+        return self._line
 
     @property
     def session_id(self) -> int:
@@ -297,6 +320,7 @@ class ResearchSession:
                 self._ends_session = True
                 log.info("session started", session=session.id, tag=tag, lanes=[lane.name for lane in self.lanes])
         self.session = session
+        self._line = join_research_line(self.store, session.id, self.settings.agent.continue_line)
         if self.live is not None:
             self.live.set_session(session.id)
             for lane in self.lanes:
@@ -392,6 +416,8 @@ class ResearchSession:
                 for thread in threads:
                     thread.join(timeout=0.2)
         finally:
+            if self._smoke is not None:
+                self._smoke.close()
             for proposer in self._proposers.values():
                 proposer.close()
             for lane in self.lanes:
@@ -494,9 +520,11 @@ class ResearchSession:
                                                 getattr(failed, "log_tail", ""))
                 return None
             if plan.move is planner.Move.BASELINE:
-                source = self.workspace.baseline_source()
+                start = line_start(self.store, self.line_id, self.session_id)
+                source = start.source if start is not None else self.workspace.baseline_source()
                 self._proposer(lane).prepare_ahead()
-                self.store.create_experiment(self.session_id, "baseline", source, description="baseline", seed=0,
+                self.store.create_experiment(self.session_id, "baseline", source, seed=0, description="baseline" + (
+                                                 f" (the line's best #{start.id})" if start is not None else ""),
                                              source_hash=normalized_hash(source))
                 return self._claim(lane)
             if plan.move is planner.Move.NOISE:
@@ -566,6 +594,7 @@ class ResearchSession:
                 self.session_id, "candidate", source, parent_id=parent.id, description=proposal.proposal.description,
                 hypothesis=proposal.proposal.hypothesis, diff=unified_diff(parent.source, source), seed=0,
                 source_hash=source_hash)
+            record_notes(self.store, self.line_id, self.session_id, record.id, proposal.proposal.notes)
             if proposal.fix_of is not None:
                 self._fix_attempts.add(record.id)
             self._launched_candidates += 1
@@ -639,13 +668,16 @@ class ResearchSession:
     def _proposer(self, lane: Lane) -> Proposer:
         with self._lock:
             if lane.name not in self._proposers:
-                self._proposers[lane.name] = Proposer(self.agent, self._context, lane.name, self.pipelined)
+                self._proposers[lane.name] = Proposer(self.agent, self._context, lane.name, self.pipelined,
+                                                      self._smoke)
             return self._proposers[lane.name]
 
     def _context(self, crash: CrashInfo | None) -> ProposalContext:
         best = self.store.best(self.session_id)
         baseline = self.store.baseline(self.session_id)
-        best_source = best.source if best is not None else self.workspace.baseline_source()
+        start = line_start(self.store, self.line_id, self.session_id) if best is None else None
+        best_source = best.source if best is not None else (
+            start.source if start is not None else self.workspace.baseline_source())
         best_val = best.val_bpb if best is not None else None
         rows = self.store.history(self.session_id, self.settings.agent.history_size)
         known = {row.id: row for row in rows}
@@ -655,8 +687,12 @@ class ResearchSession:
             session_id=self.session_id, program_md=self._program_md, best_source=best_source,
             best_id=best.id if best is not None else None, best_val_bpb=best_val,
             baseline_val_bpb=baseline.val_bpb if baseline is not None else None, history=history,
-            seen_hashes=frozenset(self.store.seen_hashes(self.session_id)), crash=crash,
+            seen_hashes=line_seen_hashes(self.store, self.line_id), crash=crash,
             cost_since=self.cost_since,
+            ledger=build_ledger(self.store, self.store.line_sessions(self.line_id), self.session_id,
+                                self.settings.judge),
+            notebook=notebook_text(self.store, self.line_id),
+            environment=describe_environment(self.settings, self.lanes, baseline, visible_gpus(self.runner)),
         )
 
     def _delta(self, row: ExperimentRecord, known: dict[int, ExperimentRecord]) -> float | None:

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from daemon.errors import StoreError, TransitionError
 from daemon.store import migrate
 from daemon.store.engine import WRITE_OPTION
+from daemon.store.lines import LineQueries
 from daemon.store.models import AgentCallRow, ExperimentRow, NoiseRow, SessionRow
 from daemon.store.records import (
     ACTIVE_STATUSES,
@@ -82,7 +83,7 @@ def _one_line(value: str) -> str:
     return " ".join(value.replace("\t", " ").splitlines()).strip()
 
 
-class Store:
+class Store(LineQueries):
     """The repository API of the daemon: sessions, experiments with leases, noise, agent costs, exports."""
 
     def __init__(self, engine: Engine, *, retry_seconds: float = 120.0) -> None:

@@ -12,7 +12,8 @@ from daemon.config import Settings, load_settings
 from daemon.workspace import Workspace
 from tests.conftest import scratch_database
 
-TINY_TRAINING = {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048}
+# Smoke runs off unless a test is about them: they would add a run per candidate.
+TINY_TRAINING = {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048, "smoke": False}
 
 
 @pytest.fixture()

@@ -51,7 +51,8 @@ def tiny_settings(workspace: Path, database_url: str, data_dir: Path, **sections
         "database": {"url": database_url, "retry_seconds": 60},
         "data": {"dir": data_dir},
         "sandbox": {"backend": "local", "cpus": 2},
-        "training": {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048},
+        # Smoke runs off unless a test is about them: they would add a run per candidate.
+        "training": {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048, "smoke": False},
         "agent": {"provider": "offline"},
         "judge": {"noise_runs": 0},
         "metrics": {"port": 0},

@@ -29,14 +29,17 @@ COST_PER_CALL = (1000 * 3.0 + 200 * 15.0 + 500 * 0.3 + 100 * 3.75) / 1e6
 CRASH_MESSAGE = "scripted crash at import"
 
 
-def proposal(description: str, search: str, replace: str) -> Reply:
-    return tool_reply({"description": description, "hypothesis": f"{description} should lower val_bpb",
-                       "edits": [{"search": search, "replace": replace}]}, usage=USAGE)
+def proposal(description: str, search: str, replace: str, notebook: str = "") -> Reply:
+    return tool_reply({"hypothesis": f"{description} should lower val_bpb", "edits": [{"search": search,
+                       "replace": replace}], "description": description, "notebook": notebook}, usage=USAGE)
 
 
 CRASHING = proposal("print less often (buggy)", "PRINT_EVERY_SECONDS = 2.0",
                     f'PRINT_EVERY_SECONDS = 2.0\nraise RuntimeError("{CRASH_MESSAGE}")')
-LONGER_WARMUP = proposal("longer warm-up", "WARMUP_FRACTION = 0.02", "WARMUP_FRACTION = 0.05")
+_WARMUP_LINE = re.search(r"^WARMUP_FRACTION = [0-9.]+", (Path(__file__).resolve().parents[2] / "trainer" /
+                                                           "train.py").read_text(), re.MULTILINE)
+assert _WARMUP_LINE is not None, "trainer/train.py has no WARMUP_FRACTION constant"
+LONGER_WARMUP = proposal("longer warm-up", _WARMUP_LINE.group(0), "WARMUP_FRACTION = 0.05")
 FIXED = proposal("print less often (fixed)", "PRINT_EVERY_SECONDS = 2.0", "PRINT_EVERY_SECONDS = 3.0")
 SOFTER_CAP = proposal("softer logit cap", "LOGIT_SOFTCAP = 15.0", "LOGIT_SOFTCAP = 20.0")
 
@@ -136,3 +139,78 @@ def test_session_rides_out_an_agent_api_outage_and_records_the_failures(
     assert [c["error"].split(":")[0] for c in calls[:4]] == ["HTTP 529", "HTTP 500", "HTTP 529", "HTTP 500"]
     assert all(c["cost_usd"] == 0 for c in calls[:4])
     assert fake_api.pending == 0
+
+
+def _prompt_text(request: RecordedRequest) -> str:
+    return "\n".join(block["text"] for block in request.body["messages"][0]["content"])
+
+
+def test_second_night_continues_the_first_nights_line_with_its_notebook(
+        tmp_path: Path, baseline_source: str, postgres_url: str, prepared_data: Path,
+        fake_api: FakeAnthropicServer) -> None:
+    """Night 2 re-measures night 1's best as its baseline and shows the agent night 1's ledger and notebook."""
+    from daemon.store import open_store
+
+    notes = "NIGHT-1 NOTES: printing less often was neutral; try the logit cap next."
+    fake_api.enqueue(proposal("print less often", "PRINT_EVERY_SECONDS = 2.0", "PRINT_EVERY_SECONDS = 2.5", notes),
+                     proposal("softer cap (prefetched, never run)", "LOGIT_SOFTCAP = 15.0", "LOGIT_SOFTCAP = 20.0",
+                              "NEVER-STORED: this proposal never became an experiment"))
+    settings = anthropic_settings(tmp_path, baseline_source, postgres_url, prepared_data, fake_api)
+    night1, rows1 = run_session(settings, candidates=1)
+    fake_api.enqueue(SOFTER_CAP, SOFTER_CAP)
+    night2, rows2 = run_session(settings, candidates=1)
+
+    store = open_store(settings.database_url)
+    try:
+        line = store.line_of(night2.session_id)
+        assert line is not None and store.line_sessions(line) == [night1.session_id, night2.session_id]
+        best1 = store.best(night1.session_id)
+        notebook = store.notebook(line)
+    finally:
+        store.close()
+    assert best1 is not None and notebook is not None
+    baseline2 = rows2[0]
+    assert baseline2.kind == "baseline" and baseline2.source == best1.source
+    assert baseline2.description == f"baseline (the line's best #{best1.id})"
+    assert (notebook.text, notebook.author, notebook.experiment_id) == (notes, "agent", rows1[1].id)
+    assert fake_api.rejections == []
+    night2_prompt = _prompt_text(fake_api.requests[2])
+    assert notes in night2_prompt and "NEVER-STORED" not in night2_prompt
+    assert "Ledger of this research line (2 nights" in night2_prompt
+    assert re.search(rf"^{rows1[1].id} \| candidate \| \w+ \| [0-9.]+ .*print less often", night2_prompt, re.M)
+    assert "# Environment" in fake_api.requests[2].body["system"][-1]["text"]
+
+
+def test_crash_is_repaired_through_smoke_runs_without_a_full_run(
+        tmp_path: Path, baseline_source: str, postgres_url: str, prepared_data: Path,
+        fake_api: FakeAnthropicServer) -> None:
+    """A candidate that crashes is caught by its smoke run, the agent repairs it, and only the fix runs in full."""
+    from daemon.store import open_store
+
+    fake_api.enqueue(CRASHING, FIXED, SOFTER_CAP, SOFTER_CAP)
+    settings = anthropic_settings(tmp_path, baseline_source, postgres_url, prepared_data, fake_api)
+    settings.training.smoke = True
+    summary, rows = run_session(settings, candidates=1)
+
+    assert summary.status == "completed"
+    assert [(r.kind, r.description) for r in rows] == [("baseline", "baseline"),
+                                                        ("candidate", "print less often (fixed)")]
+    assert rows[1].status in ("kept", "discarded"), (rows[1].error, rows[1].log_tail[-2000:])
+    store = open_store(settings.database_url)
+    try:
+        smoke = store.smoke_runs(summary.session_id)
+    finally:
+        store.close()
+    # On a loaded CPU the harness's budget clock may call the fix's few seconds a timeout: not a smoke failure.
+    assert [(run.description, run.status, run.repair_round) for run in smoke[:2]] in (
+        [("print less often (buggy)", "crashed", 0), ("print less often (fixed)", fixed, 1)]
+        for fixed in ("passed", "timeout"))
+    assert CRASH_MESSAGE in smoke[0].log_tail and all(run.seconds for run in smoke[:2])
+    repair = _prompt_text(fake_api.requests[1])
+    assert "failed its smoke run (`crashed`)" in repair
+    fenced = re.search(r"The error and the last lines of its output:\n<data-([0-9a-f]+)>\n(.*?)\n</data-\1>", repair,
+                       re.DOTALL)
+    assert fenced is not None and f"RuntimeError: {CRASH_MESSAGE}" in fenced.group(2)
+    assert fake_api.rejections == []
+    for run in smoke:
+        print(f"smoke run {run.id} ({run.status}): {run.seconds:.1f} s")  # the figure for the report

@@ -82,8 +82,9 @@ class DaemonLock:
 
     def _refusal(self, holder: str | None) -> AlreadyRunning:
         who = f" (held by {holder})" if holder else ""
+        scope = "" if self._sqlite_path is not None else f" for instance {self.instance!r}"
         return AlreadyRunning(
-            f"another autoresearch daemon already runs for instance {self.instance!r} on this database{who}",
+            f"another autoresearch daemon already runs{scope} on this database{who}",
             hint="stop it first (`systemctl stop autoresearch`), or see it with `autoresearch status`; "
                  "`once` and `try` cannot run beside the daemon")
 

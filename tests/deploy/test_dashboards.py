@@ -45,8 +45,8 @@ EXPECTED_EMPTY_ALERTS = {
     "AutoresearchDaemonDown", "AutoresearchNoExperimentFinished", "AutoresearchConsecutiveCrashes",
     "AutoresearchGpuQuarantined", "AutoresearchCostCapReached", "AutoresearchNoImprovementTonight",
 }
-# Grafana's interval variables, given the values Grafana would pick for a short range.
-GRAFANA_INTERVALS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "10m"}
+# Grafana's interval variables, given the values Grafana would pick for a short range; $instance = All.
+GRAFANA_INTERVALS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "10m", "$instance": ".*"}
 GPU_UUID = "GPU-00000000-0000-0000-0000-00000000test"
 SESSION_CANDIDATES = 1
 # One distinct change per proposal (more than the session needs: the agent prepares ahead).
@@ -74,9 +74,17 @@ def _targets(kind: str) -> list[tuple[str, str]]:
                 if target["datasource"]["type"] == kind:
                     found.append((panel["title"], target["expr"] if kind == "prometheus" else target["rawSql"]))
         for variable in dashboard["templating"]["list"]:
-            if variable["datasource"]["type"] == kind:
-                found.append((f"variable {variable['name']}", variable["query"]))
+            if variable["type"] == "query" and variable["datasource"]["type"] == kind:
+                query = variable["query"]
+                text = query["query"] if isinstance(query, dict) else query
+                # Grafana's label_values(metric, label): the PromQL that finds the same values
+                text = re.sub(r"^label_values\((\w+), (\w+)\)$", r"count by (\2) (\1)", text)
+                found.append((f"variable {variable['name']}", text))
     return found
+
+
+def _variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {variable["name"]: variable for variable in dashboard["templating"]["list"]}
 
 
 # --- structure ---------------------------------------------------------------------------------------
@@ -98,23 +106,53 @@ def test_dashboard_and_panel_ids_are_unique() -> None:
         assert len(ids) == len(set(ids)), dashboard["uid"]
 
 
-def test_every_datasource_reference_is_provisioned() -> None:
-    """Each panel, target and variable names a datasource uid and type that provisioning defines."""
-    provisioned = {(d["uid"], d["type"]) for d in _datasources()}
+def test_every_datasource_reference_is_a_datasource_variable_of_a_provisioned_type() -> None:
+    """Panels, targets and query variables pick their datasource through $datasource / $pg, whose type a
+    provisioned datasource has (so a lab's own Prometheus can be chosen instead)."""
+    provisioned_types = {d["type"] for d in _datasources()}
     for dashboard in _dashboards():
-        refs = [v["datasource"] for v in dashboard["templating"]["list"]]
+        variables = _variables(dashboard)
+        refs = [v["datasource"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
         for panel in dashboard["panels"]:
             refs.append(panel["datasource"])
             refs += [t["datasource"] for t in panel["targets"]]
         for ref in refs:
-            assert (ref["uid"], ref["type"]) in provisioned, ref
+            match = re.fullmatch(r"\$\{(\w+)\}", ref["uid"])
+            assert match, f"a fixed datasource uid: {ref}"
+            variable = variables[match.group(1)]
+            assert variable["type"] == "datasource" and variable["query"] == ref["type"], ref
+            assert ref["type"] in provisioned_types, ref
 
 
-def test_provisioned_datasource_uids_are_unique_and_one_is_default() -> None:
-    """Datasource uids do not collide and exactly one datasource is the default."""
+def test_provisioned_datasource_uids_are_unique_and_none_is_default() -> None:
+    """Datasource uids do not collide and none claims the default (Grafana refuses two defaults)."""
     sources = _datasources()
     assert len({d["uid"] for d in sources}) == len(sources)
-    assert sum(bool(d.get("isDefault")) for d in sources) == 1
+    assert all(d.get("isDefault") is False for d in sources)
+
+
+def test_every_promql_metric_is_filtered_by_the_instance_variable() -> None:
+    """Each metric selector of every PromQL query carries instance=~"$instance" (several daemons, one Prometheus)."""
+    for title, expr in _targets("prometheus"):
+        if title.startswith("variable "):
+            continue
+        names = re.findall(r"autoresearch_[a-z_]+", expr)
+        assert names, title
+        assert len(re.findall(r'autoresearch_[a-z_]+\{instance=~"\$instance"', expr)) == len(names), (title, expr)
+    instance = _variables(_dashboards()[0])["instance"]
+    assert instance["includeAll"] and instance["allValue"] == ".*" and instance["multi"]
+
+
+def test_every_panel_has_a_unit() -> None:
+    """Every panel states its unit; the experiment table states one on its val_bpb and delta columns."""
+    for dashboard in _dashboards():
+        for panel in dashboard["panels"]:
+            unit = panel["fieldConfig"]["defaults"].get("unit")
+            assert unit, panel["title"]
+            if panel["type"] == "table":
+                columns = {o["matcher"]["options"]: {p["id"]: p["value"] for p in o["properties"]}
+                           for o in panel["fieldConfig"]["overrides"]}
+                assert columns["val_bpb"]["unit"] == columns["delta"]["unit"] == "suffix: bpb"
 
 
 def test_dashboard_provider_points_at_the_mounted_folder() -> None:
@@ -181,6 +219,7 @@ def metrics_endpoint(tmp_path_factory: pytest.TempPathFactory, postgres_url: str
         settings = tiny_settings(
             workspace.root, empty_database(postgres_url), prepared_data,
             metrics={"port": free_port()},
+            judge={"noise_runs": 1},  # the noise gauge is absent until measured: measure it
             agent={"provider": "anthropic", "api_key": "sk-test", "base_url": api.url, "retry_backoff_s": 0.01},
             scheduler={"windows": [{"cron": "* * * * *", "hours": 1.0, "name": "test"}]})
         runtime = open_runtime(settings, daemon=True, probe=_OneIdleGpu())
@@ -332,7 +371,7 @@ def filled_session(postgres_url: str) -> Iterator[tuple[str, int]]:
         store.close()
 
 
-def _expand_grafana_sql(sql: str, session_id: int) -> str:
+def _expand_grafana_sql(sql: str, session_id: int | str) -> str:
     """Grafana's Postgres macros and the dashboard variable, as Grafana expands them."""
     now = datetime.now(timezone.utc)
     # Grafana writes whole seconds; round the end up so rows of this very second are inside the range.
@@ -361,6 +400,27 @@ def test_every_sql_query_runs_on_the_real_schema_and_returns_rows(filled_session
     assert queries
     for title, sql in queries:
         assert _run_sql(url, _expand_grafana_sql(sql, session_id)), title
+
+
+@pytest.mark.postgres
+def test_every_sql_query_is_safe_before_the_first_session() -> None:
+    """On a migrated database with no session (and an empty $session), every query runs and returns nothing."""
+    from tests.conftest import scratch_database
+
+    with scratch_database("autoresearch_dash_empty") as url:
+        store = open_store(url, retry_seconds=5)
+        store.upgrade()
+        store.close()
+        for title, sql in _targets("grafana-postgresql-datasource"):
+            assert _run_sql(url, _expand_grafana_sql(sql, "")) == [], title
+
+
+@pytest.mark.postgres
+def test_empty_session_variable_shows_the_latest_session(filled_session: tuple[str, int]) -> None:
+    """With $session not chosen yet, the experiment table shows the latest session's experiments."""
+    url, session_id = filled_session
+    sql = dict(_targets("grafana-postgresql-datasource"))["Experiments of the session"]
+    assert _run_sql(url, _expand_grafana_sql(sql, "")) == _run_sql(url, _expand_grafana_sql(sql, session_id))
 
 
 @pytest.mark.postgres

@@ -132,7 +132,8 @@ def test_cli_once_beside_a_holder_refuses_with_a_clear_message(
            "AUTORESEARCH_METRICS__PORT": "0", "PATH": os.environ["PATH"]}
     done = run_cli("once", "-n", "0", env=env, cwd=workspace.root)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "another autoresearch daemon already runs for instance 'lab-1'" in done.stderr
+    scope = "" if url.startswith("sqlite") else " for instance 'lab-1'"
+    assert f"another autoresearch daemon already runs{scope} on this database" in done.stderr
     assert owner in done.stderr
     assert not (workspace.root / "results.tsv").exists() or len(
         (workspace.root / "results.tsv").read_text().splitlines()) <= 1

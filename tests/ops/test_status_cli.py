@@ -184,4 +184,4 @@ def test_once_beside_the_running_daemon_refuses(running_daemon: Daemon, run_cli)
     """A second daemon (`once`) on the same database and instance exits 1 with a clear message."""
     done = run_cli("once", "-n", "0", env=running_daemon.env, cwd=running_daemon.workspace)
     assert done.returncode == 1
-    assert "another autoresearch daemon already runs for instance 'lab-status'" in done.stderr
+    assert "another autoresearch daemon already runs on this database (held by lab-status:" in done.stderr

@@ -184,7 +184,9 @@ def _default_prices() -> dict[str, ModelPrice]:
 
 
 class AgentConfig(_Section):
-    provider: Literal["auto", "anthropic", "offline"] = "auto"
+    provider: Literal["auto", "anthropic", "openai", "offline"] = Field(
+        "auto", description="auto: anthropic when an API key is set, else offline; openai: any OpenAI-compatible "
+        "server (base_url)")
     model: str = "claude-sonnet-5-5"
     api_key: SecretStr | None = None
     api_key_file: Path | None = Field(None, description="read the API key from this file")
@@ -221,7 +223,7 @@ class AgentConfig(_Section):
 
     @model_validator(mode="after")
     def _thinking_fits(self) -> AgentConfig:
-        if self.thinking == "off":
+        if self.thinking == "off" or self.provider in ("openai", "offline"):
             return self
         if self.thinking == "enabled" and self.thinking_budget_tokens >= self.max_tokens:
             raise ValueError(f"thinking_budget_tokens ({self.thinking_budget_tokens}) must be less than max_tokens "
@@ -231,7 +233,7 @@ class AgentConfig(_Section):
                              "unset temperature or set thinking = 'off'")
         return self
 
-    def resolved_provider(self) -> Literal["anthropic", "offline"]:
+    def resolved_provider(self) -> Literal["anthropic", "openai", "offline"]:
         if self.provider == "auto":
             return "anthropic" if self.api_key is not None else "offline"
         return self.provider

@@ -1,7 +1,8 @@
 """Research agents: they read the best `train.py` and the night's history and propose the next experiment.
 
-Two providers share one interface (`Agent.propose`): the Anthropic agent (Messages API with tool use)
-and the offline agent (AST-level hyperparameter search, no LLM, the embedded default). Every proposal
+Three providers share one interface (`Agent.propose`): the Anthropic agent (Messages API with tool use
+and extended thinking), the OpenAI-compatible agent (Chat Completions with a function tool: OpenAI, vLLM,
+ollama) and the offline agent (AST-level hyperparameter search, no LLM, the embedded default). Every proposal
 has already been applied to the best source and validated (`daemon.agents.edits`) when it is returned.
 """
 
@@ -155,6 +156,10 @@ def make_agent(settings: Settings, store: AgentCallSink, clock: Clock) -> Agent:
         from daemon.agents.anthropic_agent import AnthropicAgent
 
         return AnthropicAgent(settings.agent, store, clock)
+    if settings.agent.resolved_provider() == "openai":
+        from daemon.agents.openai_agent import OpenAIAgent
+
+        return OpenAIAgent(settings.agent, store, clock)
     from daemon.agents.offline import OfflineAgent
 
     return OfflineAgent()

@@ -1,0 +1,198 @@
+"""The OpenAI-compatible research agent: Chat Completions with one function tool, `propose_experiment`.
+
+Speaks to OpenAI and to the servers that copy its API (vLLM, ollama, llama.cpp, LM Studio...) through the
+`openai` SDK, with `agent.base_url` pointing at them. Same prompt, tool, validation, repair rounds,
+retries, accounting and cost cap as the Anthropic agent: a reply that fails validation goes back as a
+`tool` message answering its tool call, with the exact reason. A local server needs no key (any
+placeholder is sent); its prices are whatever `agent.prices` says (0 for a free local model).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletion
+
+from daemon.agents import Clock, Proposal, ProposalContext
+from daemon.agents.accounting import (
+    DEFAULT_CAP_WINDOW,
+    AgentCallSink,
+    TokenUsage,
+    check_cost_cap,
+    cost_usd,
+    price_for,
+)
+from daemon.agents.anthropic_agent import parse_notes, parse_tool_input
+from daemon.agents.edits import apply_edits, validate_candidate
+from daemon.agents.prompt import (
+    TOOL_NAME,
+    build_prompt,
+    packaged_prepare_source,
+    prepare_interface,
+    tool_definition,
+)
+from daemon.config import AgentConfig
+from daemon.errors import AgentError, AgentFatal, ConfigError, InvalidProposal
+from daemon.logs import get_logger
+from daemon.store.records import AgentCallRecord
+
+PROVIDER = "openai"
+LOCAL_KEY = "not-needed"  # local servers ignore the key, the SDK wants one
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+_FATAL_HINTS = {
+    401: "the API key was rejected: check agent.api_key or agent.api_key_file",
+    403: "the key may not use this model: check the account and agent.model",
+    404: "check agent.model and agent.base_url (an OpenAI-compatible server serves /v1/chat/completions)",
+}
+
+log = get_logger("autoresearch.agent")
+
+
+def function_tool() -> dict[str, Any]:
+    """The propose_experiment tool in the Chat Completions function format."""
+    tool = tool_definition()
+    return {"type": "function", "function": {"name": tool["name"], "description": tool["description"],
+                                             "parameters": tool["input_schema"]}}
+
+
+class OpenAIAgent:
+    name = PROVIDER
+
+    def __init__(self, config: AgentConfig, sink: AgentCallSink, clock: Clock,
+                 prepare_source: str | None = None, rng: random.Random | None = None) -> None:
+        if config.api_key is None and config.base_url is None:
+            raise ConfigError("the OpenAI agent needs an API key, or base_url of a local OpenAI-compatible server",
+                              hint="set agent.api_key_file, or agent.base_url = 'http://localhost:8000/v1'")
+        self._config = config
+        self._price = price_for(config.prices, config.model)
+        self._sink = sink
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._prepare_text = prepare_interface(prepare_source if prepare_source is not None else packaged_prepare_source())
+        key = config.api_key.get_secret_value() if config.api_key is not None else LOCAL_KEY
+        self._client = openai.OpenAI(api_key=key, base_url=config.base_url, max_retries=0, timeout=config.timeout_s)
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        prompt = build_prompt(ctx, self._prepare_text, ledger_tokens=self._config.ledger_tokens)
+        system = "\n\n".join(block["text"] for block in prompt.system)
+        user = "\n\n".join(block["text"] for block in prompt.messages[0]["content"])
+        messages: list[dict[str, Any]] = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        problem = ""
+        for round_number in range(self._config.repair_rounds + 1):
+            response = self._create(messages, ctx)
+            choice = response.choices[0] if response.choices else None
+            message = choice.message if choice is not None else None
+            calls = [call for call in (message.tool_calls or []) if call.type == "function"] if message else []
+            ours = next((call for call in calls if call.function.name == TOOL_NAME), None)
+            try:
+                if choice is None or ours is None or choice.finish_reason == "length":
+                    raise InvalidProposal(_no_tool_reason(choice.finish_reason if choice else None))
+                try:
+                    raw = json.loads(ours.function.arguments)
+                except json.JSONDecodeError as exc:
+                    raise InvalidProposal(f"the {TOOL_NAME} arguments are not valid JSON ({exc.msg} at "
+                                          f"character {exc.pos})") from None
+                description, hypothesis, edits = parse_tool_input(raw)
+                source = apply_edits(ctx.best_source, edits)
+                validate_candidate(source, ctx.seen_hashes)
+            except InvalidProposal as exc:
+                problem = str(exc)
+                log.info("agent_proposal_invalid", round=round_number, problem=problem)
+                messages.extend(_feedback(message, calls, problem))
+                continue
+            return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source,
+                            notes=parse_notes(raw))
+        raise InvalidProposal(
+            f"the model gave no valid proposal in {self._config.repair_rounds + 1} replies; last problem: {problem}",
+            hint="the next proposal starts afresh; raise agent.repair_rounds if this happens often",
+        )
+
+    def _create(self, messages: list[dict[str, Any]], ctx: ProposalContext) -> ChatCompletion:
+        since = ctx.cost_since or self._clock.now() - DEFAULT_CAP_WINDOW
+        attempts = self._config.max_retries + 1
+        last_error = ""
+        request: dict[str, Any] = {
+            "model": self._config.model, "messages": messages, "tools": [function_tool()],
+            "tool_choice": {"type": "function", "function": {"name": TOOL_NAME}},
+            "max_completion_tokens": self._config.max_tokens,
+        }
+        if self._config.temperature != 1.0:
+            request["temperature"] = self._config.temperature
+        for attempt in range(attempts):
+            check_cost_cap(self._sink, self._config.nightly_cost_cap_usd, since)
+            started = time.monotonic()
+            retry_after: float | None = None
+            try:
+                response = self._client.chat.completions.create(**request)
+            except openai.APIStatusError as exc:
+                last_error = f"HTTP {exc.status_code}: {exc.message}"
+                self._record(ctx, time.monotonic() - started, error=last_error)
+                if exc.status_code not in _RETRYABLE_STATUS and exc.status_code < 500:
+                    raise AgentFatal(f"the OpenAI-compatible API refused the request ({last_error})",
+                                     hint=_FATAL_HINTS.get(exc.status_code, "check the agent settings")) from None
+                retry_after = _seconds(exc.response.headers.get("retry-after"))
+            except openai.APIConnectionError as exc:  # also timeouts
+                last_error = f"{type(exc).__name__}: {exc}"
+                self._record(ctx, time.monotonic() - started, error=last_error)
+            else:
+                self._record(ctx, time.monotonic() - started, response=response)
+                return response
+            if attempt + 1 == attempts:
+                break
+            cap = self._config.retry_wait_max_s
+            wait = min(max(retry_after, 0.0), cap) if retry_after is not None else \
+                min(self._config.retry_backoff_s * 2**attempt, cap) * self._rng.uniform(0.5, 1.0)
+            log.warning("agent_call_retry", attempt=attempt + 1, of=attempts, wait_s=round(wait, 3), error=last_error)
+            self._clock.sleep(wait)
+        raise AgentError(f"the OpenAI-compatible API failed {attempts} times in a row; last error: {last_error}",
+                         hint="check the server and the network; the next proposal tries again")
+
+    def _record(self, ctx: ProposalContext, latency_s: float, response: ChatCompletion | None = None,
+                error: str = "") -> None:
+        usage = TokenUsage()
+        if response is not None and response.usage is not None:
+            details = response.usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details is not None else 0
+            usage = TokenUsage(input=max(response.usage.prompt_tokens - cached, 0),
+                               output=response.usage.completion_tokens, cache_read=cached)
+        cost = cost_usd(self._price, usage)
+        self._sink.record_agent_call(AgentCallRecord(
+            provider=PROVIDER, model=self._config.model, outcome="error" if error else "ok",
+            input_tokens=usage.input, output_tokens=usage.output, cache_read_tokens=usage.cache_read,
+            cost_usd=cost, latency_s=latency_s, error=error, session_id=ctx.session_id,
+        ))
+        log.info("agent_call", provider=PROVIDER, model=self._config.model, outcome="error" if error else "ok",
+                 input_tokens=usage.input, output_tokens=usage.output, cache_read_tokens=usage.cache_read,
+                 cost_usd=round(cost, 6), latency_s=round(latency_s, 3))
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _no_tool_reason(finish_reason: str | None) -> str:
+    if finish_reason == "length":
+        return "the reply was cut off at max_tokens before the tool call ended: use smaller edits"
+    return f"the reply did not call {TOOL_NAME}"
+
+
+def _feedback(message: Any, calls: list[Any], problem: str) -> list[dict[str, Any]]:
+    """The assistant turn as sent back, then a tool message answering each of its tool calls (or a user turn)."""
+    if message is None:
+        return [{"role": "user", "content": f"Your reply was empty: {problem}. Call {TOOL_NAME} now."}]
+    assistant: dict[str, Any] = {"role": "assistant", "content": message.content or ""}
+    if calls:
+        assistant["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+            "name": call.function.name, "arguments": call.function.arguments}} for call in calls]
+        answers = [{"role": "tool", "tool_call_id": call.id,
+                    "content": problem if call.function.name == TOOL_NAME else
+                    f"there is no tool {call.function.name!r}; call {TOOL_NAME}"} for call in calls]
+        return [assistant, *answers]
+    return [assistant, {"role": "user", "content": f"Your reply was not usable: {problem}. Call {TOOL_NAME} now."}]

@@ -193,15 +193,16 @@ class Night:
 
 
 class Landscape:
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, null: bool = False) -> None:
         self.rng = rng
+        self.null = null  # every idea has no effect (the controlled false-keep trial)
         self.ideas: dict[int, Idea] = {}
         self.next_slot = 0
 
     def propose(self, best: frozenset[int]) -> frozenset[int]:
         slot = self.next_slot % SLOTS
         self.next_slot += 1
-        self.ideas[slot] = draw_idea(self.rng, slot)
+        self.ideas[slot] = Idea(slot, 0, 0.0) if self.null else draw_idea(self.rng, slot)
         return best | {slot} if slot not in best else best - {slot}
 
     def value(self, applied: frozenset[int]) -> float:
@@ -211,10 +212,11 @@ class Landscape:
         return self.value(applied) + SIGMA * self.rng.gauss(0.0, 1.0)
 
 
-def new_night(config: JudgeConfig, rng: random.Random) -> Night:
-    """The daemon's planner, archive and keeper over 100 runs."""
+def new_night(config: JudgeConfig, rng: random.Random, first_only: bool = False) -> Night:
+    """The daemon's planner, archive and keeper over 100 runs (or, `first_only`, until a first no-effect
+    candidate is decided against the fresh baseline)."""
     settings = SimpleNamespace(judge=config)  # the keeper reads only the [judge] section
-    land, store, night = Landscape(rng), SimStore(), Night()
+    land, store, night = Landscape(rng, null=first_only), SimStore(), Night()
     keeper = Keeper(settings=cast(Any, settings), store=store, workspace=cast(Any, SimWorkspace()), owner="sim",
                     session_id=lambda: 1, tag=lambda: "sim", lock=threading.RLock())
     effect_at_proposal: dict[int, float] = {}
@@ -257,6 +259,8 @@ def new_night(config: JudgeConfig, rng: random.Random) -> Night:
         night.remeasure_runs += row.kind == "remeasure"
         value = land.measure(applied_of(row.source))
         keeper.record(row, value, {"val_bpb": value})
+        if first_only and any(r.kind == "candidate" and r.status in ("kept", "discarded") for r in store.rows.values()):
+            break
     for row_id, effect in effect_at_proposal.items():
         final = store.rows[row_id]
         if final.status in ("kept", "discarded") and final.parent2_id is None:
@@ -297,6 +301,18 @@ def old_night(config: JudgeConfig, rng: random.Random) -> Night:
     night.bias = (best_value - land.value(best_set)) / SIGMA
     night.gain = true_gain(best_set, land.ideas)
     return night
+
+
+def old_first(config: JudgeConfig, rng: random.Random) -> bool:
+    """The old loop's first candidate, with no effect, against the fresh baseline: kept?"""
+    land = Landscape(rng, null=True)
+    baseline = [land.measure(frozenset()) for _ in range(1 + config.noise_runs)]
+    candidate = land.propose(frozenset())
+    first = land.measure(candidate)
+    decision = LegacyRule.first_look(first, baseline[0], _std(baseline), config)
+    if decision is Decision.CONFIRM:
+        decision = LegacyRule.confirmed([first, land.measure(candidate)], baseline[0], _std(baseline), config)
+    return decision is Decision.KEEP
 
 
 def _std(values: Sequence[float]) -> float:
@@ -345,10 +361,17 @@ def main() -> None:
                                    random.Random(args.seed * 100_003 + i)) for i in range(args.nights)],
     }
     table = {name: summarize(nights) for name, nights in columns.items()}
-    rows = list(next(iter(table.values())))
+    trials = 10 * args.nights
+    first_old = sum(old_first(default, random.Random(7_000_003 + i)) for i in range(trials)) / trials
+    first_new = sum(any(kept for _, kept in new_night(default, random.Random(7_000_003 + i), first_only=True).judged)
+                    for i in range(trials)) / trials
+    for name, rate in (("old rule", first_old), ("new, greedy", first_new), ("new, archive", first_new)):
+        table[name]["false keeps, first candidate"] = f"{rate:.1%} (n={trials})"
+    rows = ["false keeps, first candidate", *(r for r in next(iter(table.values())) if r != "false keeps, first candidate")]
     width = max(len(r) for r in rows) + 2
     print(f"{args.nights} nights x {RUNS_PER_NIGHT} runs, seed {args.seed}; landscape: 55% no effect, 25% harmful, "
-          f"20% helpful (1/2/3 sigma), {FAMILIES} overlapping families")
+          f"20% helpful (1/2/3 sigma), {FAMILIES} overlapping families; 'first candidate': a no-effect change "
+          "judged against the fresh baseline (baseline + noise runs only), old loop vs the project's keeper")
     print("".ljust(width) + "".join(name.rjust(22) for name in table))
     for row in rows:
         print(row.ljust(width) + "".join(table[name][row].rjust(22) for name in table))

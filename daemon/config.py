@@ -259,7 +259,8 @@ class JudgeConfig(_Section):
     memory_soft_limit_mb: float | None = Field(None, gt=0, description="peak memory above this needs extra gain")
     memory_gain_sigma_per_gb: float = Field(0.5, ge=0, description="extra gain (in sigma) per GB over the soft limit")
     search: Literal["greedy", "archive"] = Field(
-        "archive", description="greedy: only the agent's ideas; archive: also re-try near-misses on the new best")
+        "greedy", description="greedy: only the agent's ideas; archive: also re-try near-misses on the new best "
+        "(bench/judge_sim.py: no more true gain than greedy on its landscape)")
     archive_every: int = Field(5, ge=2, description="under search = archive, every N-th candidate is a near-miss move")
     k: float = Field(2.0, ge=0, description="legacy rule only (bench comparison): keep if improvement > k * std")
     max_consecutive_crashes: int = Field(8, ge=1)

@@ -180,7 +180,9 @@ class Keeper:
             return
         sid = self._session_id()
         rows = self.store.list_experiments(session_id=sid, limit=1_000_000)
-        self.metrics.noise_std(measurements.noise_of(rows).sigma)
+        noise = measurements.noise_of(rows)
+        if noise.df:  # absent until a repeat measured it
+            self.metrics.noise_std(noise.sigma)
         best = self.store.best(sid)
         if best is not None:
             value = measurements.recorded_value(rows, best)

@@ -161,6 +161,7 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
     else:
         lines.append("No best yet.")
     lines += _smoke_section(store, session, experiments)
+    lines += _agent_section(store, session)
     lines += _notebook_section(store, session)
     return "\n".join(lines) + "\n"
 
@@ -177,6 +178,21 @@ def _smoke_section(store: Store, session: SessionRecord, experiments: list[Exper
     return [*lines, f"- smoke runs: {sum(counts.values())} ({outcome})",
             f"- candidate failures caught by a smoke run (seconds each): {caught}",
             f"- candidate failures that cost a full run: {full}"]
+
+
+def _agent_section(store: Store, session: SessionRecord) -> list[str]:
+    """LLM calls by outcome, and how many proposals the offline agent made while the LLM was capped or down."""
+    outcomes = store.agent_call_outcomes(session.id)
+    if not outcomes:
+        return []
+    fallback = outcomes.get(("offline", "fallback"), 0)
+    llm = ", ".join(f"{provider} {outcome} {count}" for (provider, outcome), count in sorted(outcomes.items())
+                    if provider != "offline")
+    lines = ["", "## Agent", "", f"- LLM calls: {llm or 'none'}"]
+    if fallback:
+        lines.append(f"- **{fallback} proposal(s) came from the offline agent** because the LLM was capped or "
+                     "down (agent.fallback); the LLM was tried again meanwhile")
+    return lines
 
 
 def _notebook_section(store: Store, session: SessionRecord) -> list[str]:

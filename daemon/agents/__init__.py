@@ -150,16 +150,29 @@ class Agent(Protocol):
 
 
 def make_agent(settings: Settings, store: AgentCallSink, clock: Clock) -> Agent:
-    """The agent that `settings.agent.provider` selects ("auto": Anthropic when an API key is set)."""
-    # Imported here so that the offline default never loads the Anthropic SDK.
-    if settings.agent.resolved_provider() == "anthropic":
-        from daemon.agents.anthropic_agent import AnthropicAgent
+    """The agent that `settings.agent.provider` selects ("auto": Anthropic when an API key is set).
 
-        return AnthropicAgent(settings.agent, store, clock)
-    if settings.agent.resolved_provider() == "openai":
-        from daemon.agents.openai_agent import OpenAIAgent
-
-        return OpenAIAgent(settings.agent, store, clock)
+    An LLM agent comes wrapped in the offline fallback (`daemon.agents.fallback`) unless `agent.fallback`
+    is "none".
+    """
+    # Imported here so that the offline default never loads an LLM SDK.
     from daemon.agents.offline import OfflineAgent
 
-    return OfflineAgent()
+    config = settings.agent
+    llm: Agent
+    if config.resolved_provider() == "anthropic":
+        from daemon.agents.anthropic_agent import AnthropicAgent
+
+        llm = AnthropicAgent(config, store, clock)
+    elif config.resolved_provider() == "openai":
+        from daemon.agents.openai_agent import OpenAIAgent
+
+        llm = OpenAIAgent(config, store, clock)
+    else:
+        return OfflineAgent()
+    if config.fallback == "none":
+        return llm
+    from daemon.agents.fallback import FallbackAgent
+
+    return FallbackAgent(llm, OfflineAgent(), store, clock, after_s=config.fallback_after_s,
+                         retry_s=config.fallback_retry_s)

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from daemon.errors import StoreError
-from daemon.store.models import Base
+from daemon.store.models import AgentCallRow, Base
 
 T = TypeVar("T")
 AUTHORS = ("agent", "researcher")
@@ -224,3 +224,11 @@ class LineQueries:
         query = (select(SmokeRunRow.status, func.count()).where(SmokeRunRow.session_id == session_id)
                  .group_by(SmokeRunRow.status))
         return self._read("smoke counts", lambda conn: {str(status): int(count) for status, count in conn.execute(query)})
+
+    def agent_call_outcomes(self: _Plumbing, session_id: int) -> dict[tuple[str, str], int]:
+        """(provider, outcome) -> number of agent calls of the session (e.g. ("offline", "fallback"))."""
+        query = (select(AgentCallRow.provider, AgentCallRow.outcome, func.count())
+                 .where(AgentCallRow.session_id == session_id)
+                 .group_by(AgentCallRow.provider, AgentCallRow.outcome))
+        return self._read("agent call outcomes", lambda conn: {
+            (str(provider), str(outcome)): int(count) for provider, outcome, count in conn.execute(query)})

@@ -206,6 +206,11 @@ class AgentConfig(_Section):
     thinking_budget_tokens: int = Field(6000, ge=1024, description="thinking budget (thinking = 'enabled'); < max_tokens")
     cache_ttl: Literal["5m", "1h"] = Field("1h", description="prompt cache lifetime of the stable prefix")
     ledger_tokens: int = Field(12000, ge=500, description="token budget of the ledger in the prompt")
+    fallback: Literal["offline", "none"] = Field(
+        "offline", description="when the LLM is capped or down: 'offline' keeps the lanes busy with the offline "
+        "agent (the report says so); 'none' stops the session at the cap and waits out outages")
+    fallback_after_s: float = Field(600.0, ge=0, description="how long the LLM API may fail before the fallback")
+    fallback_retry_s: float = Field(300.0, ge=0, description="while on the fallback, how often the LLM is tried")
     continue_line: bool = Field(True, description="a new session continues the research line (its best, ledger, "
                                 "notebook); false: every session starts over from the workspace train.py")
 

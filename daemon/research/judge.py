@@ -14,10 +14,12 @@ The rule (`decide`) is a sequential one-sided test on means:
   rate only drops); else confirm with another seed, up to `max_runs`.
 - A change that adds many lines (`large_change_lines`) must also win by `large_change_gain_sigma` sigma,
   and one whose peak memory is over `memory_soft_limit_mb` by `memory_gain_sigma_per_gb` sigma per GB:
-  the test is then on the improvement minus that extra gain.
-- Simplicity: a change that removes more lines than it adds is kept when, over at least two runs, its
+  the test is then on the improvement minus that extra gain. (Peak memory is what train.py prints in its
+  summary: the candidate's own word, not a trusted measurement; the sandbox's memory cap is the hard limit.)
+- Simplicity: a change that removes more code lines than it adds is kept when, over at least two runs, its
   mean is no worse than the incumbent's by more than `simplicity_tolerance_sigma` sigma (equal result,
-  simpler code).
+  simpler code). Lines are counted on the normalized code (`ChangeSize.between`), so deleting comments,
+  blank lines or docstrings, or joining lines, is not simpler code.
 - With no noise estimate yet (no repeat measured), the rule falls back to `min_delta` alone.
 
 `Verdict` carries the numbers (improvement, margin, sigma, df, n, t, p, alpha); the store keeps them on the
@@ -28,6 +30,8 @@ only so that `bench/judge_sim.py` can compare both.
 
 from __future__ import annotations
 
+import ast
+import difflib
 import functools
 import math
 from collections.abc import Iterable, Sequence
@@ -66,6 +70,23 @@ class ChangeSize:
         return self.added - self.removed
 
     @classmethod
+    def between(cls, parent: str, child: str) -> ChangeSize:
+        """Code lines added and removed, counted on the normalized code (`code_lines`): comments, blank lines,
+        docstrings and formatting do not count, so deleting them is not "simpler code". Falls back to the
+        text lines when a source does not parse."""
+        try:
+            before, after = code_lines(parent), code_lines(child)
+        except SyntaxError:
+            before, after = parent.splitlines(), child.splitlines()
+        added = removed = 0
+        matcher = difflib.SequenceMatcher(None, before, after, autojunk=False)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag != "equal":
+                removed += i2 - i1
+                added += j2 - j1
+        return cls(added, removed)
+
+    @classmethod
     def of_diff(cls, diff: str) -> ChangeSize:
         added = removed = 0
         for line in diff.splitlines():
@@ -76,6 +97,18 @@ class ChangeSize:
             elif line.startswith("-") and line[1:].strip():
                 removed += 1
         return cls(added, removed)
+
+
+def code_lines(source: str) -> list[str]:
+    """The source's code as `ast.unparse` writes it, docstrings dropped: one line per statement, no comments."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return [line for line in ast.unparse(tree).splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)

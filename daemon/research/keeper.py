@@ -98,8 +98,10 @@ class Keeper:
         runs = first + measurements.runs_of(rows, candidate.id)
         noise = measurements.noise_of(rows, extra={candidate.source_hash or f"#{candidate.id}": first})
         peak = fields.get("peak_vram_mb")
-        verdict = decide(runs, measurements.incumbent_runs(rows, best), noise, self.settings.judge,
-                         change=ChangeSize.of_diff(candidate.diff),
+        parent = next((row for row in rows if row.id == candidate.parent_id), None)
+        change = ChangeSize.between(parent.source, candidate.source) if parent is not None else \
+            ChangeSize.of_diff(candidate.diff)
+        verdict = decide(runs, measurements.incumbent_runs(rows, best), noise, self.settings.judge, change=change,
                          peak_memory_mb=float(peak) if isinstance(peak, int | float) else None)
         log.info("verdict", experiment_id=candidate.id, best=best.id, decision=verdict.decision.value,
                  rule=verdict.rule, reason=verdict.reason)

@@ -186,3 +186,39 @@ def test_false_keep_rate_is_below_target_on_a_fixed_seed_simulation() -> None:
     strong_keeps = sum(_sequential_trial(rng, 3.0, config) for _ in range(500)) / 500
     assert null_keeps <= config.false_keep_rate
     assert strong_keeps >= 0.5
+
+
+PARENT = '''"""Train a model."""
+
+# learning rate
+LR = 0.04
+
+
+def step(x):
+    """One step."""
+    y = x * LR
+    return y
+'''
+
+
+@pytest.mark.parametrize(("why", "child"), [
+    ("comments and blank lines deleted", PARENT.replace("# learning rate\n", "").replace("\n\n\n", "\n")),
+    ("docstrings deleted", PARENT.replace('"""Train a model."""\n', "").replace('    """One step."""\n', "")),
+    ("lines joined", PARENT.replace("    y = x * LR\n    return y\n", "    y = x * LR; return y\n")),
+])
+def test_deleting_non_code_is_not_simpler_code(why: str, child: str) -> None:
+    """Gaming the simplicity rule: removing comments, docstrings or line breaks removes no code line."""
+    change = ChangeSize.between(PARENT, child)
+    assert change.net == 0, why
+    assert decide([1.0, 1.0], INCUMBENT, NOISE, CONFIG, change=change).rule != "simpler"
+
+
+def test_removing_a_statement_is_simpler_code() -> None:
+    """A real removal counts: one code line fewer."""
+    child = PARENT.replace("    y = x * LR\n    return y\n", "    return x * LR\n")
+    assert ChangeSize.between(PARENT, child) == ChangeSize(added=1, removed=2)
+
+
+def test_unparsable_sources_fall_back_to_text_lines() -> None:
+    """A source that does not parse is counted on its text lines."""
+    assert ChangeSize.between("a = (\n", "a = (\nb\n") == ChangeSize(added=1, removed=0)

@@ -134,3 +134,18 @@ def test_report_explains_each_keep_and_lists_near_misses(runtime: Runtime, basel
     assert "| 1 vs 3 |" in row and "(2) |" in row
     assert "best val_bpb: 1.900000" in text and "mean of 1 run)" in text
     assert "pooled noise" in text
+
+
+def test_a_removal_at_an_equal_result_is_kept_as_simpler(runtime: Runtime, baseline_source: str) -> None:
+    """Deleting a statement with no loss: a second run, then kept under the simplicity rule (counted on code)."""
+    session, sid, base = _open(runtime, baseline_source)
+    line = next(text for text in baseline_source.splitlines(keepends=True) if text.startswith("SCALAR_LR = "))
+    candidate = _evaluating(runtime, session, sid, baseline_source.replace(line, "", 1), base.id)
+    assert session._judge(candidate, 2.004, {"val_bpb": 2.004}) == "evaluating"
+    confirm = session._next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    assert confirm is not None and confirm.kind == "confirm"
+    runtime.store.transition(confirm.id, "running", "evaluating", owner=runtime.owner)
+    session._judge(confirm, 1.994, {"val_bpb": 1.994})
+    kept = runtime.store.get_experiment(candidate.id)
+    assert kept is not None and kept.status == "kept"
+    assert kept.verdict is not None and kept.verdict["rule"] == "simpler"

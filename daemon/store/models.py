@@ -118,6 +118,8 @@ class ExperimentRow(Base):
     # A combine move: the earlier change merged onto `parent_id` (the best at the time).
     parent2_id: Mapped[int | None] = mapped_column(ForeignKey("experiments.id", ondelete="SET NULL",
                                                               name="fk_experiments_parent2_id"))
+    # The sandbox's handles of this experiment's stages as they were submitted: "train:1234 eval:1235".
+    sandbox_jobs: Mapped[str | None] = mapped_column(Text)
 
 
 class AgentCallRow(Base):

@@ -83,6 +83,7 @@ class ExperimentRecord:
     finished_at: datetime | None
     verdict: dict[str, Any] | None = None  # the judge's numbers (Verdict.as_record)
     parent2_id: int | None = None  # a combine move's second parent
+    sandbox_jobs: str | None = None  # the stages' sandbox handles (Slurm job ids), "train:1234 eval:1235"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.agents import Agent, SystemClock, make_agent
+from daemon.cluster import record_jobs, require_node_paths, slurm_options
 from daemon.config import Settings
 from daemon.errors import AutoresearchError, ConfigError
 from daemon.http import DaemonHTTPServer, Heartbeat, start_http_server
@@ -21,7 +22,7 @@ from daemon.lock import DaemonLock
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.reconcile import Reconciled, reconcile
-from daemon.research.lanes import Lane, plan_lanes
+from daemon.research.lanes import Lane, cluster_lanes, plan_lanes
 from daemon.runner import StageRunner
 from daemon.statusdata import DaemonFacts, LaneInfo, status_data
 from daemon.statuspage import LiveState, render_status_page
@@ -106,7 +107,8 @@ def choose_backend(settings: Settings, *, daemon: bool) -> Backend:
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            backend = open_backend(kind, settings.sandbox.image, instance)
+            backend = open_backend(kind, settings.sandbox.image, instance,
+                                   slurm=slurm_options(settings) if kind == "slurm" else None)
     except BackendUnavailable as exc:
         raise AutoresearchError(str(exc), hint="see `autoresearch doctor`") from None
     if backend.name == "local" and kind == "auto":
@@ -150,6 +152,8 @@ def make_runner(settings: Settings, backend: Backend, workspace: Workspace, prob
     sandbox, training = settings.sandbox, settings.training
     host_cpus = float(os.cpu_count() or 1)  # Docker refuses a quota above the host's CPU count
     cpus = min(sandbox.cpus or host_cpus, host_cpus)
+    if sandbox.backend == "slurm":  # the node's CPUs, as many as each job asks Slurm for
+        cpus = float(settings.slurm.cpus_per_job)
     common = dict(memory_bytes=int(sandbox.memory_gb * 1024**3), cpus=cpus, pids=sandbox.pids,
                   shm_bytes=int(sandbox.shm_gb * 1024**3), tmpfs_bytes=int(sandbox.tmpfs_gb * 1024**3))
     train_limits = Limits(timeout_s=training.time_budget_s + training.compile_budget_s + training.startup_grace_s,
@@ -181,7 +185,12 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
         backend = choose_backend(settings, daemon=daemon)
         reconciled = reconcile(store, backend, settings.instance_name, owner_alive=lock.owner_alive)
         probe = probe if probe is not None else default_probe()
-        lanes = plan_lanes(settings.gpus, probe)
+        if backend.name == "slurm":  # lanes are concurrent jobs; the daemon's own machine has no GPU to count
+            require_node_paths(backend, [workspace.runs_dir, settings.data_dir, TRAINER_DIR])
+            record_jobs(backend, store)
+            lanes = cluster_lanes(settings.slurm.max_jobs)
+        else:
+            lanes = plan_lanes(settings.gpus, probe)
         runner = make_runner(settings, backend, workspace, probe)
     except BaseException:
         store.close()  # e.g. data not prepared yet: the command fails, its connections must not linger

@@ -48,11 +48,15 @@ def describe_environment(settings: Settings, lanes: Sequence[Lane], baseline: Ex
     if isinstance(train_tokens, int):
         lines.append(f"- Data: train split {train_tokens:,} tokens ({train.get('num_bytes', 0):,} bytes, "
                      f"{train.get('num_documents', '?')} documents) = tokens per epoch; val split "
-                     f"{val.get('num_tokens', '?')} tokens; vocabulary {train.get('vocab_size', '?')}.")
+                     f"{_count(val.get('num_tokens'))} tokens; vocabulary {train.get('vocab_size', '?')}.")
     else:
         lines.append("- Data: the prepared split's meta.json could not be read.")
     lines.append(_baseline(baseline, train_tokens if isinstance(train_tokens, int) else None))
     return "\n".join(lines)
+
+
+def _count(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
 
 
 def _lanes(lanes: Sequence[Lane], gpus: Sequence[Any]) -> str:

@@ -102,7 +102,6 @@ def ledger_from_rows(rows: Iterable[ExperimentRecord], noise: NoiseFloor, curren
     runs = tuple(_run_entry(row, by_id) for row in done)
     kept = tuple(ChangeEntry(row.id, row.val_bpb, _delta(row, by_id), row.description, row.diff)
                  for row in done if row.status == "kept" and row.kind in ("candidate", "manual") and row.diff)
-    near = _near_misses(done, by_id)
     crashes = tuple(CrashEntry(row.id, row.status, row.description, row.error, _tail(row.log_tail))
                     for row in done if row.status in FAILED)[:CRASHES]
     in_flight = tuple(InFlight(row.id, row.kind, row.status, row.lane, row.description)
@@ -115,17 +114,21 @@ def ledger_from_rows(rows: Iterable[ExperimentRecord], noise: NoiseFloor, curren
     recorded = next((row.verdict for row in ordered if getattr(row, "verdict", None)), None)
     if recorded and isinstance(recorded.get("margin"), int | float):
         margin, rule = float(recorded["margin"]), "the margin the judge last required (its latest verdict)"
+    near = _near_misses(done, by_id, margin)
     return LedgerView(nights=nights, runs=runs, kept=kept, near_misses=near, crashes=crashes, in_flight=in_flight,
                       noise_sigma=sigma, noise_n=noise_n, keep_margin=margin, margin_rule=rule)
 
 
-def _near_misses(done: Sequence[ExperimentRecord], by_id: Mapping[int, ExperimentRecord]) -> tuple[ChangeEntry, ...]:
-    """The archive's closest calls (by the judge's t); without recorded verdicts, the smallest deltas."""
+def _near_misses(done: Sequence[ExperimentRecord], by_id: Mapping[int, ExperimentRecord],
+                 margin: float | None) -> tuple[ChangeEntry, ...]:
+    """The archive's closest calls (by the judge's t); without recorded verdicts, the smallest deltas that
+    stayed within twice the keep margin of the best (or below it, without a margin)."""
     ranked = [by_id[miss.experiment_id] for miss in archive.near_misses(done, limit=NEAR_MISSES)]
     if not ranked:
-        ranked = sorted((row for row in done if row.status == "discarded" and row.kind in ("candidate", "manual")
-                         and row.diff and _delta(row, by_id) is not None),
-                        key=lambda row: (_delta(row, by_id) or 0.0, -row.id))[:NEAR_MISSES]
+        limit = 2 * margin if margin is not None else 0.0
+        close = [row for row in done if row.status == "discarded" and row.kind in ("candidate", "manual")
+                 and row.diff and (delta := _delta(row, by_id)) is not None and delta < limit]
+        ranked = sorted(close, key=lambda row: (_delta(row, by_id) or 0.0, -row.id))[:NEAR_MISSES]
     return tuple(ChangeEntry(row.id, row.val_bpb, _delta(row, by_id), row.description, row.diff) for row in ranked)
 
 

@@ -43,6 +43,9 @@ CONTRACT_METRICS = {
     "autoresearch_training_budget_seconds": ("gauge", set()),
     "autoresearch_build_info": ("gauge", {"version", "python", "torch"}),
     "autoresearch_lane_info": ("gauge", {"lane", "gpu_uuid", "gpu_index"}),
+    "autoresearch_smoke_runs": ("counter", {"outcome"}),
+    "autoresearch_smoke_run_seconds": ("histogram", set()),
+    "autoresearch_crashes_caught": ("counter", {"stage"}),
 }
 
 
@@ -61,6 +64,7 @@ def exercised_metrics(monotonic: Callable[[], float] | None = None) -> Metrics:
     metrics.lane_info("gpu0", "GPU-0", 0)
     metrics.lane_busy("gpu0", True)
     metrics.stage_finished("train", 310.0, 1.5)
+    metrics.smoke_run("crashed", 4.0)
     metrics.experiment_finished("candidate", "kept", "gpu0", 0.99, 340.0)
     metrics.best(0.99)
     metrics.baseline(1.0)

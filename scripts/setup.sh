@@ -130,6 +130,7 @@ step_slurm() {
 for step in "$@"; do
   case "$step" in
     venv) step_venv ;;
+    docker) step_docker ;;
     services) step_docker; step_prometheus; step_chromium; step_debootstrap; step_postgres; step_slurm ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -114,3 +114,30 @@ def test_a_killed_pytest_leaves_no_postgres_behind(tmp_path: Path) -> None:
         time.sleep(0.5)
     assert not _alive(postmaster), "the postmaster outlived its owner"
     assert not Path(root).exists(), "the cluster's directory was left behind"
+
+
+def test_setup_never_touches_a_running_dockerd_that_does_not_answer(tmp_path: Path) -> None:
+    """`docker info` fails but a dockerd runs (its pidfile names a live process): set-up says so, starts
+    no second engine and leaves the running one alone."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "dockerd-started"
+    (bin_dir / "docker").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "dockerd").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    for tool in ("docker", "dockerd"):
+        (bin_dir / tool).chmod(0o755)
+    engine = subprocess.Popen(["sleep", "600"])
+    pidfile = tmp_path / "docker.pid"
+    pidfile.write_text(f"{engine.pid}\n")
+    try:
+        done = subprocess.run(["bash", "scripts/setup.sh", "docker"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=60, check=False,
+                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                   "DOCKERD_PIDFILE": str(pidfile)})
+        assert done.returncode != 0
+        assert f"a dockerd is running (pid {engine.pid})" in done.stdout and "not touching it" in done.stdout
+        assert not marker.exists(), "a second dockerd was started"
+        assert _alive(engine.pid)
+    finally:
+        engine.kill()
+        engine.wait()

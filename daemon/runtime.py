@@ -137,7 +137,10 @@ def gpu_indexes(probe: GpuProbe) -> dict[str, int]:
         return {}
 
 
-def sandbox_env(settings: Settings) -> dict[str, str]:
+GPU_EVAL_TOKENS = 40 * 2**19  # upstream's evaluation size (~21 M tokens) when GPUs train the gpu preset
+
+
+def sandbox_env(settings: Settings, gpus: int = 0) -> dict[str, str]:
     env = {
         "AUTORESEARCH_TIME_BUDGET": str(settings.training.time_budget_s),
         "AUTORESEARCH_COMPILE_BUDGET": str(settings.training.compile_budget_s),
@@ -145,6 +148,8 @@ def sandbox_env(settings: Settings) -> dict[str, str]:
     }
     if settings.training.eval_tokens:
         env["AUTORESEARCH_EVAL_TOKENS"] = str(settings.training.eval_tokens)
+    elif gpus and settings.training.preset in ("auto", "gpu"):
+        env["AUTORESEARCH_EVAL_TOKENS"] = str(GPU_EVAL_TOKENS)  # CPU nights keep the trainer's small default
     return env
 
 
@@ -161,7 +166,7 @@ def make_runner(settings: Settings, backend: Backend, workspace: Workspace, prob
     eval_limits = Limits(timeout_s=sandbox.eval_timeout_s, **common)  # type: ignore[arg-type]
     return StageRunner(backend, image=sandbox.image, trainer_dir=TRAINER_DIR, data_dir=settings.data_dir,
                        work_dir=workspace.runs_dir, instance=settings.instance_name, train_limits=train_limits,
-                       eval_limits=eval_limits, env=sandbox_env(settings), gpu_probe=probe,
+                       eval_limits=eval_limits, env=sandbox_env(settings, gpus=len(probe.gpus())), gpu_probe=probe,
                        gpu_release_timeout_s=sandbox.gpu_release_timeout_s,
                        compile_cache=workspace.root / "compile-cache")
 

@@ -22,8 +22,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 # syslog priorities (sd-daemon(3) prefixes)
 PRIORITIES = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7,
               "notset": 7}
-# Chatty libraries: below these levels their lines are noise (alembic says "Context impl ..." on every command).
-_QUIET = {"urllib3": logging.WARNING, "docker": logging.INFO, "apscheduler": logging.INFO, "alembic": logging.WARNING}
+# Chatty libraries: below these levels their lines are noise (alembic: "Context impl ..." on every command;
+# APScheduler: "Running job ..." every 10 s).
+_QUIET = {"urllib3": logging.WARNING, "docker": logging.INFO, "apscheduler": logging.WARNING, "alembic": logging.WARNING}
 
 
 def stream_is_journal(stream: Any, environ: MutableMapping[str, str] | None = None) -> bool:

@@ -73,7 +73,8 @@ def probe_drift(scored: torch.Tensor, probed: torch.Tensor, order: torch.Tensor,
         k = int(cuts[i])
         if k == 0:
             continue
-        drift = (probed[i, :k] - scored[int(order[i]), :k]).abs().amax().item()
+        difference = probed[i, :k] - scored[int(order[i]), :k]
+        drift = difference.abs_().amax().item()
         if not drift <= PROBE_TOLERANCE:  # NaN fails too
             if k == seq_len:
                 return (f"log-probabilities of a row changed by {drift:.3g} when only the other rows of the batch "

@@ -42,7 +42,8 @@ from trainer import compile_cache
 from trainer.layout import CHECKPOINT_NAME, EXPORT_STARTS, TRAINING_STARTS, DataError, read_split_meta
 
 EXIT_CRASH, EXIT_USAGE, EXIT_WRONG_SPLIT, EXIT_NO_CHECKPOINT, EXIT_OVER_BUDGET = 1, 2, 3, 4, 5
-BUDGET_TOLERANCE = 0.05        # training may run this fraction past its budget (plus one second of clock slack)
+BUDGET_TOLERANCE = 0.05        # training may run this fraction past its budget,
+BUDGET_SLACK_SECONDS = 3.0     # plus this (the last step and the summary after the stop rule fired)
 STARTUP_SECONDS = 30.0         # imports, data and model set-up, on top of the compile budget
 EXPORT_SECONDS = 60.0          # from the export line to the exit
 EXIT_OUT_QUOTA = 6
@@ -99,7 +100,7 @@ class TimeRules:
 
     The candidate's run is split by the harness's own clock at the first TRAINING_STARTS line and the last
     EXPORT_STARTS line: start-up and compilation (capped at the compile budget plus a start-up
-    allowance), training (the budget plus BUDGET_TOLERANCE and one second), export (EXPORT_SECONDS). Without
+    allowance), training (the budget plus BUDGET_TOLERANCE and BUDGET_SLACK_SECONDS), export (EXPORT_SECONDS). Without
     a start line, training is counted from the launch; without an export line, up to the exit."""
 
     budget_s: float
@@ -120,7 +121,7 @@ class TimeRules:
 
     def verdict(self, phases: dict[str, float]) -> str:
         """'' when the phases fit the budget, else why not (one line)."""
-        limits = {"startup": self.compile_s + STARTUP_SECONDS, "training": self.budget_s * (1 + BUDGET_TOLERANCE) + 1.0,
+        limits = {"startup": self.compile_s + STARTUP_SECONDS, "training": self.budget_s * (1 + BUDGET_TOLERANCE) + BUDGET_SLACK_SECONDS,
                   "export": EXPORT_SECONDS}
         for phase, limit in limits.items():
             if phases.get(phase, 0.0) > limit:

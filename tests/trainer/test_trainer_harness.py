@@ -238,13 +238,13 @@ time.sleep({seconds})
 
 @pytest.mark.parametrize("announce", [True, False])
 def test_training_past_the_budget_is_over_budget(prepared_data: Path, tmp_path: Path, announce: bool) -> None:
-    """A clean exit after training well past the budget (4 s) exits 5 with the harness's reason."""
+    """A clean exit after 10 s of training on a 4 s budget exits 5 with the harness's reason."""
     candidate = tmp_path / "train.py"
-    candidate.write_text(OVERRUN_CANDIDATE.format(announce=announce, seconds=7))
+    candidate.write_text(OVERRUN_CANDIDATE.format(announce=announce, seconds=10))
     completed = _run_train(candidate, prepared_data / "train", tmp_path / "out")
     assert completed.returncode == harness.EXIT_OVER_BUDGET, completed.stdout
     train_json = json.loads((tmp_path / "out" / "train.json").read_text())
-    assert train_json["over_budget"].startswith("training took") and train_json["phases"]["training"] >= 7
+    assert train_json["over_budget"].startswith("training took") and train_json["phases"]["training"] >= 10
 
 
 def test_an_early_export_line_does_not_stop_the_training_clock(prepared_data: Path, tmp_path: Path) -> None:
@@ -252,10 +252,10 @@ def test_an_early_export_line_does_not_stop_the_training_clock(prepared_data: Pa
     candidate = tmp_path / "train.py"
     candidate.write_text(OVERRUN_CANDIDATE.format(announce=True, seconds=0.1).replace(
         "time.sleep(0.1)", "from trainer.layout import announce_export_start\nannounce_export_start()\n"
-                           "time.sleep(7)\nannounce_export_start()"))
+                           "time.sleep(10)\nannounce_export_start()"))
     completed = _run_train(candidate, prepared_data / "train", tmp_path / "out")
     assert completed.returncode == harness.EXIT_OVER_BUDGET, completed.stdout
-    assert json.loads((tmp_path / "out" / "train.json").read_text())["phases"]["training"] >= 7
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["phases"]["training"] >= 10
 
 
 def test_training_within_the_budget_is_clean(prepared_data: Path, tmp_path: Path) -> None:
@@ -270,9 +270,9 @@ def test_training_within_the_budget_is_clean(prepared_data: Path, tmp_path: Path
 def test_time_rules_cap_every_phase() -> None:
     """Start-up is capped by the compile budget plus the start-up allowance, training by the budget, export too."""
     rules = harness.TimeRules(budget_s=100.0, compile_s=20.0)
-    assert rules.verdict({"startup": 49.0, "training": 105.9, "export": 59.0}) == ""
+    assert rules.verdict({"startup": 49.0, "training": 107.9, "export": 59.0}) == ""
     assert rules.verdict({"startup": 51.0, "training": 1.0, "export": 1.0}).startswith("startup took")
-    assert rules.verdict({"startup": 1.0, "training": 106.5, "export": 1.0}).startswith("training took")
+    assert rules.verdict({"startup": 1.0, "training": 108.5, "export": 1.0}).startswith("training took")
     assert rules.verdict({"startup": 1.0, "training": 1.0, "export": 61.0}).startswith("export took")
 
 

@@ -1,9 +1,12 @@
 """The research loop, in parts a newcomer can name (each its own module with its own tests):
 
-- `session`      the session driver: lanes (one thread each), stop and grace period, leases, heartbeat,
-                 the agent's proposals (pipelined), running one experiment and recording its outcome;
+- `session`      the session driver: lanes (one thread each), stop and grace period, leases, heartbeat;
 - `planner`      what a free lane runs next: baseline, noise floor, re-measures of the best, candidates
                  and near-miss moves (pure functions over the session's rows);
+- `work`         the planner's moves turned into queued experiments: the agent's candidates (rebased,
+                 validated), near-miss moves, leftovers of earlier sessions, the agent's context;
+- `proposer`     the agent asked ahead of time in a worker thread per lane (pipelining);
+- `running`      one claimed experiment through the sandbox, its outcome, crash and push-back handling;
 - `judge`        the keep rule: a sequential one-sided t-test on means with pooled noise, simplicity and
                  memory rules; every verdict carries its numbers;
 - `keeper`       records each measured run and carries out the judge's verdicts (commit, confirmations);

@@ -15,6 +15,7 @@ Pure functions over store rows.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -99,6 +100,12 @@ def reapply(diff: str, source: str) -> str:
     if any(not edit.search for edit in edits):
         raise InvalidProposal("a hunk without context or removed lines cannot be placed in another source")
     return apply_edits(source, edits)
+
+
+def unified_diff(parent: str, child: str) -> str:
+    """The unified diff of train.py from `parent` to `child` (what the store, the agent and the report show)."""
+    return "".join(difflib.unified_diff(parent.splitlines(keepends=True), child.splitlines(keepends=True),
+                                        "a/train.py", "b/train.py"))
 
 
 def _hunks(diff: str) -> list[Edit]:

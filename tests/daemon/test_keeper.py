@@ -63,7 +63,7 @@ def test_a_keep_stores_its_numbers_and_the_new_best_is_remeasured(runtime: Runti
     assert kept is not None and kept.verdict is not None
     assert kept.verdict["rule"] == "significant" and kept.verdict["n"] == 1 and kept.verdict["n_incumbent"] == 3
     assert kept.verdict["df"] == 2 and kept.verdict["p"] < kept.verdict["alpha"]
-    remeasure = session._next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    remeasure = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert remeasure is not None and (remeasure.kind, remeasure.parent_id) == ("remeasure", candidate.id)
     assert remeasure.seed != candidate.seed
     runtime.store.transition(remeasure.id, "running", "evaluating", owner=runtime.owner)
@@ -79,7 +79,7 @@ def test_a_close_call_is_confirmed_until_its_mean_decides(runtime: Runtime, base
     session, sid, base = _open(runtime, baseline_source)
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nCLOSE = 1\n", base.id)
     assert session._judge(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
-    confirm = session._next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    confirm = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert confirm is not None and (confirm.kind, confirm.parent_id) == ("confirm", candidate.id)
     runtime.store.transition(confirm.id, "running", "evaluating", owner=runtime.owner)
     assert session._judge(confirm, 1.965, {"val_bpb": 1.965}) == "measured"
@@ -112,7 +112,7 @@ def test_near_miss_move_records_both_parents(runtime: Runtime, baseline_source: 
     finished(runtime.store, sid, "remeasure", best_source, 1.91, status="measured", parent_id=best.id,
              source_hash=normalized_hash(best_source))
     session._planned_candidates = 2  # the next candidate is an archive turn (archive_every = 3)
-    move = session._next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    move = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert move is not None and move.kind == "candidate"
     assert (move.parent_id, move.parent2_id) == (best.id, near.id)
     assert move.source.startswith("BEST = 1\n") and "NEAR = 1" in move.source
@@ -142,7 +142,7 @@ def test_a_removal_at_an_equal_result_is_kept_as_simpler(runtime: Runtime, basel
     line = next(text for text in baseline_source.splitlines(keepends=True) if text.startswith("SCALAR_LR = "))
     candidate = _evaluating(runtime, session, sid, baseline_source.replace(line, "", 1), base.id)
     assert session._judge(candidate, 2.004, {"val_bpb": 2.004}) == "evaluating"
-    confirm = session._next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    confirm = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert confirm is not None and confirm.kind == "confirm"
     runtime.store.transition(confirm.id, "running", "evaluating", owner=runtime.owner)
     session._judge(confirm, 1.994, {"val_bpb": 1.994})

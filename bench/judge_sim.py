@@ -41,10 +41,10 @@ import structlog
 from daemon.agents.edits import normalized_hash
 from daemon.config import JudgeConfig
 from daemon.research import archive, planner
+from daemon.research.archive import unified_diff
 from daemon.research.judge import Decision, LegacyRule
 from daemon.research.keeper import Keeper
 from daemon.research.measurements import recorded_value
-from daemon.research.session import unified_diff
 from daemon.store.records import TERMINAL_STATUSES, ExperimentRecord
 
 SIGMA = 0.01

@@ -25,7 +25,7 @@ from daemon.errors import (
     InvalidProposal,
 )
 from daemon.logs import get_logger
-from daemon.research import archive, planner
+from daemon.research import archive, measurements, planner
 from daemon.research.archive import unified_diff
 from daemon.research.environment import describe_environment, visible_gpus
 from daemon.research.lanes import Lane
@@ -270,7 +270,10 @@ class WorkSource:
         start = line_start(self.session.store, self.session.line_id, self.session.session_id) if best is None else None
         best_source = best.source if best is not None else (
             start.source if start is not None else self.session.workspace.baseline_source())
-        best_val = best.val_bpb if best is not None else None
+        # The best's recorded value: the mean of its fresh runs, not the single run that won its keep.
+        best_val = measurements.recorded_value(
+            self.session.store.list_experiments(session_id=self.session.session_id, limit=100_000), best) \
+            if best is not None else None
         rows = self.session.store.history(self.session.session_id, self.session.settings.agent.history_size)
         known = {row.id: row for row in rows}
         history = tuple(HistoryItem(r.id, r.status, r.val_bpb, self.delta(r, known), r.description)

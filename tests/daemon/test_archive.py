@@ -6,8 +6,7 @@ import pytest
 
 from daemon.agents.edits import normalized_hash
 from daemon.errors import InvalidProposal
-from daemon.research.archive import near_misses, pick_near_miss, reapply
-from daemon.research.session import unified_diff
+from daemon.research.archive import near_misses, pick_near_miss, reapply, unified_diff
 from tests.daemon.rows import row
 
 BASE = "".join(f"a{i} = {i}\n" for i in range(30))

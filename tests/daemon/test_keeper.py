@@ -12,8 +12,8 @@ import pytest
 from daemon.agents.edits import normalized_hash
 from daemon.report import write_report
 from daemon.research import ResearchSession
+from daemon.research.archive import unified_diff
 from daemon.research.measurements import recorded_value
-from daemon.research.session import unified_diff
 from daemon.runtime import Runtime, open_runtime
 from daemon.stop import StopCondition
 from daemon.store.records import ExperimentRecord
@@ -55,7 +55,8 @@ def _evaluating(runtime: Runtime, session: ResearchSession, sid: int, source: st
 
 
 def test_a_keep_stores_its_numbers_and_the_new_best_is_remeasured(runtime: Runtime, baseline_source: str) -> None:
-    """A 10 sigma win is kept with its verdict; the next run is a re-measure whose value becomes the record."""
+    """A 10 sigma win is kept with its verdict; the next run is a re-measure whose value becomes the record
+    (in the store's view, the report's and the agent's)."""
     session, sid, base = _open(runtime, baseline_source)
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nWIN = 1\n", base.id)
     assert session._judge(candidate, 1.90, {"val_bpb": 1.90}) == "kept"
@@ -72,6 +73,7 @@ def test_a_keep_stores_its_numbers_and_the_new_best_is_remeasured(runtime: Runti
     best = runtime.store.best(sid)
     assert best is not None and best.id == candidate.id
     assert recorded_value(rows, best) == pytest.approx(1.93)
+    assert session._work.context(None).best_val_bpb == pytest.approx(1.93)  # the agent sees the mean too
 
 
 def test_a_close_call_is_confirmed_until_its_mean_decides(runtime: Runtime, baseline_source: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer import train
@@ -112,3 +113,21 @@ def test_every_parameter_has_exactly_one_optimizer() -> None:
     optimizers = train.build_optimizers(model, torch.device("cpu"))
     owned = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
     assert sorted(owned) == sorted(id(p) for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_muon_step_equals_the_eager_one() -> None:
+    """The CUDA path compiles the Muon step (checked here on CPU): same result as eager, schedule changes included."""
+    torch.manual_seed(3)
+    compiled = [torch.nn.Parameter(torch.randn(16, 8)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(8, 32))]
+    eager = [torch.nn.Parameter(p.detach().clone()) for p in compiled]
+    fast, slow = train.Muon(compiled, lr=0.01, compiled=True), train.Muon(eager, lr=0.01)
+    for step in range(3):
+        for p, q in zip(compiled, eager, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        for opt in (fast, slow):
+            opt.param_groups[0].update(momentum=train.muon_momentum(step * 100), weight_decay=0.1 * step)
+            opt.step()
+    for p, q in zip(compiled, eager, strict=True):
+        assert torch.allclose(p, q, atol=1e-5)

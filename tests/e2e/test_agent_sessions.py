@@ -81,7 +81,7 @@ def crash_fix_session(tmp_path_factory: pytest.TempPathFactory, baseline_source:
         # crashed, #4 when the fix launches (prepared, never run).
         server.enqueue(CRASHING, LONGER_WARMUP, FIXED, SOFTER_CAP)
         settings = anthropic_settings(tmp_path_factory.mktemp("crash-fix"), baseline_source, postgres_url,
-                                      prepared_data, server)
+                                      prepared_data, server, training=ROOMY)
         summary, rows = run_session(settings, candidates=3)
         yield CrashFixSession(summary, rows, list(server.requests),
                               agent_calls(settings.database_url, summary.session_id))
@@ -133,7 +133,7 @@ def test_session_rides_out_an_agent_api_outage_and_records_the_failures(
               error_reply(500, "internal")]
     fake_api.enqueue(*outage, LONGER_WARMUP, SOFTER_CAP)
     # Three attempts per proposal: the first proposal fails outright, the session retries it after a pause.
-    settings = anthropic_settings(tmp_path, baseline_source, postgres_url, prepared_data, fake_api,
+    settings = anthropic_settings(tmp_path, baseline_source, postgres_url, prepared_data, fake_api, training=ROOMY,
                                   max_retries=2)
     summary, rows = run_session(settings, candidates=1)
 

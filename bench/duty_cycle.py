@@ -26,9 +26,9 @@ from daemon.agents import Edit, Proposal, ProposalContext
 from daemon.config import load_settings
 from daemon.research import ResearchSession
 from daemon.research.lanes import Lane
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
+from daemon.research.workspace import Workspace
 from daemon.store import open_store
-from daemon.workspace import Workspace
 from sandbox.spec import RunResult, RunStatus
 
 BASELINE = "import os\nLR = 0\nos.environ.get('AUTORESEARCH_TIME_BUDGET')\nexport_checkpoint = print\nexport_checkpoint()\n"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from daemon.config import load_settings
 from daemon.research.smoke import smoke_stage_runner
-from daemon.runtime import choose_backend, make_runner
-from daemon.workspace import Workspace
+from daemon.research.workspace import Workspace
+from daemon.service.runtime import choose_backend, make_runner
 from trainer.prepare import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ Covered by the Docker backend:
   * the harness owns time (marker lines split start-up/compile, training and export by its clock; a clean run
     over budget exits 5 and is `timeout`), and the daemon bounds the train container's wall time from outside;
   * a scored result bit-identical (checkpoint SHA-256 or exact val_bpb) to the same source's run under
-    another seed is refused as a replay (daemon.replay), so noise-floor and confirmation runs stay real;
+    another seed is refused as a replay (daemon.research.replay), so noise-floor and confirmation runs stay real;
   * everything that leaves the sandbox (file names, summary numbers, output and error text) and the agent's
     descriptions pass sandbox.sanitize before the store, git, prompts, the status page or a terminal;
   * the val split is unreadable from the train stage for every source, the embedded `stdlib` one included

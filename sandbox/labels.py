@@ -2,7 +2,7 @@
 
 An owner id is `<instance>:<pid>-<start ticks>-<boot id>-<random>`: unique to one daemon process for all time
 (a reused PID has another start time; a reboot another boot id; the random part tells apart processes in
-different PID namespaces). Whether an owner still runs is asked of the daemon lock (`daemon.lock`), which
+different PID namespaces). Whether an owner still runs is asked of the daemon lock (`daemon.service.lock`), which
 holds the owner id independent of PIDs; `owner_alive_here` is the PID-based fallback for this namespace.
 """
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from daemon.agents import Agent, Clock, Proposal, ProposalContext
 from daemon.agents.accounting import AgentCallSink
 from daemon.errors import AgentError, AgentFatal, CostCapReached, InvalidProposal
-from daemon.logs import get_logger
+from daemon.ops.logs import get_logger
 from daemon.store.records import AgentCallRecord
 
 FALLBACK_OUTCOME = "fallback"

@@ -37,7 +37,7 @@ from daemon.agents.prompt import (
 )
 from daemon.config import AgentConfig
 from daemon.errors import AgentError, AgentFatal, ConfigError, InvalidProposal
-from daemon.logs import get_logger
+from daemon.ops.logs import get_logger
 from daemon.store.records import AgentCallRecord
 
 PROVIDER = "openai"

@@ -12,7 +12,14 @@
 - `keeper`       records each measured run and carries out the judge's verdicts (commit, confirmations);
 - `measurements` the runs the judge reads: repeats grouped by source, the best's runs and recorded mean;
 - `archive`      near-misses with their diffs, re-applied onto a new best (search = archive);
-- `lanes`        GPUs to lanes, and the gate that says whether a lane may launch.
+- `lanes`        GPUs to lanes, and the gate that says whether a lane may launch;
+- `stop`         when a session stops launching and when its running experiments are killed;
+- `runner`       one experiment through the sandbox: train stage (candidate), eval stage (trusted harness);
+- `replay`       the same source under another seed must not give a bit-identical result;
+- `workspace`    the research workspace: program.md, the baseline train.py, its git repository;
+- `corpus_check` the corpus-size rule of a GPU run (refuse data a night would read many times over);
+- `ledger`, `line`, `environment`, `smoke`: the agent's ledger and notebook, research lines, the run's
+                 environment facts, the smoke run.
 
 `ResearchSession`, `SessionSummary`, `unified_diff` and `MAX_INVALID_PROPOSALS` are re-exported here,
 loaded on first use so that the pure parts (judge, planner, measurements, archive) import without the

@@ -19,12 +19,12 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.errors import TransitionError
-from daemon.logs import get_logger
+from daemon.ops.logs import get_logger
 from daemon.research import measurements
 from daemon.research.judge import ChangeSize, Decision, Verdict, decide
 from daemon.research.planner import confirm_seed
+from daemon.research.workspace import Workspace
 from daemon.store.records import ExperimentRecord
-from daemon.workspace import Workspace
 
 log = get_logger("autoresearch.research")
 

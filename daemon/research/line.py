@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from daemon.logs import get_logger
+from daemon.ops.logs import get_logger
 from daemon.store.lines import NotebookEntry
 from daemon.store.records import ExperimentRecord
 

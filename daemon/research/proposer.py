@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from daemon.agents import Agent, CrashInfo, Proposal, ProposalContext
 from daemon.research.archive import unified_diff
 from daemon.research.smoke import SmokeTest
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
 
 
 @dataclass(frozen=True)

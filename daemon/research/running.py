@@ -16,9 +16,9 @@ from daemon.agents import CrashInfo
 from daemon.errors import (
     TransitionError,
 )
-from daemon.logs import bind_experiment, get_logger
+from daemon.ops.logs import bind_experiment, get_logger
 from daemon.research.lanes import Lane
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
 from daemon.store.records import ExperimentRecord
 from sandbox.spec import Cancel, RunStatus
 

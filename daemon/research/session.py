@@ -32,7 +32,8 @@ from daemon.errors import (
     TransitionError,
     WorkspaceError,
 )
-from daemon.logs import get_logger
+from daemon.ops.logs import get_logger
+from daemon.ops.statuspage import LiveState
 from daemon.research.archive import unified_diff
 from daemon.research.keeper import Keeper
 from daemon.research.lanes import Lane, LaunchGate
@@ -49,11 +50,10 @@ from daemon.research.running import (
     outcome_fields,
 )
 from daemon.research.smoke import SmokeTest, smoke_stage_runner
+from daemon.research.stop import StopCondition
 from daemon.research.work import MAX_INVALID_PROPOSALS, WorkSource
-from daemon.statuspage import LiveState
-from daemon.stop import StopCondition
+from daemon.research.workspace import Workspace
 from daemon.store.records import SESSION_OPEN, ExperimentRecord, SessionRecord
-from daemon.workspace import Workspace
 from sandbox.spec import Cancel, RunStatus
 
 __all__ = ["ACTIVE", "CRASH_STATUSES", "MAX_ATTEMPTS", "MAX_INVALID_PROPOSALS", "Prepared", "Proposer",
@@ -61,7 +61,7 @@ __all__ = ["ACTIVE", "CRASH_STATUSES", "MAX_ATTEMPTS", "MAX_INVALID_PROPOSALS", 
 
 log = get_logger("autoresearch.research")
 class Runner(Protocol):
-    """`daemon.runner.StageRunner`: train + eval of one experiment in the sandbox."""
+    """`daemon.research.runner.StageRunner`: train + eval of one experiment in the sandbox."""
 
     def run(self, experiment_id: int, attempt: int, source: str, seed: int, gpu_uuid: str | None = None,
             cancel: Cancel | None = None, on_stage: Callable[[str], None] | None = None) -> Any: ...

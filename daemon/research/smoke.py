@@ -20,8 +20,8 @@ from daemon.agents import Agent, CrashInfo, Proposal, ProposalContext
 from daemon.agents.edits import normalized_hash
 from daemon.config import Settings
 from daemon.errors import InvalidProposal
-from daemon.logs import get_logger
-from daemon.runner import StageRunner
+from daemon.ops.logs import get_logger
+from daemon.research.runner import StageRunner
 from sandbox.spec import Cancel, Mount, RunSpec, RunStatus
 
 log = get_logger("autoresearch.smoke")

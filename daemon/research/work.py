@@ -24,7 +24,7 @@ from daemon.errors import (
     CostCapReached,
     InvalidProposal,
 )
-from daemon.logs import get_logger
+from daemon.ops.logs import get_logger
 from daemon.research import archive, measurements, planner
 from daemon.research.archive import unified_diff
 from daemon.research.environment import describe_environment, visible_gpus
@@ -38,7 +38,7 @@ from daemon.research.line import (
 )
 from daemon.research.proposer import Prepared, Proposer
 from daemon.research.running import MAX_ATTEMPTS, baseline_failure
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
 from daemon.store.records import ExperimentRecord
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import TypeVar
 from sqlalchemy.exc import DBAPIError
 
 from daemon.errors import StoreError
-from daemon.logs import get_logger
+from daemon.ops.logs import get_logger
 
 T = TypeVar("T")
 

@@ -81,7 +81,7 @@ def test_make_agent_wraps_the_llm_unless_told_not_to(fallback: str, wrapped: boo
 
 def test_report_says_when_the_offline_agent_stood_in(tmp_path: Any) -> None:
     """The morning report counts the proposals the offline agent made while the LLM was unavailable."""
-    from daemon.report import write_report
+    from daemon.ops.report import write_report
     from daemon.store import open_store
 
     store = open_store(f"sqlite:///{tmp_path / 'r.db'}")

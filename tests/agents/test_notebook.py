@@ -9,7 +9,7 @@ import pytest
 
 from daemon.cli import main
 from daemon.errors import StoreError
-from daemon.report import write_report
+from daemon.ops.report import write_report
 from daemon.research.line import join_research_line, line_seen_hashes, line_start, record_notes
 from daemon.store import open_store
 from daemon.store.sql import Store

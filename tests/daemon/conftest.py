@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from daemon.config import Settings, load_settings
-from daemon.workspace import Workspace
+from daemon.research.workspace import Workspace
 from tests.conftest import scratch_database
 
 # Smoke runs off unless a test is about them: they would add a run per candidate.

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.corpus_check import check_corpus_for_gpu, corpus_problem
 from daemon.errors import ConfigError
+from daemon.research.corpus_check import check_corpus_for_gpu, corpus_problem
 
 STDLIB_TOKENS = 3_700_000
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import doctor, gpu_smoke
+from daemon.cli import doctor, gpu_smoke
 from daemon.config import load_settings
 from sandbox.gpu import NoGpuProbe
 from sandbox.images import LABEL_PREFIX, TORCH_VERSION

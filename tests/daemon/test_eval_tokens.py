@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.config import load_settings
-from daemon.runtime import GPU_EVAL_TOKENS, sandbox_env
+from daemon.service.runtime import GPU_EVAL_TOKENS, sandbox_env
 
 
 def test_gpu_nights_score_upstreams_eval_size(tmp_path: Path) -> None:

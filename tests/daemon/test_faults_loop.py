@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from daemon.research import ResearchSession
-from daemon.runtime import Runtime, open_runtime
-from daemon.scheduler import Scheduler, SystemClock
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
+from daemon.service.runtime import Runtime, open_runtime
+from daemon.service.scheduler import Scheduler, SystemClock
 from daemon.store.records import SESSION_OPEN, ExperimentRecord
 from sandbox.gpu import GpuInfo
 from tests.e2e.support import free_port

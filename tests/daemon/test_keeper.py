@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from daemon.agents.edits import normalized_hash
-from daemon.report import write_report
+from daemon.ops.report import write_report
 from daemon.research import ResearchSession
 from daemon.research.archive import unified_diff
 from daemon.research.measurements import recorded_value
-from daemon.runtime import Runtime, open_runtime
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
+from daemon.service.runtime import Runtime, open_runtime
 from daemon.store.records import ExperimentRecord
 from tests.daemon.rows import finished
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.replay import MAX_RUNS_PER_SOURCE, ReplayGuard
+from daemon.research.replay import MAX_RUNS_PER_SOURCE, ReplayGuard
 
 
 def test_same_checkpoint_under_another_seed_is_a_replay() -> None:

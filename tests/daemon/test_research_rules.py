@@ -14,8 +14,8 @@ from daemon.agents import Edit, Proposal, ProposalContext
 from daemon.agents.edits import normalized_hash
 from daemon.errors import AgentError, InvalidProposal
 from daemon.research import MAX_INVALID_PROPOSALS, ResearchSession
-from daemon.runtime import Runtime, open_runtime
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
+from daemon.service.runtime import Runtime, open_runtime
 from daemon.store.records import SESSION_OPEN, ExperimentRecord
 
 pytestmark = [pytest.mark.postgres]

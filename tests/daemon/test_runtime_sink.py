@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from daemon.metrics import Metrics
-from daemon.runtime import MeteredCallSink
+from daemon.ops.metrics import Metrics
+from daemon.service.runtime import MeteredCallSink
 from daemon.store import open_store
 from daemon.store.records import AgentCallRecord
 

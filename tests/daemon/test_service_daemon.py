@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon.research.workspace import Workspace
 from daemon.store import open_store
-from daemon.workspace import Workspace
 from tests.e2e.support import free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

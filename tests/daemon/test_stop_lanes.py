@@ -8,7 +8,7 @@ import pytest
 
 from daemon.errors import ConfigError
 from daemon.research.lanes import Lane, plan_lanes
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
 
 
 class ManualClock:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import WorkspaceError
-from daemon.workspace import Workspace
+from daemon.research.workspace import Workspace
 
 BASELINE = "print('baseline')\n"
 

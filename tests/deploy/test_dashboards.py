@@ -1,7 +1,7 @@
 """Grafana provisioning and the "autoresearch / night" dashboard: structure, and every query run for real.
 
 PromQL: a Prometheus process started here (deploy/prometheus/prometheus.yml with the test's target and a
-1 s interval, alerts.yml loaded) scrapes the /metrics endpoint of a real daemon (`daemon.service.Service`)
+1 s interval, alerts.yml loaded) scrapes the /metrics endpoint of a real daemon (`daemon.service.serve.Service`)
 while it runs a short tiny CPU session (`metrics_endpoint`). SQL: the real schema (`Store.upgrade()`) filled
 through the real Store API.
 """
@@ -28,10 +28,10 @@ import pytest
 import sqlalchemy
 import yaml
 
-from daemon.runtime import open_runtime
-from daemon.service import Service
+from daemon.research.workspace import Workspace
+from daemon.service.runtime import open_runtime
+from daemon.service.serve import Service
 from daemon.store import AgentCallRecord, Store, open_store
-from daemon.workspace import Workspace
 from sandbox.gpu import GpuInfo
 from tests.e2e.support import empty_database, free_port, tiny_settings
 from tests.fakes.anthropic_server import FakeAnthropicServer, Reply, tool_reply

@@ -12,8 +12,8 @@ import sqlalchemy
 
 from daemon.config import Settings, load_settings
 from daemon.research import ResearchSession, SessionSummary
-from daemon.runtime import open_runtime
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
+from daemon.service.runtime import open_runtime
 from daemon.store import open_store
 from daemon.store.records import ExperimentRecord
 

@@ -15,8 +15,8 @@ import pytest
 
 from daemon.config import Settings
 from daemon.research import SessionSummary
+from daemon.research.workspace import Workspace
 from daemon.store.records import ExperimentRecord
-from daemon.workspace import Workspace
 from tests.e2e.support import agent_calls, empty_database, run_session, tiny_settings
 from tests.fakes.anthropic_server import FakeAnthropicServer, RecordedRequest, Reply, error_reply, tool_reply
 

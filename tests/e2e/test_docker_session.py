@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from daemon.research import ResearchSession, SessionSummary
-from daemon.runtime import open_runtime
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
+from daemon.research.workspace import Workspace
+from daemon.service.runtime import open_runtime
 from daemon.store import open_store
 from daemon.store.records import ExperimentRecord
-from daemon.workspace import Workspace
 from tests.e2e.support import empty_database, free_port, handicapped, http_get, settings_env, tiny_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres, pytest.mark.slow]

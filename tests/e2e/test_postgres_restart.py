@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy
 
-from daemon.workspace import Workspace
+from daemon.research.workspace import Workspace
 from tests.e2e.support import empty_database, run_session, tiny_settings
 from tests.pgcluster import PgCluster
 

@@ -13,10 +13,10 @@ import pytest
 
 from daemon.config import load_settings
 from daemon.research import ResearchSession
-from daemon.runtime import open_runtime
-from daemon.stop import StopCondition
+from daemon.research.stop import StopCondition
+from daemon.research.workspace import Workspace
+from daemon.service.runtime import open_runtime
 from daemon.store import open_store
-from daemon.workspace import Workspace
 from tests.e2e.support import empty_database, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from daemon.logs import configure_logging, get_logger, stream_is_journal
+from daemon.ops.logs import configure_logging, get_logger, stream_is_journal
 
 
 def test_journal_lines_carry_their_syslog_priority() -> None:

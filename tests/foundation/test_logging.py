@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from daemon.logs import bind_experiment, configure_logging, get_logger
+from daemon.ops.logs import bind_experiment, configure_logging, get_logger
 
 
 def test_json_lines_when_not_a_terminal() -> None:

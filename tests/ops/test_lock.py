@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.lock import AlreadyRunning, DaemonLock
+from daemon.service.lock import AlreadyRunning, DaemonLock
 from sandbox import labels as L
 from tests.conftest import REPO_ROOT
 from tests.e2e.support import empty_database
@@ -22,7 +22,7 @@ from tests.pgcluster import PgCluster, wait_ready
 HOLDER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from daemon.lock import DaemonLock
+from daemon.service.lock import DaemonLock
 from sandbox.labels import owner_id
 lock = DaemonLock(sys.argv[2], sys.argv[3])
 owner = owner_id(sys.argv[3])
@@ -124,7 +124,7 @@ def test_cli_once_beside_a_holder_refuses_with_a_clear_message(
         holder: tuple[subprocess.Popen[str], str], url: str, tmp_path: Path, run_cli) -> None:
     """`autoresearch once` while another process holds the lock exits 1 and names the holder; nothing runs."""
     _process, owner = holder
-    from daemon.workspace import Workspace
+    from daemon.research.workspace import Workspace
 
     workspace = Workspace.init(tmp_path / "ws", baseline_source="print('hi')\n")
     env = {"AUTORESEARCH_DATABASE__URL": url, "AUTORESEARCH_INSTANCE": "lab-1",

@@ -13,8 +13,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.errors import AutoresearchError
-from daemon.http import DaemonHTTPServer, Heartbeat, start_http_server
-from daemon.metrics import Metrics
+from daemon.ops.http import DaemonHTTPServer, Heartbeat, start_http_server
+from daemon.ops.metrics import Metrics
 
 CONTRACT_METRICS = {
     "autoresearch_experiments": ("counter", {"status", "lane", "kind"}),

@@ -8,7 +8,7 @@ import os
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.metrics import Metrics
+from daemon.ops.metrics import Metrics
 
 
 def _samples(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:

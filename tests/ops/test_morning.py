@@ -15,8 +15,8 @@ import pytest
 
 from daemon.config import ReportConfig, load_settings
 from daemon.errors import ConfigError
-from daemon.logs import configure_logging
-from daemon.morning import finish_session, summary_text
+from daemon.ops.logs import configure_logging
+from daemon.ops.morning import finish_session, summary_text
 from daemon.research import SessionSummary
 from tests.ops.conftest import FilledSession
 from tests.pgcluster import free_port

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import ConfigError
-from daemon.notify import SystemdNotifier
+from daemon.service.notify import SystemdNotifier
 
 
 @pytest.fixture()

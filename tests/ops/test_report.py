@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import AutoresearchError
-from daemon.report import val_bpb_series, write_report
+from daemon.ops.report import val_bpb_series, write_report
 from daemon.store import open_store
 
 

@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from daemon.config import IdleConfig, SchedulerConfig, WindowConfig
-from daemon.metrics import Metrics
-from daemon.scheduler import GPU_POLL_JOB_ID, Scheduler, Window, current_window, next_window
+from daemon.ops.metrics import Metrics
+from daemon.service.scheduler import GPU_POLL_JOB_ID, Scheduler, Window, current_window, next_window
 from sandbox.spec import Cancel, RunStatus
 
 BERLIN = ZoneInfo("Europe/Berlin")

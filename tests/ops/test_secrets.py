@@ -11,7 +11,7 @@ import sqlalchemy
 
 from daemon.config import load_settings, public_url
 from daemon.errors import ConfigError
-from daemon.workspace import Workspace
+from daemon.research.workspace import Workspace
 from tests.e2e.support import empty_database
 
 PASSWORD = "s3cret-Pa55-word"

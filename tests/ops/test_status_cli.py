@@ -18,7 +18,7 @@ import pytest
 from daemon import __version__
 from daemon.config import load_settings
 from daemon.errors import ConfigError
-from daemon.workspace import Workspace
+from daemon.research.workspace import Workspace
 from tests.conftest import REPO_ROOT
 from tests.pgcluster import free_port
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.http import DaemonHTTPServer, Heartbeat, start_http_server
-from daemon.metrics import Metrics
-from daemon.scheduler import Window
-from daemon.statuspage import LiveState, render_status_page
+from daemon.ops.http import DaemonHTTPServer, Heartbeat, start_http_server
+from daemon.ops.metrics import Metrics
+from daemon.ops.statuspage import LiveState, render_status_page
+from daemon.service.scheduler import Window
 from daemon.store import open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.http import Heartbeat
-from daemon.notify import SystemdNotifier
-from daemon.service import loop_alive
+from daemon.ops.http import Heartbeat
+from daemon.research.workspace import Workspace
+from daemon.service.notify import SystemdNotifier
+from daemon.service.serve import loop_alive
 from daemon.store import open_store
-from daemon.workspace import Workspace
 from tests.conftest import REPO_ROOT
 from tests.pgcluster import free_port
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon.research.runner import StageOutcome, StageRunner
 from daemon.research.session import outcome_fields
-from daemon.runner import StageOutcome, StageRunner
 from daemon.store import Store, open_store
 from sandbox import sanitize
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.runner import StageOutcome, StageRunner
+from daemon.research.runner import StageOutcome, StageRunner
 from tests.redteam.redteam_helpers import REPO_ROOT, our_containers, tree_digest
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]

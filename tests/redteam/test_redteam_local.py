@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from daemon.runner import StageRunner
+from daemon.research.runner import StageRunner
 from tests.redteam.test_redteam_docker import NETWORK, SYMLINKS
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.runner import StageOutcome, StageRunner
+from daemon.research.runner import StageOutcome, StageRunner
 from sandbox.docker_backend import DockerBackend
 from tests.redteam.redteam_helpers import EVAL_LIMITS, INSTANCE, REPO_ROOT, TRAIN_LIMITS, our_containers
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.runner import StageRunner
+from daemon.research.runner import StageRunner
 from sandbox.docker_backend import DockerBackend
 from sandbox.spec import Limits
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from daemon.runner import StageRunner
+from daemon.research.runner import StageRunner
 from sandbox import images
 from sandbox.docker_backend import DockerBackend
 from sandbox.spec import Limits

@@ -43,8 +43,8 @@ def test_runtime_refuses_a_bad_partition_before_any_run(slurm_cluster: SlurmClus
                                                         tmp_path_factory: pytest.TempPathFactory,
                                                         baseline_source: str) -> None:
     """Opening the daemon's runtime with a partition the cluster lacks fails with the partition's name."""
-    from daemon.runtime import open_runtime
-    from daemon.workspace import Workspace
+    from daemon.research.workspace import Workspace
+    from daemon.service.runtime import open_runtime
 
     root = tmp_path_factory.mktemp("bad-partition")
     workspace = Workspace.init(root / "ws", baseline_source=baseline_source)
@@ -61,8 +61,8 @@ def test_runtime_refuses_a_workspace_the_nodes_cannot_see(slurm_cluster: SlurmCl
                                                           tmp_path_factory: pytest.TempPathFactory,
                                                           baseline_source: str) -> None:
     """A workspace outside the shared directory and node_paths is refused before any run, naming it."""
-    from daemon.runtime import open_runtime
-    from daemon.workspace import Workspace
+    from daemon.research.workspace import Workspace
+    from daemon.service.runtime import open_runtime
 
     root = tmp_path_factory.mktemp("unshared")
     workspace = Workspace.init(root / "ws", baseline_source=baseline_source)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from daemon.cli.doctor import FAIL, OK, Check
+from daemon.cli.doctor_slurm import check_slurm
 from daemon.config import Settings, load_settings
-from daemon.doctor import FAIL, OK, Check
-from daemon.doctor_slurm import check_slurm
 from tests.slurm.test_session import slurm_section
 from tests.slurmcluster import SlurmCluster
 

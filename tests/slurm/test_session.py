@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from daemon.config import Settings
+from daemon.research.workspace import Workspace
 from daemon.store import open_store
 from daemon.store.records import ExperimentRecord
-from daemon.workspace import Workspace
 from tests.conftest import REPO_ROOT
 from tests.e2e.support import handicapped, run_session, tiny_settings
 from tests.slurmcluster import PARTITION, SlurmCluster

@@ -1,0 +1,279 @@
+"""The CLI's command handlers: each takes the parsed args and settings and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from daemon.cli import doctor
+from daemon.cli.tables import render_table
+from daemon.config import Settings
+from daemon.errors import AutoresearchError, InvalidProposal, WorkspaceError
+from daemon.ops.logs import get_logger
+from daemon.research.stop import StopCondition
+
+log = get_logger("autoresearch.cli")
+EXPERIMENT_HEADERS = ("id", "kind", "status", "val_bpb", "lane", "attempt", "commit", "description")
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    checks = doctor.run_checks(settings)
+    print(doctor.render(checks))
+    code = 1 if any(c.verdict == doctor.FAIL for c in checks) else 0
+    if getattr(args, "gpu", False):
+        from daemon.cli.gpu_smoke import run_gpu_smoke
+
+        report = run_gpu_smoke(settings, progress=lambda line: print(f"  {line}", flush=True))
+        print(f"\n{report.render()}")
+        code = code if report.ok else 1
+    return code
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.research.workspace import Workspace
+
+    root = args.dir if args.dir is not None else settings.workspace
+    workspace = Workspace.init(root)
+    print(f"workspace ready: {workspace.root}")
+    print(f"  edit {workspace.program_path} (the research directive) and review {workspace.train_path}")
+    print(f"  next: cd {workspace.root} && autoresearch prepare && autoresearch once -n 5")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.prepare import prepare_data
+
+    source = args.source or settings.data.source
+    vocab_size = args.vocab_size or settings.data.vocab_size
+    print(f"preparing data from {source!r} into {settings.data_dir} (vocab {vocab_size})", flush=True)
+    try:
+        out = prepare_data(source, settings.data_dir, vocab_size=vocab_size,
+                           progress=lambda line: print(f"  {line}", flush=True))
+    except (OSError, ValueError) as exc:
+        raise AutoresearchError(f"data preparation failed: {exc}",
+                                hint="check --source (a folder, a file, parquet URLs, or 'stdlib')") from None
+    print(f"data ready: {out}")
+    return 0
+
+
+@contextmanager
+def _signals_stop(stop_for: Any) -> Iterator[None]:
+    """SIGTERM/SIGINT: the first finishes running work within the grace period, the second kills it."""
+    def handler(signum: int, _frame: object) -> None:
+        stop_for().signal(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _print_session(runtime: Any, session_id: int) -> None:
+    rows = runtime.store.list_experiments(session_id=session_id, limit=1000)
+    print(_experiments_table(list(reversed(rows))))
+    print(f"results: {runtime.workspace.results_path}")
+
+
+def cmd_once(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.research import ResearchSession
+    from daemon.service.runtime import open_runtime
+
+    if args.budget is not None:
+        if args.budget <= 0:
+            raise AutoresearchError(f"--budget must be positive, got {args.budget}", hint="e.g. --budget 60")
+        settings.training.time_budget_s = args.budget
+    if args.experiments is not None and args.experiments < 0:
+        raise AutoresearchError(f"--experiments must be >= 0, got {args.experiments}",
+                                hint="0 measures only the baseline and noise floor")
+    if args.minutes is not None and args.minutes <= 0:
+        raise AutoresearchError(f"--minutes must be positive, got {args.minutes}", hint="e.g. --minutes 30")
+    runtime = open_runtime(settings, daemon=False)
+    try:
+        stop = StopCondition.for_duration(args.minutes * 60 if args.minutes else None, settings.scheduler.grace_s)
+        session = ResearchSession(
+            settings=settings, store=runtime.store, workspace=runtime.workspace, runner=runtime.runner,
+            agent=runtime.agent, lanes=runtime.lanes, owner=runtime.owner, metrics=runtime.metrics,
+            heartbeat=runtime.heartbeat, trigger="once", max_experiments=args.experiments,
+            cost_since=runtime.cost_since, live=runtime.live)
+        record = session.open(orphans=runtime.reconciled.interrupted)
+        print(f"session {record.id} ({record.tag}): lanes {', '.join(lane.name for lane in runtime.lanes)}, "
+              f"budget {settings.training.time_budget_s:g} s, agent {runtime.agent.name}", flush=True)
+        with _signals_stop(lambda: stop):
+            summary = session.run(stop)
+        _print_session(runtime, summary.session_id)
+        print(f"session {summary.session_id} {summary.status}: {summary.stop_reason}; "
+              f"baseline {summary.baseline_val_bpb}, best {summary.best_val_bpb}")
+        if summary.status == "failed":
+            raise AutoresearchError(f"the session stopped: {summary.stop_reason}",
+                                    hint="see the log lines above and `autoresearch experiments`")
+        return 0
+    finally:
+        runtime.close()
+
+
+def cmd_try(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.agents.edits import validate_candidate
+    from daemon.research import ResearchSession, unified_diff
+    from daemon.service.runtime import open_runtime
+
+    path: Path = args.path
+    try:
+        source = path.read_text()
+    except OSError as exc:
+        raise AutoresearchError(f"cannot read {path}: {exc.strerror}", hint="give the path of a train.py") from None
+    runtime = open_runtime(settings, daemon=False, serve_http=False)
+    try:
+        target = next((s for s in runtime.store.list_sessions(50) if runtime.store.baseline(s.id) is not None), None)
+        if target is None:
+            raise WorkspaceError("no session has a measured baseline to compare against",
+                                 hint="run `autoresearch once -n 0` first (baseline + noise floor)")
+        try:
+            source_hash = validate_candidate(source, runtime.store.seen_hashes(target.id))
+        except InvalidProposal as exc:
+            raise AutoresearchError(f"{path} was not run: {exc}", hint="fix the file and try again") from None
+        best = runtime.store.best(target.id)
+        record = runtime.store.create_experiment(
+            target.id, "manual", source, parent_id=best.id if best else None,
+            description=args.description or f"manual: {path.name}", hypothesis="hand-written by a researcher",
+            diff=unified_diff(best.source, source) if best else "", source_hash=source_hash)
+        session = ResearchSession(
+            settings=settings, store=runtime.store, workspace=runtime.workspace, runner=runtime.runner,
+            agent=runtime.agent, lanes=runtime.lanes[:1], owner=runtime.owner, metrics=runtime.metrics,
+            trigger="try", max_experiments=0)
+        session.open(attach_to=target.id)
+        stop = StopCondition.for_duration(None, settings.scheduler.grace_s)
+        with _signals_stop(lambda: stop):
+            session.run(stop)
+        final = runtime.store.get_experiment(record.id)
+        best_after = runtime.store.best(target.id)
+        print(_experiments_table([final]))
+        print(f"experiment {final.id} {final.status}: val_bpb {final.val_bpb}, "
+              f"best {best.val_bpb if best else None} -> {best_after.val_bpb if best_after else None}")
+        if final.error:
+            print(f"error: {final.error}")
+        return 0 if final.status in ("kept", "discarded") else 1
+    finally:
+        runtime.close()
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.research.corpus_check import check_corpus_for_gpu
+    from daemon.service.runtime import default_probe
+    from daemon.service.serve import serve
+
+    # On a GPU, a corpus a night would read many times over is refused before anything starts.
+    check_corpus_for_gpu(settings.data_dir, settings.training.time_budget_s, settings.training.preset,
+                         len(default_probe().gpus()))
+    return serve(settings)
+
+
+def _open_store(settings: Settings) -> Any:
+    from daemon.store import open_store
+
+    store = open_store(settings.database_url, retry_seconds=min(settings.database.retry_seconds, 10.0))
+    try:
+        from daemon.store.migrate import schema_state
+
+        current, _head = schema_state(settings.database_url)
+    except Exception as exc:  # unreachable server, bad URL: one line with the fix
+        raise AutoresearchError(f"database {settings.database_url.split('@')[-1]} unreachable: "
+                                f"{str(exc).splitlines()[0][:120]}", hint="check database.url") from None
+    if current is None:
+        raise AutoresearchError("the database has no schema yet", hint="run `autoresearch db upgrade` (or `once`)")
+    return store
+
+
+def _experiments_table(rows: list[Any]) -> str:
+    return render_table(EXPERIMENT_HEADERS, [
+        (r.id, r.kind, r.status, r.val_bpb, r.lane, r.attempt, (r.commit or "")[:10], r.description)
+        for r in rows])
+
+
+def _session_or_latest(store: Any, session_id: int | None) -> Any:
+    session = store.get_session(session_id) if session_id is not None else store.latest_session()
+    if session is None:
+        raise AutoresearchError(f"no session {session_id}" if session_id is not None else "no session yet",
+                                hint="run `autoresearch once` (or the daemon) first")
+    return session
+
+
+
+
+
+
+
+
+def cmd_notebook(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.cli.notebook import run_notebook
+
+    store = _open_store(settings)
+    try:
+        return run_notebook(args.action, store, file=args.file, reason=args.reason)
+    finally:
+        store.close()
+
+
+
+
+def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.service.lock import DaemonLock
+    from daemon.service.reconcile import reconcile
+    from daemon.service.runtime import choose_backend
+    from daemon.store import open_store
+
+    # The runs of the daemon holding the lock (in any PID namespace) are left alone; all others are reaped.
+    lock = DaemonLock(settings.database_url, settings.instance_name)
+    store = open_store(settings.database_url, retry_seconds=min(settings.database.retry_seconds, 10.0))
+    try:
+        result = reconcile(store, choose_backend(settings, daemon=False), settings.instance_name,
+                           owner_alive=lock.owner_alive)
+    finally:
+        store.close()
+    print(f"reaped {len(result.reaped)} sandbox run(s)" + "".join(f"\n  {line}" for line in result.reaped))
+    print(f"interrupted {len(result.interrupted)} orphaned experiment(s): {list(result.interrupted)}")
+    print(f"requeued {len(result.requeued)} experiment(s) with expired leases: {list(result.requeued)}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.store import open_store
+    from daemon.store.migrate import schema_state
+
+    if args.action == "upgrade":
+        store = open_store(settings.database_url)
+        try:
+            store.upgrade()
+        finally:
+            store.close()
+    current, head = schema_state(settings.database_url)
+    print(f"schema {current or 'none'} (code wants {head})" + (" - run `autoresearch db upgrade`"
+                                                                 if current != head else ""))
+    return 0
+
+
+def cmd_image(args: argparse.Namespace, settings: Settings) -> int:
+    from sandbox.errors import SandboxError
+    from sandbox.images import PYPI_INDEX, build_production_image, ensure_offline_image
+
+    def progress(line: str) -> None:
+        print(f"  {line}", flush=True)
+
+    try:
+        if args.offline:
+            tag = ensure_offline_image(args.tag or settings.sandbox.image, progress=progress)
+        else:
+            tag = build_production_image(args.tag or settings.sandbox.image, progress=progress,
+                                         variant=getattr(args, "variant", "auto"),
+                                         base=getattr(args, "base", "debootstrap"),
+                                         torch_index=getattr(args, "torch_index", None) or PYPI_INDEX)
+    except SandboxError as exc:
+        raise AutoresearchError(f"image build failed: {exc}", hint="see `autoresearch doctor`") from None
+    print(f"image ready: {tag}")
+    return 0
+

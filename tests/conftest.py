@@ -199,19 +199,21 @@ def run_cli(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A DATA_DIR (train/ and val/ splits, vocab 512) prepared from ~1.5 MB of stdlib files."""
+    """A DATA_DIR (train/ and val/ splits, vocab 512) prepared from ~2.5 MB of small stdlib files: about 50
+    val documents, so that the eval's BOS-aligned rows (one document start each) number about 40."""
     import sysconfig
 
     from trainer.prepare import prepare_data
 
     corpus = tmp_path_factory.mktemp("corpus")
     copied = 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        if path.stat().st_size > 60_000:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or not 1000 <= path.stat().st_size <= 10_000:
             continue  # many small files give the val split enough documents
-        shutil.copy(path, corpus / path.name)
+        shutil.copy(path, corpus / "_".join(path.relative_to(root).parts))
         copied += path.stat().st_size
-        if copied > 1_500_000:
+        if copied > 2_500_000:
             break
     return prepare_data(str(corpus), tmp_path_factory.mktemp("data"), vocab_size=512, progress=lambda _: None)
 

@@ -1,8 +1,9 @@
 """The trusted eval stage: score an exported checkpoint on the VAL split and write result.json.
 
 No candidate code runs here: the checkpoint is a `torch.export` program, validated by allow-list
-(trainer.checkpoint_check) before torch reads it. It must run on int64 tokens of shape (B, SEQ_LEN) and
-return (B, SEQ_LEN, vocab) logits. Scoring visits the window's rows in a random order; every scoring batch
+(trainer.checkpoint_check) before torch reads it. It must run on int64 tokens of shape (B, T) and return
+(B, T, vocab) logits, T = trainer.prepare.scoring_seq_len() of this stage's own (daemon-set) preset and device.
+The rows are eval_token_window's: each starts at a document's BOS. Scoring visits them in a random order; every scoring batch
 has a probe twin of the same shape (its rows re-ordered, each cut at an unpredictable position and the rest
 replaced), the two run in a random order through the same call, and any drift of the log-probabilities the
 cut must not affect makes the result `invalid`. val_bpb is computed as in prepare.py's `evaluate_bpb`.
@@ -27,12 +28,13 @@ from trainer.layout import sha256_file
 from trainer.prepare import (
     EVAL_BATCH_SIZE,
     EVAL_TOKENS,
-    SEQ_LEN,
     DataError,
     eval_token_window,
     load_checkpoint,
     load_tokenizer,
     read_split_meta,
+    row_pairs,
+    scoring_seq_len,
     token_byte_lengths,
 )
 
@@ -86,13 +88,12 @@ def probe_drift(scored: torch.Tensor, probed: torch.Tensor, order: torch.Tensor,
 
 def score_window(model: Callable[[torch.Tensor], torch.Tensor], window: np.ndarray, token_bytes: torch.Tensor,
                  vocab_size: int, device: torch.device) -> tuple[float, str]:
-    """(val_bpb, probe verdict) for the window, scored in batches of EVAL_BATCH_SIZE rows in a random order.
+    """(val_bpb, probe verdict) for the window's rows (eval_token_window), scored in batches of EVAL_BATCH_SIZE
+    rows in a random order.
     Every scoring batch gets a probe twin (probe_batch) of the same shape and dtype through the same call,
     and the two run in a random order; the first drift beyond PROBE_TOLERANCE ends the scoring."""
-    stream = torch.as_tensor(window, dtype=torch.int64)
-    rows = (len(stream) - 1) // SEQ_LEN
-    inputs = stream[:rows * SEQ_LEN].view(rows, SEQ_LEN)
-    targets = stream[1:rows * SEQ_LEN + 1].view(rows, SEQ_LEN)
+    inputs, targets = row_pairs(window)
+    rows = len(inputs)
     token_bytes = token_bytes.to(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
@@ -136,14 +137,15 @@ def run_eval(checkpoint: Path, data_dir: Path, out_dir: Path) -> int:
     if (problem := split_problem(data_dir, "val")) is not None:
         print(f"refusing to evaluate: {problem}", flush=True)
         return EXIT_WRONG_SPLIT
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         max_tokens = eval_tokens_setting()
+        seq_len = scoring_seq_len(os.environ.get("AUTORESEARCH_PRESET", ""), device.type == "cuda")
     except ValueError as exc:
         print(str(exc), flush=True)
         return EXIT_USAGE
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # Data problems are ours, not the candidate's: they crash the stage (non-zero exit, no result).
     meta = read_split_meta(data_dir)
@@ -152,10 +154,11 @@ def run_eval(checkpoint: Path, data_dir: Path, out_dir: Path) -> int:
     if data_sha256 != meta.get("tokens_sha256"):
         raise DataError(f"{data_dir / 'tokens.bin'} does not match its checksum in meta.json: "
                         "the data is damaged; run `autoresearch prepare` again")
-    window = eval_token_window(data_dir, max_tokens)
+    window = eval_token_window(data_dir, max_tokens, seq_len)
     result: dict[str, Any] = {"status": "invalid", "val_bpb": None, "eval_seconds": 0.0, "probe": "not run",
                               "checkpoint_sha256": sha256_file(checkpoint) if checkpoint.is_file() else "",
-                              "data_sha256": data_sha256, "vocab_size": encoding.n_vocab, "num_params": 0, "error": ""}
+                              "data_sha256": data_sha256, "vocab_size": encoding.n_vocab, "seq_len": seq_len,
+                              "eval_rows": len(window), "num_params": 0, "error": ""}
     timings: dict[str, float] = {"data": time.monotonic() - started}
     try:
         result.update(_score_checkpoint(checkpoint, window, encoding.n_vocab, token_byte_lengths(encoding), device,
@@ -192,16 +195,17 @@ def _score_checkpoint(checkpoint: Path, window: np.ndarray, vocab_size: int, tok
     clock = time.monotonic()
     model, num_params = _load_program(checkpoint, device)
     timings["load"], clock = time.monotonic() - clock, time.monotonic()
-    rows = (len(window) - 1) // SEQ_LEN
-    first = torch.as_tensor(window[:SEQ_LEN], dtype=torch.int64)[None].to(device)
+    rows, seq_len = len(window), window.shape[1] - 1
+    first = torch.as_tensor(window[0, :-1], dtype=torch.int64)[None].to(device)
     with torch.no_grad():
         # Token 0 exists in every vocabulary, so a model for another vocabulary still runs and shows its size.
         for inputs in (torch.zeros_like(first), first.repeat(min(rows, EVAL_BATCH_SIZE), 1)):
             try:
                 logits = model(inputs)
             except Exception as exc:  # any failure of the candidate's graph on the fixed input shape
-                raise DataError(f"the checkpoint does not run on int64 tokens of shape {tuple(inputs.shape)} "
-                                f"({type(exc).__name__}: {str(exc)[:200]}): export with trainer.prepare.export_checkpoint") from None
+                raise DataError(f"the checkpoint does not run on int64 tokens of shape {tuple(inputs.shape)}, the "
+                                f"scoring shape (sequence length {seq_len}) ({type(exc).__name__}: {str(exc)[:200]}): "
+                                "export at trainer.prepare.scoring_seq_len() with trainer.prepare.export_checkpoint") from None
             expected = (*inputs.shape, vocab_size)
             if tuple(logits.shape) != expected:
                 raise DataError(f"the checkpoint returns logits of shape {tuple(logits.shape)}, expected {expected}: it was "

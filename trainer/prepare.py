@@ -54,7 +54,11 @@ from trainer.layout import (
 # ---------------------------------------------------------------------------------------------
 # Constants shared by every candidate and by the trusted evaluation
 
-SEQ_LEN = 1024                 # context length of evaluation (and of the default presets)
+SEQ_LEN = 1024                 # context length of evaluation on CPU (cpu/tiny presets there)
+GPU_SEQ_LEN = 2048             # context length of evaluation on GPU presets, as upstream
+# The scoring shape by preset; "tiny" and "auto" follow the device the stage runs on. The eval stage reads
+# the preset from its own (daemon-set) environment, never from anything the candidate wrote.
+SCORING_SEQ_LENS = {"gpu": GPU_SEQ_LEN, "cpu": SEQ_LEN}
 EVAL_TOKENS = 2**19            # target tokens scored by the eval stage (capped by the val split size)
 EVAL_BATCH_SIZE = 16           # rows per eval forward pass
 DEFAULT_VOCAB_SIZE = 8192
@@ -538,30 +542,85 @@ class TokenLoader:
             yield self.next_batch()
 
 
+def scoring_seq_len(preset: str | None = None, cuda: bool | None = None) -> int:
+    """The sequence length the eval stage scores at (and export_checkpoint exports at): from the preset
+    (default: $AUTORESEARCH_PRESET), with "auto", "tiny" or no preset following the device (default: whether
+    CUDA is available). Raises ValueError for an unknown preset."""
+    if preset is None:
+        preset = os.environ.get("AUTORESEARCH_PRESET", "")
+    preset = preset.strip()
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if preset in ("", "auto", "tiny"):
+        preset = "gpu" if cuda else "cpu"
+    if preset not in SCORING_SEQ_LENS:
+        raise ValueError(f"AUTORESEARCH_PRESET={preset!r} is not a preset: use auto, gpu, cpu or tiny")
+    return SCORING_SEQ_LENS[preset]
+
+
+_BOS_SCAN_BLOCK = 1 << 24  # tokens compared per block while looking for document starts
+
+
+def _bos_aligned_starts(tokens: np.ndarray, bos: int, seq_len: int, rows: int) -> list[int]:
+    """Starts of up to `rows` rows of seq_len + 1 tokens, each at a BOS, in stream order, whose targets never
+    overlap: a row takes whole following documents (each still opened by its BOS) and the tail of a document
+    longer than the row's room is not scored, as upstream's evaluation crops it."""
+    starts: list[int] = []
+    cursor, scanned = 0, 0
+    positions = np.empty(0, dtype=np.int64)
+    while len(starts) < rows:
+        found = int(np.searchsorted(positions, cursor))
+        while found == len(positions) and scanned < len(tokens):  # read the next block of the stream
+            block = np.flatnonzero(np.asarray(tokens[scanned:scanned + _BOS_SCAN_BLOCK]) == bos) + scanned
+            positions, scanned = block, min(scanned + _BOS_SCAN_BLOCK, len(tokens))
+            found = int(np.searchsorted(positions, cursor))
+        if found == len(positions) or positions[found] + seq_len >= len(tokens):
+            break
+        start = int(positions[found])
+        starts.append(start)
+        cursor = start + seq_len  # the row's last token may be the next BOS: it starts the next row
+    return starts
+
+
 def eval_token_window(split_dir: str | Path, max_tokens: int = EVAL_TOKENS, seq_len: int = SEQ_LEN) -> np.ndarray:
-    """The fixed prefix of the val stream that is scored: whole rows of seq_len targets, plus one."""
+    """The fixed rows of the val split that are scored, shape (rows, seq_len + 1) int64: inputs are [:, :-1],
+    targets [:, 1:], about max_tokens targets in all. When the split's meta.json names a BOS token, every row
+    starts at a document's BOS (column 0), as upstream's evaluation; otherwise rows are consecutive slices."""
     tokens = load_tokens(split_dir)
-    rows = min(max_tokens, len(tokens) - 1) // seq_len
-    if rows < 1:
-        raise DataError(f"the val split has {len(tokens)} tokens, fewer than one row of {seq_len}: "
-                        "prepare a bigger corpus or raise AUTORESEARCH_EVAL_TOKENS")
-    return np.asarray(tokens[:rows * seq_len + 1], dtype=np.int64)
+    bos = read_split_meta(split_dir).get("bos_id")
+    wanted = max(max_tokens // seq_len, 1)
+    if isinstance(bos, int) and not isinstance(bos, bool):
+        starts = _bos_aligned_starts(tokens, bos, seq_len, wanted)
+    else:
+        starts = [row * seq_len for row in range(min(wanted, (len(tokens) - 1) // seq_len))]
+    if not starts:
+        raise DataError(f"the val split ({len(tokens)} tokens) has no document start followed by a row of "
+                        f"{seq_len} tokens: prepare a bigger corpus")
+    return np.stack([np.asarray(tokens[start:start + seq_len + 1], dtype=np.int64) for start in starts])
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation: bits per byte
+
+def row_pairs(tokens: np.ndarray | torch.Tensor, seq_len: int = SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (rows, seq_len) int64: from rows of seq_len + 1 ids (2-D), or from a stream
+    of rows × seq_len + 1 ids (1-D) cut into consecutive rows."""
+    data = torch.as_tensor(np.asarray(tokens) if isinstance(tokens, np.memmap) else tokens, dtype=torch.int64)
+    if data.dim() == 2:
+        return data[:, :-1], data[:, 1:]
+    rows = (len(data) - 1) // seq_len
+    return data[:rows * seq_len].view(rows, seq_len), data[1:rows * seq_len + 1].view(rows, seq_len)
+
 
 @torch.no_grad()
 def evaluate_bpb(model: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray | torch.Tensor,
                  token_bytes: torch.Tensor, seq_len: int = SEQ_LEN, batch_size: int = EVAL_BATCH_SIZE,
                  device: str | torch.device = "cpu") -> float:
     """val_bpb = sum of target nats / (ln 2 × sum of target UTF-8 bytes); zero-byte (special) targets
-    are excluded from both sums. `tokens` holds rows × seq_len + 1 ids; `model` maps (B, T) int64
-    ids to (B, T, V) logits."""
-    stream = torch.as_tensor(tokens, dtype=torch.int64)
-    rows = (len(stream) - 1) // seq_len
-    inputs = stream[:rows * seq_len].view(rows, seq_len)
-    targets = stream[1:rows * seq_len + 1].view(rows, seq_len)
+    are excluded from both sums. `tokens` holds either a stream of rows × seq_len + 1 ids or rows of
+    seq_len + 1 ids (eval_token_window's shape); `model` maps (B, T) int64 ids to (B, T, V) logits."""
+    inputs, targets = row_pairs(tokens, seq_len)
+    rows = len(inputs)
     token_bytes = token_bytes.to(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
@@ -579,13 +638,15 @@ def evaluate_bpb(model: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint format: a torch.export program, (B, SEQ_LEN) int64 ids -> (B, SEQ_LEN, V) logits
+# Checkpoint format: a torch.export program, (B, T) int64 ids -> (B, T, V) logits, T = scoring_seq_len()
 
-def export_checkpoint(model: torch.nn.Module, out_dir: str | Path, device: str | torch.device = "cpu") -> Path:
-    """Export `model` (eval mode, fp32) with a dynamic batch dimension to out_dir/model.pt2."""
+def export_checkpoint(model: torch.nn.Module, out_dir: str | Path, device: str | torch.device = "cpu",
+                      seq_len: int | None = None) -> Path:
+    """Export `model` (eval mode, fp32) with a dynamic batch dimension to out_dir/model.pt2, for inputs of
+    seq_len tokens (default: scoring_seq_len(), the shape the eval stage will score at)."""
     announce_export_start()  # the harness's clock: training time ends here
     path = Path(out_dir) / CHECKPOINT_NAME
-    example = torch.zeros(2, SEQ_LEN, dtype=torch.int64, device=device)
+    example = torch.zeros(2, seq_len or scoring_seq_len(), dtype=torch.int64, device=device)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))

@@ -11,6 +11,8 @@ CUDA: bf16 autocast, torch.compile, flash SDPA for full layers and flex_attentio
 CPU: fp32, SDPA with a window mask, small presets that take the same code paths.
 Environment: AUTORESEARCH_TIME_BUDGET (s), AUTORESEARCH_COMPILE_BUDGET (s), AUTORESEARCH_SEED,
 AUTORESEARCH_PRESET (auto|gpu|cpu|tiny), AUTORESEARCH_DATA_DIR, AUTORESEARCH_OUT_DIR.
+The eval scores at trainer.prepare.scoring_seq_len() (gpu: 2048 as upstream, cpu: 1024, tiny/auto: as the
+device), on val rows that each start at a document's BOS; the export must take that sequence length.
 """
 
 from __future__ import annotations
@@ -30,13 +32,20 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from trainer.layout import announce_training_start
-from trainer.prepare import SEQ_LEN, TokenLoader, export_checkpoint, read_split_meta
+from trainer.prepare import (
+    GPU_SEQ_LEN,
+    SEQ_LEN,
+    TokenLoader,
+    export_checkpoint,
+    read_split_meta,
+    scoring_seq_len,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters (edit freely)
 
 PRESETS = {  # gpu: ~50M params, 2^19 tokens per step, sized for one H100/H200 in 5 minutes
-    "gpu":  dict(depth=8, model_dim=512, n_head=4, seq_len=SEQ_LEN, device_batch=128, grad_accum=4),
+    "gpu":  dict(depth=8, model_dim=512, n_head=4, seq_len=GPU_SEQ_LEN, device_batch=128, grad_accum=2),
     "cpu":  dict(depth=4, model_dim=128, n_head=2, seq_len=SEQ_LEN, device_batch=1, grad_accum=1),
     "tiny": dict(depth=2, model_dim=64, n_head=2, seq_len=128, device_batch=8, grad_accum=1),
 }
@@ -371,8 +380,9 @@ def main() -> None:
 
     vocab_size = int(read_split_meta(data_dir)["vocab_size"])
     seq_len, device_batch, grad_accum = preset["seq_len"], preset["device_batch"], preset["grad_accum"]
+    eval_seq_len = scoring_seq_len(preset_name, cuda)  # the shape the eval stage scores (and the export takes)
     config = GPTConfig(vocab_size=vocab_size, depth=preset["depth"], model_dim=preset["model_dim"],
-                       n_head=preset["n_head"], seq_len=seq_len, max_seq_len=max(seq_len, SEQ_LEN))
+                       n_head=preset["n_head"], seq_len=seq_len, max_seq_len=max(seq_len, eval_seq_len))
     model = GPT(config).to(device)
     model.init_weights()
     model.use_flex_attention(cuda)

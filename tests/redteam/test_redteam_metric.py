@@ -180,9 +180,12 @@ def test_peeking_gated_on_a_row_property_is_caught(outcomes: dict[str, StageOutc
     _refused(outcomes["gated_row"], "invalid", "causality probe failed")
 
 
-def test_peeking_at_the_next_row_is_caught(outcomes: dict[str, StageOutcome]) -> None:
-    """Class 4: the last position reading the next row's first token is caught (full rows, rows re-ordered)."""
-    _refused(outcomes["next_row"], "invalid", "causality probe failed")
+def test_peeking_at_the_next_row_learns_nothing(outcomes: dict[str, StageOutcome]) -> None:
+    """Class 4: scored rows start at a document's BOS, so the next row's first token is always BOS, never the
+    last position's target: the peek reads a constant and the program is scored as the causal model it then
+    is. (On consecutive rows, where the peek is a leak, the probe catches it: tests/trainer.)"""
+    outcome = outcomes["next_row"]
+    assert outcome.status == "ok" and outcome.probe == "passed", (outcome.status, outcome.error)
 
 
 def test_training_past_the_budget_is_a_timeout(outcomes: dict[str, StageOutcome]) -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -514,12 +515,24 @@ def test_probe_catches_hidden_peeking(prepared_data: Path, tmp_path: Path, monke
     assert "when only tokens after" in result["probe"]
 
 
+def _consecutive_rows_copy(val_dir: Path, target: Path) -> Path:
+    """A copy of the val split whose meta.json names no BOS token: the eval cuts it into consecutive rows."""
+    shutil.copytree(val_dir, target)
+    meta_path = target / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["bos_id"]
+    meta_path.chmod(0o644)
+    meta_path.write_text(json.dumps(meta))
+    return target
+
+
 def test_probe_catches_a_peek_at_the_next_row(prepared_data: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The last position reading the next row's first token (its true target in order) is caught."""
+    """On consecutive rows (data without BOS), the last position reading the next row's first token (its true
+    target in order) is caught."""
     export_checkpoint(_TokenModel(512, mix="next_row"), tmp_path)
-    code, result = _run_eval(tmp_path / "model.pt2", prepared_data / "val", tmp_path / "eval", monkeypatch,
-                             tokens=64 * 1024)
+    val = _consecutive_rows_copy(prepared_data / "val", tmp_path / "val")
+    code, result = _run_eval(tmp_path / "model.pt2", val, tmp_path / "eval", monkeypatch, tokens=64 * 1024)
     assert code == 0 and result["status"] == "invalid" and result["val_bpb"] is None
     assert "other rows" in result["probe"]
 
@@ -548,10 +561,10 @@ def test_probe_calls_look_like_scoring_calls(prepared_data: Path) -> None:
     token_bytes = prepare.token_byte_lengths(prepare.load_tokenizer(prepared_data / "val"))
     with torch.no_grad():
         eval_stage.score_window(recording, window, token_bytes, 512, torch.device("cpu"))
-    assert len(calls) == 2 * math.ceil(40 / prepare.EVAL_BATCH_SIZE)
+    assert len(calls) == 2 * math.ceil(len(window) / prepare.EVAL_BATCH_SIZE)
     assert all(call.dtype == torch.int64 and call.shape[1] == prepare.SEQ_LEN for call in calls)
     assert [len(call) for call in calls[::2]] == [len(call) for call in calls[1::2]]
-    assert sum(len(call) for call in calls) == 2 * 40
+    assert sum(len(call) for call in calls) == 2 * len(window)
 
 
 def test_lr_multiplier_never_exceeds_one() -> None:

@@ -35,6 +35,9 @@ class Proposal:
     edits: tuple[Edit, ...]
     source: str  # the candidate train.py, edits applied and validated
     notes: str = ""  # what the agent learned and wants to try next: written back to the line's notebook
+    # An archived near-miss whose change is applied together with the edits (`base: "combine:<id>"`,
+    # daemon.agents.combine); the experiment records it as its second parent. None: built on the best only.
+    combine_with: int | None = None
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from daemon.agents.accounting import (
     cost_usd,
     price_for,
 )
-from daemon.agents.edits import apply_edits, validate_candidate
+from daemon.agents.combine import candidate_source, combine_diff, parse_base
+from daemon.agents.edits import validate_candidate
 from daemon.agents.prompt import (
     TOOL_NAME,
     build_prompt,
@@ -91,7 +92,9 @@ class AnthropicAgent:
                 if tool_use is None or response.stop_reason == "max_tokens":
                     raise InvalidProposal(_no_tool_reason(response))
                 description, hypothesis, edits = parse_tool_input(tool_use.input)
-                source = apply_edits(ctx.best_source, edits)
+                combine_with = parse_base(tool_use.input)
+                source = candidate_source(ctx.best_source, edits,
+                                          combine_diff(ctx, combine_with) if combine_with is not None else None)
                 validate_candidate(source, ctx.seen_hashes)
             except InvalidProposal as exc:
                 problem = str(exc)
@@ -100,7 +103,7 @@ class AnthropicAgent:
                 messages.append({"role": "user", "content": _feedback(response, problem)})
                 continue
             return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source,
-                            notes=parse_notes(tool_use.input))
+                            notes=parse_notes(tool_use.input), combine_with=combine_with)
         raise InvalidProposal(
             f"the model gave no valid proposal in {self._config.repair_rounds + 1} replies; last problem: {problem}",
             hint="the next proposal starts afresh; raise agent.repair_rounds if this happens often",
@@ -221,6 +224,8 @@ def parse_tool_input(raw: object) -> tuple[str, str, tuple[Edit, ...]]:
         raise InvalidProposal("hypothesis must be a string")
     whole_file = raw.get("whole_file")
     raw_edits = raw.get("edits") or []
+    if whole_file is None and not raw_edits and parse_base(raw) is not None:
+        return description, hypothesis.strip(), ()  # a combination alone: the best plus the near-miss
     if whole_file is not None:
         if not isinstance(whole_file, str) or not whole_file.strip():
             raise InvalidProposal("whole_file must be the complete new train.py as a string")

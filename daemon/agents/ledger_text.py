@@ -131,8 +131,13 @@ def _kept(view: LedgerView, fence: Fence, allowance: int) -> str:
 
 
 def _near(view: LedgerView, fence: Fence, allowance: int) -> str:
-    return _changes("# Near-misses: discarded changes that came closest to a keep (worth a variation or a "
-                    "combination)", view.near_misses, fence, allowance)
+    if not view.near_misses:
+        return ""
+    ids = ", ".join(str(change.id) for change in view.near_misses)
+    title = ("# Near-misses: discarded changes that came closest to a keep (worth a variation or a "
+             f'combination)\nTo combine one with your edits, set base to "combine:<id>"; the ids you may combine: '
+             f"{ids}. The candidate is then the best with your edits plus that change (edits may be empty).")
+    return _changes(title, view.near_misses, fence, allowance)
 
 
 def _crashes(view: LedgerView, fence: Fence, allowance: int) -> str:

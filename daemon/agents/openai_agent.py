@@ -27,7 +27,8 @@ from daemon.agents.accounting import (
     price_for,
 )
 from daemon.agents.anthropic_agent import parse_notes, parse_tool_input
-from daemon.agents.edits import apply_edits, validate_candidate
+from daemon.agents.combine import candidate_source, combine_diff, parse_base
+from daemon.agents.edits import validate_candidate
 from daemon.agents.prompt import (
     TOOL_NAME,
     build_prompt,
@@ -97,7 +98,9 @@ class OpenAIAgent:
                     raise InvalidProposal(f"the {TOOL_NAME} arguments are not valid JSON ({exc.msg} at "
                                           f"character {exc.pos})") from None
                 description, hypothesis, edits = parse_tool_input(raw)
-                source = apply_edits(ctx.best_source, edits)
+                combine_with = parse_base(raw)
+                source = candidate_source(ctx.best_source, edits,
+                                          combine_diff(ctx, combine_with) if combine_with is not None else None)
                 validate_candidate(source, ctx.seen_hashes)
             except InvalidProposal as exc:
                 problem = str(exc)
@@ -105,7 +108,7 @@ class OpenAIAgent:
                 messages.extend(_feedback(message, calls, problem))
                 continue
             return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source,
-                            notes=parse_notes(raw))
+                            notes=parse_notes(raw), combine_with=combine_with)
         raise InvalidProposal(
             f"the model gave no valid proposal in {self._config.repair_rounds + 1} replies; last problem: {problem}",
             hint="the next proposal starts afresh; raise agent.repair_rounds if this happens often",

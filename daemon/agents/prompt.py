@@ -37,6 +37,8 @@ Think first: read the ledger (what ran, what it measured, what was kept or nearl
 the environment and your notebook, then decide. Answer by calling the tool {TOOL_NAME} exactly once,
 filling its fields in this order:
 - hypothesis: what you expect and why, grounded in the numbers you were shown;
+- base (optional): "best" (the default), or "combine:<id>" to apply an archived near-miss from the ledger
+  together with your edits (your edits may then be empty: the combination alone);
 - edits: search/replace blocks against the current best train.py. Each search text must occur exactly
   once in the file (copy it exactly, whitespace included; add surrounding lines to make it unique).
   Edits apply in order. For a large rewrite give whole_file (the complete new train.py) and no edits;
@@ -79,6 +81,9 @@ def tool_definition() -> dict[str, Any]:
             # Hypothesis first, then the change, then the line that names it: the order the model writes them.
             "properties": {
                 "hypothesis": {"type": "string", "description": "what you expect and why, from the ledger"},
+                "base": {"type": "string",
+                         "description": 'what the edits build on: "best" (default) or "combine:<id>", the best '
+                                        "plus that archived near-miss's change (ids listed in the ledger)"},
                 "edits": {"type": "array", "items": edit_schema},
                 "whole_file": {"type": "string", "description": "the complete new train.py (large rewrites only)"},
                 "description": {"type": "string", "description": "one line for results.tsv"},

@@ -8,7 +8,8 @@ judge's t statistic, stored with each verdict), with their diffs:
   untried near-miss whose diff still applies to the current best, combined with it (the best's changes
   plus the near-miss's change; the new candidate records both parents: `parent_id` the best,
   `parent2_id` the near-miss);
-- `reapply(diff, source)`: a unified diff's hunks re-applied as search/replace edits onto another source.
+- `archived_near_miss(rows, experiment_id)`: the near-miss an agent's combine names, or why it is none;
+- `reapply(diff, source)` (from `daemon.agents.combine`): a unified diff re-applied onto another source.
 
 Pure functions over store rows.
 """
@@ -20,8 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from daemon.agents import Edit
-from daemon.agents.edits import apply_edits, normalized_hash
+from daemon.agents.combine import reapply
+from daemon.agents.edits import normalized_hash
 from daemon.errors import InvalidProposal
 
 
@@ -92,14 +93,16 @@ def pick_near_miss(rows: Sequence[ArchiveRow], best: ArchiveRow, best_source: st
     return None
 
 
-def reapply(diff: str, source: str) -> str:
-    """Apply a unified diff's hunks to `source` as search/replace edits (each hunk's old text must occur once)."""
-    edits = [edit for edit in _hunks(diff) if edit.search != edit.replace]
-    if not edits:
-        raise InvalidProposal("the diff has no change to re-apply")
-    if any(not edit.search for edit in edits):
-        raise InvalidProposal("a hunk without context or removed lines cannot be placed in another source")
-    return apply_edits(source, edits)
+def archived_near_miss(rows: Sequence[ArchiveRow], experiment_id: int) -> NearMiss:
+    """The archived near-miss `experiment_id` among `rows`; `InvalidProposal` saying why it is not one."""
+    for miss in near_misses(rows, limit=len(rows)):
+        if miss.experiment_id == experiment_id:
+            return miss
+    row = next((row for row in rows if row.id == experiment_id), None)
+    if row is None:
+        raise InvalidProposal(f"combine: #{experiment_id} is not an experiment of this research line")
+    raise InvalidProposal(f"combine: #{experiment_id} ({row.kind}, {row.status}) is not an archived near-miss "
+                          "(a discarded change that looked better than the best)")
 
 
 def unified_diff(parent: str, child: str) -> str:
@@ -107,29 +110,3 @@ def unified_diff(parent: str, child: str) -> str:
     return "".join(difflib.unified_diff(parent.splitlines(keepends=True), child.splitlines(keepends=True),
                                         "a/train.py", "b/train.py"))
 
-
-def _hunks(diff: str) -> list[Edit]:
-    edits: list[Edit] = []
-    old: list[str] | None = None
-    new: list[str] = []
-    for line in diff.splitlines(keepends=True):
-        if line.startswith("@@"):
-            if old is not None:
-                edits.append(Edit("".join(old), "".join(new)))
-            old, new = [], []
-        elif old is None:
-            continue  # the ---/+++ header before the first hunk
-        elif line.startswith(" "):
-            old.append(line[1:])
-            new.append(line[1:])
-        elif line.startswith("-"):
-            old.append(line[1:])
-        elif line.startswith("+"):
-            new.append(line[1:])
-        elif line.startswith("\\"):
-            continue  # "\ No newline at end of file"
-        else:
-            raise InvalidProposal(f"not a unified diff line: {line[:80]!r}")
-    if old is not None:
-        edits.append(Edit("".join(old), "".join(new)))
-    return edits

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from daemon.agents import CrashInfo, HistoryItem, ProposalContext
+from daemon.agents.combine import candidate_source
 from daemon.agents.edits import apply_edits, normalized_hash, validate_candidate
 from daemon.errors import (
     AgentError,
@@ -183,7 +184,8 @@ class WorkSource:
                 self.count_invalid("duplicate of an experiment queued meanwhile")
                 return None
             record = self.session.store.create_experiment(
-                self.session.session_id, "candidate", source, parent_id=parent.id, description=proposal.proposal.description,
+                self.session.session_id, "candidate", source, parent_id=parent.id,
+                parent2_id=proposal.proposal.combine_with, description=proposal.proposal.description,
                 hypothesis=proposal.proposal.hypothesis, diff=unified_diff(parent.source, source), seed=0,
                 source_hash=source_hash)
             record_notes(self.session.store, self.session.line_id, self.session.session_id, record.id, proposal.proposal.notes)
@@ -197,6 +199,8 @@ class WorkSource:
                        stop: StopCondition) -> tuple[Prepared, str, ExperimentRecord, str] | None:
         """The lane's next proposal, rebased onto the current best when that changed; None on stop.
 
+        A combine (`proposal.combine_with`) is checked against the line's archive and rebuilt here: the
+        current best, the proposal's edits, then the near-miss's change.
         Returns (proposal, candidate source, parent, normalized source hash).
         """
         proposer = self.proposer(lane)
@@ -238,7 +242,9 @@ class WorkSource:
                                     "asking again")
                 continue
             try:
-                if prepared.parent_id != best.id:
+                if prepared.proposal.combine_with is not None:
+                    source = self.combined(best, prepared)
+                elif prepared.parent_id != best.id:
                     source = apply_edits(best.source, prepared.proposal.edits)
                     log.info("proposal rebased onto the new best", lane=lane.name, best=best.id,
                              made_against=prepared.parent_id)
@@ -249,6 +255,14 @@ class WorkSource:
             self.session._invalid_streak = 0
             return prepared, source, best, source_hash
         return None
+
+    def combined(self, best: ExperimentRecord, prepared: Prepared) -> str:
+        """The source of a combine: the best, the edits, the archived near-miss's change (or `InvalidProposal`)."""
+        assert prepared.proposal.combine_with is not None
+        rows = [row for sid in self.session.store.line_sessions(self.session.line_id)
+                for row in self.session.store.list_experiments(session_id=sid, limit=100_000)]
+        miss = archive.archived_near_miss(rows, prepared.proposal.combine_with)
+        return candidate_source(best.source, prepared.proposal.edits, miss.diff)
 
     def count_invalid(self, why: str) -> None:
         self.session._invalid_streak += 1

@@ -8,10 +8,11 @@ from typing import Any
 import openai
 import pytest
 
-from daemon.agents import make_agent
+from daemon.agents import ChangeEntry, LedgerView, make_agent
 from daemon.agents.openai_agent import OpenAIAgent
 from daemon.config import AgentConfig, ModelPrice, load_settings
 from daemon.errors import AgentFatal, ConfigError, InvalidProposal
+from daemon.research.archive import unified_diff
 from tests.agents.support import BASELINE, MemorySink, RecordingClock, make_context
 from tests.fakes.openai_server import (
     MODEL,
@@ -153,3 +154,15 @@ def test_fake_refuses_what_the_real_api_refuses(chat: FakeOpenAIServer, request_
                                **request_fields}
     with pytest.raises(openai.BadRequestError, match=message):
         client.chat.completions.create(**request)
+
+
+def test_combine_through_a_function_call(chat: FakeOpenAIServer, make_openai: MakeAgent) -> None:
+    """A function call with base "combine:<id>" of a ledger near-miss gives the edits plus that change."""
+    near = ChangeEntry(id=7, val_bpb=1.249, delta=-0.001, description="knob",
+                       diff=unified_diff(BASELINE, BASELINE + "\nNEAR_MISS_KNOB = 1\n"))
+    ledger = LedgerView(nights=1, runs=(), kept=(), near_misses=(near,), crashes=(), in_flight=(),
+                        noise_sigma=None, noise_n=0, keep_margin=None, margin_rule="")
+    chat.enqueue(tool_call_reply({**GOOD, "base": "combine:7"}))
+    proposal = make_openai().propose(make_context(ledger=ledger))
+    assert proposal.combine_with == 7
+    assert "MATRIX_LR = 0.03" in proposal.source and "NEAR_MISS_KNOB = 1" in proposal.source

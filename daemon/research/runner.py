@@ -38,10 +38,11 @@ OUT_QUOTA_BYTES = 16 * 1024**3   # as trainer/harness.py; AUTORESEARCH_OUT_QUOTA
 OUT_QUOTA_SLACK_BYTES = 64 * 1024**2
 CACHE_TARGET = "/cache"  # the lane's compile cache, read-only
 CHECKPOINT_NAME = "model.pt2"
-# Only these reach the candidate; AUTORESEARCH_EVAL_TOKENS is for the eval stage alone.
+# Only these reach the candidate; AUTORESEARCH_EVAL_TOKENS is for the eval stage alone. The eval stage also gets
+# the preset, from which it decides the scoring shape itself (trainer.prepare.scoring_seq_len).
 TRAIN_ENV_KEYS = ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_COMPILE_BUDGET", "AUTORESEARCH_PRESET",
                   "AUTORESEARCH_OUT_QUOTA")
-EVAL_ENV_KEYS = ("AUTORESEARCH_EVAL_TOKENS",)
+EVAL_ENV_KEYS = ("AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_PRESET")
 TRAIN_COMMAND = ("python3", "-m", "trainer.harness", "train", "--candidate", "/candidate/train.py",
                  "--data", "/data", "--out", "/out")
 EVAL_COMMAND = ("python3", "-m", "trainer.harness", "eval", "--checkpoint", f"/checkpoint/{CHECKPOINT_NAME}",

@@ -52,7 +52,8 @@ def smoke_stage_runner(runner: object, settings: Settings) -> SmokeStageRunner |
     smoke.train_env = {**runner.train_env, "AUTORESEARCH_TIME_BUDGET": str(training.smoke_budget_s),
                        "AUTORESEARCH_COMPILE_BUDGET": str(min(training.compile_budget_s, SMOKE_COMPILE_S)),
                        "AUTORESEARCH_PRESET": "tiny"}
-    smoke.eval_env = {**runner.eval_env, "AUTORESEARCH_EVAL_TOKENS": str(training.smoke_eval_tokens)}
+    smoke.eval_env = {**runner.eval_env, "AUTORESEARCH_EVAL_TOKENS": str(training.smoke_eval_tokens),
+                      "AUTORESEARCH_PRESET": "tiny"}
     cpus = min(runner.train_limits.cpus or SMOKE_CPUS, SMOKE_CPUS)  # beside a GPU run: leave it the rest
     smoke.train_limits = replace(runner.train_limits, cpus=cpus,
                                  timeout_s=training.smoke_budget_s + SMOKE_COMPILE_S + SMOKE_STARTUP_S)

@@ -22,7 +22,7 @@ from typing import Any
 import anthropic
 from anthropic.types import Message
 
-from daemon.agents import Clock, Edit, Proposal, ProposalContext
+from daemon.agents import Clock, Proposal, ProposalContext
 from daemon.agents.accounting import (
     DEFAULT_CAP_WINDOW,
     AgentCallSink,
@@ -31,8 +31,6 @@ from daemon.agents.accounting import (
     cost_usd,
     price_for,
 )
-from daemon.agents.combine import candidate_source, combine_diff, parse_base
-from daemon.agents.edits import validate_candidate
 from daemon.agents.prompt import (
     TOOL_NAME,
     build_prompt,
@@ -40,14 +38,13 @@ from daemon.agents.prompt import (
     prepare_interface,
     tool_definition,
 )
+from daemon.agents.tool_input import proposal_from_tool_input, retry_wait
 from daemon.config import AgentConfig
 from daemon.errors import AgentError, AgentFatal, ConfigError, InvalidProposal
 from daemon.ops.logs import get_logger
 from daemon.store.records import AgentCallRecord
 
 PROVIDER = "anthropic"
-MAX_DESCRIPTION_CHARS = 200
-MAX_NOTES_CHARS = 4000
 _API_DEFAULT_TEMPERATURE = 1.0
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _FATAL_HINTS = {
@@ -91,19 +88,14 @@ class AnthropicAgent:
             try:
                 if tool_use is None or response.stop_reason == "max_tokens":
                     raise InvalidProposal(_no_tool_reason(response))
-                description, hypothesis, edits = parse_tool_input(tool_use.input)
-                combine_with = parse_base(tool_use.input)
-                source = candidate_source(ctx.best_source, edits,
-                                          combine_diff(ctx, combine_with) if combine_with is not None else None)
-                validate_candidate(source, ctx.seen_hashes)
+                proposal = proposal_from_tool_input(tool_use.input, ctx)
             except InvalidProposal as exc:
                 problem = str(exc)
                 log.info("agent_proposal_invalid", round=round_number, problem=problem)
                 messages.append({"role": "assistant", "content": _as_params(response)})
                 messages.append({"role": "user", "content": _feedback(response, problem)})
                 continue
-            return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source,
-                            notes=parse_notes(tool_use.input), combine_with=combine_with)
+            return proposal
         raise InvalidProposal(
             f"the model gave no valid proposal in {self._config.repair_rounds + 1} replies; last problem: {problem}",
             hint="the next proposal starts afresh; raise agent.repair_rounds if this happens often",
@@ -152,18 +144,11 @@ class AnthropicAgent:
                 return response
             if attempt + 1 == attempts:
                 break
-            wait = self._wait_seconds(attempt, retry_after)
+            wait = retry_wait(self._config, attempt, retry_after, self._rng)
             log.warning("agent_call_retry", attempt=attempt + 1, of=attempts, wait_s=round(wait, 3), error=last_error)
             self._clock.sleep(wait)
         raise AgentError(f"the Anthropic API failed {attempts} times in a row; last error: {last_error}",
                          hint="check the network and the API status; the next proposal tries again")
-
-    def _wait_seconds(self, attempt: int, retry_after: float | None) -> float:
-        cap = self._config.retry_wait_max_s
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), cap)
-        # Exponential backoff with jitter, so that several lanes do not retry in lockstep.
-        return min(self._config.retry_backoff_s * 2**attempt, cap) * self._rng.uniform(0.5, 1.0)
 
     def _retry_after(self, headers: Mapping[str, str]) -> float | None:
         if (millis := headers.get("retry-after-ms")) is not None:
@@ -207,47 +192,6 @@ class AnthropicAgent:
                  input_tokens=usage.input, output_tokens=usage.output, cache_read_tokens=usage.cache_read,
                  cache_write_tokens=usage.cache_write + usage.cache_write_1h, cost_usd=round(cost, 6),
                  latency_s=round(latency_s, 3))
-
-
-def parse_tool_input(raw: object) -> tuple[str, str, tuple[Edit, ...]]:
-    """(description, hypothesis, edits) from the tool call's input, or `InvalidProposal` naming the problem."""
-    if not isinstance(raw, dict):
-        raise InvalidProposal(f"the {TOOL_NAME} input must be an object with description, hypothesis and edits")
-    description = raw.get("description")
-    hypothesis = raw.get("hypothesis", "")
-    if not isinstance(description, str) or not description.strip():
-        raise InvalidProposal("description is missing: give one line saying what changed")
-    description = description.strip()
-    if "\n" in description or len(description) > MAX_DESCRIPTION_CHARS:
-        raise InvalidProposal(f"description must be one line of at most {MAX_DESCRIPTION_CHARS} characters")
-    if not isinstance(hypothesis, str):
-        raise InvalidProposal("hypothesis must be a string")
-    whole_file = raw.get("whole_file")
-    raw_edits = raw.get("edits") or []
-    if whole_file is None and not raw_edits and parse_base(raw) is not None:
-        return description, hypothesis.strip(), ()  # a combination alone: the best plus the near-miss
-    if whole_file is not None:
-        if not isinstance(whole_file, str) or not whole_file.strip():
-            raise InvalidProposal("whole_file must be the complete new train.py as a string")
-        if raw_edits:
-            raise InvalidProposal("give either edits or whole_file, not both")
-        return description, hypothesis.strip(), (Edit(search="", replace=whole_file),)
-    if not isinstance(raw_edits, list) or not raw_edits:
-        raise InvalidProposal("edits must be a non-empty list of {search, replace} objects (or give whole_file)")
-    edits = []
-    for number, item in enumerate(raw_edits, start=1):
-        if not isinstance(item, dict) or not isinstance(item.get("search"), str) or not isinstance(item.get("replace"), str):
-            raise InvalidProposal(f"edit {number} must be an object with string fields search and replace")
-        if not item["search"]:
-            raise InvalidProposal(f"edit {number} has an empty search text: quote the lines to change (or use whole_file)")
-        edits.append(Edit(search=item["search"], replace=item["replace"]))
-    return description, hypothesis.strip(), tuple(edits)
-
-
-def parse_notes(raw: object) -> str:
-    """The notebook entry the model wrote with its proposal ("" when none); never a reason to refuse it."""
-    notes = raw.get("notebook") if isinstance(raw, dict) else None
-    return notes.strip()[:MAX_NOTES_CHARS] if isinstance(notes, str) else ""
 
 
 def _feedback(response: Message, problem: str) -> Any:

@@ -26,9 +26,6 @@ from daemon.agents.accounting import (
     cost_usd,
     price_for,
 )
-from daemon.agents.anthropic_agent import parse_notes, parse_tool_input
-from daemon.agents.combine import candidate_source, combine_diff, parse_base
-from daemon.agents.edits import validate_candidate
 from daemon.agents.prompt import (
     TOOL_NAME,
     build_prompt,
@@ -36,6 +33,7 @@ from daemon.agents.prompt import (
     prepare_interface,
     tool_definition,
 )
+from daemon.agents.tool_input import proposal_from_tool_input, retry_wait
 from daemon.config import AgentConfig
 from daemon.errors import AgentError, AgentFatal, ConfigError, InvalidProposal
 from daemon.ops.logs import get_logger
@@ -97,18 +95,13 @@ class OpenAIAgent:
                 except json.JSONDecodeError as exc:
                     raise InvalidProposal(f"the {TOOL_NAME} arguments are not valid JSON ({exc.msg} at "
                                           f"character {exc.pos})") from None
-                description, hypothesis, edits = parse_tool_input(raw)
-                combine_with = parse_base(raw)
-                source = candidate_source(ctx.best_source, edits,
-                                          combine_diff(ctx, combine_with) if combine_with is not None else None)
-                validate_candidate(source, ctx.seen_hashes)
+                proposal = proposal_from_tool_input(raw, ctx)
             except InvalidProposal as exc:
                 problem = str(exc)
                 log.info("agent_proposal_invalid", round=round_number, problem=problem)
                 messages.extend(_feedback(message, calls, problem))
                 continue
-            return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source,
-                            notes=parse_notes(raw), combine_with=combine_with)
+            return proposal
         raise InvalidProposal(
             f"the model gave no valid proposal in {self._config.repair_rounds + 1} replies; last problem: {problem}",
             hint="the next proposal starts afresh; raise agent.repair_rounds if this happens often",
@@ -146,9 +139,7 @@ class OpenAIAgent:
                 return response
             if attempt + 1 == attempts:
                 break
-            cap = self._config.retry_wait_max_s
-            wait = min(max(retry_after, 0.0), cap) if retry_after is not None else \
-                min(self._config.retry_backoff_s * 2**attempt, cap) * self._rng.uniform(0.5, 1.0)
+            wait = retry_wait(self._config, attempt, retry_after, self._rng)
             log.warning("agent_call_retry", attempt=attempt + 1, of=attempts, wait_s=round(wait, 3), error=last_error)
             self._clock.sleep(wait)
         raise AgentError(f"the OpenAI-compatible API failed {attempts} times in a row; last error: {last_error}",

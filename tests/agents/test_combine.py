@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from daemon.agents import ChangeEntry, Edit, LedgerView
-from daemon.agents.anthropic_agent import AnthropicAgent, parse_tool_input
+from daemon.agents.anthropic_agent import AnthropicAgent
 from daemon.agents.combine import candidate_source, combine_diff, parse_base
 from daemon.agents.ledger_text import render_ledger
+from daemon.agents.tool_input import parse_tool_input
 from daemon.errors import InvalidProposal
 from daemon.research.archive import unified_diff
 from tests.agents.support import BASELINE, make_context

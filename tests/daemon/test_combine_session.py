@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 
 from daemon.agents import Edit, Proposal, ProposalContext
 from daemon.agents.combine import candidate_source, combinable_ids
@@ -93,26 +95,28 @@ def test_combine_records_both_parents_and_both_changes(runtime: Runtime, baselin
     assert near.id in combinable_ids(agent.contexts[0])
 
 
-def test_combine_of_a_non_archived_id_is_refused(runtime: Runtime, baseline_source: str,
-                                                 capfd: pytest.CaptureFixture[str]) -> None:
+def test_combine_of_a_non_archived_id_is_refused(runtime: Runtime, baseline_source: str) -> None:
     """Naming the kept best (not a near-miss) is an unusable proposal; the agent is asked again."""
     agent = ScriptedAgent([])
     session, best, near = _night(runtime, baseline_source, agent)
     agent.steps = [_combine(best.id, near.diff), _combine(near.id, near.diff)]
-    move = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    with structlog.testing.capture_logs() as logs:
+        move = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert len(agent.contexts) == 2
     assert move is not None and move.parent2_id == near.id
     candidates = runtime.store.list_experiments(session_id=move.session_id, kind="candidate")
     assert all(row.parent2_id != best.id for row in candidates)
-    assert f"#{best.id} (candidate, kept) is not an archived near-miss" in "".join(capfd.readouterr())
+    assert any(f"#{best.id} (candidate, kept) is not an archived near-miss" in str(entry.get("reason"))
+               for entry in logs)
 
 
-def test_combine_of_an_unknown_id_is_refused(runtime: Runtime, baseline_source: str,
-                                             capfd: pytest.CaptureFixture[str]) -> None:
+def test_combine_of_an_unknown_id_is_refused(runtime: Runtime, baseline_source: str) -> None:
     """An id that is no experiment of the line is refused before anything is queued."""
     agent = ScriptedAgent([])
     session, _best, near = _night(runtime, baseline_source, agent)
     agent.steps = [_combine(10**9, near.diff), _combine(near.id, near.diff)]
-    move = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    with structlog.testing.capture_logs() as logs:
+        move = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert len(agent.contexts) == 2 and move is not None and move.parent2_id == near.id
-    assert f"#{10**9} is not an experiment of this research line" in "".join(capfd.readouterr())
+    assert any(f"#{10**9} is not an experiment of this research line" in str(entry.get("reason"))
+               for entry in logs)

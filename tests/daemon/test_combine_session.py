@@ -20,25 +20,12 @@ from daemon.research.stop import StopCondition
 from daemon.service.runtime import Runtime, open_runtime
 from daemon.store.records import ExperimentRecord
 from tests.daemon.rows import finished
+from tests.daemon.test_research_rules import ScriptedAgent
 
 pytestmark = [pytest.mark.postgres]
 
 FUTURE = "from __future__ import annotations\n"
 AGENT_EDIT = Edit(search="BEST = 1\n", replace="BEST = 1\nAGENT_KNOB = 2\n")
-
-
-class ScriptedAgent:
-    """Answers each `propose` with the next scripted step (the last one repeats)."""
-
-    name = "scripted"
-
-    def __init__(self, steps: list[Callable[[ProposalContext], Proposal]]) -> None:
-        self.steps = steps
-        self.contexts: list[ProposalContext] = []
-
-    def propose(self, ctx: ProposalContext) -> Proposal:
-        self.contexts.append(ctx)
-        return self.steps[min(len(self.contexts), len(self.steps)) - 1](ctx)
 
 
 def _combine(experiment_id: int, diff: str) -> Callable[[ProposalContext], Proposal]:

@@ -56,7 +56,8 @@ Not covered:
   documents come only from stdlib parts the trainer image does not ship (idlelib, tkinter, turtledemo, the
   regression tests; a red-team test searches the whole train container for them). For a user's own source
   nothing stops them from also being public text a candidate could embed; a replay of memorized text is not
-  detectable by the scorer. (6) Replay memory is per daemon process; a restart forgets earlier seeds.
+  detectable by the scorer. (6) The daemon's replay memory is the store (`scored_runs`), kept across restarts;
+  runs without a store (smoke runs, gpu-smoke) remember only in process, and runs before schema 0005 are unknown.
 - Kernel, runc or NVIDIA driver exploits (container escape); use gVisor/Kata or a VM where that matters.
 - GPU side channels and GPU memory left by a killed context (we wait for NVML to show it released and
   quarantine the GPU otherwise, but cannot scrub it).

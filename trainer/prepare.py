@@ -33,6 +33,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,21 @@ CLIMBMIX_DEFAULT_SHARDS = 8
 Progress = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class PinnedSplit:
+    """The documents of a source that pins its own val split, and what its meta.json records about the split."""
+
+    train: list[str]
+    val: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sources -> documents (host side)
 
-def _stdlib_files() -> list[Path]:
-    """The running interpreter's standard library sources, without site-packages and test suites."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def _stdlib_files(root: Path | None = None) -> list[Path]:
+    """The standard library sources (default: the running interpreter's), without site-packages and test suites."""
+    root = host_stdlib_root() if root is None else root
     skipped = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
     files = [p for p in root.rglob("*.py") if not skipped.intersection(p.relative_to(root).parts)]
     return sorted(files)
@@ -218,50 +228,111 @@ def climbmix_urls(source: str) -> tuple[list[str], str]:
     return [f"{base}/shard_{i:05d}.parquet" for i in range(shards)], f"{base}/shard_{CLIMBMIX_VAL_SHARD:05d}.parquet"
 
 
-# The embedded `stdlib` source draws its val documents only from parts of the standard library that Debian's
-# python3 (the trainer image's interpreter) does not ship: the train container must not hold a val document.
-# (tests/redteam/test_redteam_val_split.py searches the whole train container for them.)
-STDLIB_VAL_ONLY_DIRS = ("idlelib", "tkinter", "turtledemo")
+# The embedded `stdlib` source draws its val documents only from a val pool: parts of the standard library that
+# the trainer image removes from every Python it holds (deploy/docker/trainer.Dockerfile, whatever the base), so
+# the train container cannot read a val document (tests/redteam/test_redteam_val_split.py searches it whole).
+# The primary pool is what Debian's python3 does not ship anyway; a host without it (Debian's python3 without
+# idle, python3-tk and the test suite) uses the fallback pool, which every python3 ships: pydoc's topic texts,
+# turtle (useless without tkinter), the pure-Python decimal (the C _decimal is used) and the modules that
+# Python 3.12/3.13 removed, so that nothing torch or a training program runs can depend on them.
 STDLIB_SHIPPED_TESTS = {"test_support.py"}  # Debian's libpython3.x-stdlib ships these under test/
-STDLIB_VAL_PER_MILLE = 250  # of the val-only pool (by content hash): about 3 MB of text, the rest trains
+STDLIB_MIN_VAL_BYTES = 1_000_000  # a pool is used when its val documents hold at least this much text
+
+
+@dataclass(frozen=True)
+class StdlibValPool:
+    """One val pool of the `stdlib` source: its folders, top-level modules and (primary) regression tests."""
+
+    name: str
+    dirs: tuple[str, ...]
+    modules: tuple[str, ...]
+    tests: bool
+    per_mille: int  # share of the pool's documents (by content hash) held out for val; the rest trains
+    chunk_chars: int | None = None  # files cut at line ends into pieces of about this size (each its own row)
+    install: str = ""  # what a Debian host installs to have the pool
+
+    def files(self, root: Path) -> list[Path]:
+        pool = [p for folder in self.dirs for p in (root / folder).rglob("*.py")]
+        pool += [root / f"{module}.py" for module in self.modules if (root / f"{module}.py").is_file()]
+        if self.tests:
+            pool += [p for p in (root / "test").rglob("test_*.py")
+                     if p.name not in STDLIB_SHIPPED_TESTS and "support" not in p.relative_to(root).parts]
+        return sorted(p for p in pool if "__pycache__" not in p.parts)
+
+    def parts(self) -> list[str]:
+        return [*(f"{d}/" for d in self.dirs), *(f"{m}.py" for m in self.modules), *(["test/"] if self.tests else [])]
+
+
+STDLIB_VAL_POOLS = (
+    # idlelib etc. and the test suite hold ~14 MB: a quarter of it (about 3.5 MB) is val, the rest trains.
+    StdlibValPool("primary", ("idlelib", "tkinter", "turtledemo"), (), tests=True, per_mille=250,
+                  install="idle-python3.X, python3-tk and libpython3.X-testsuite"),
+    # ~1.4 MB in all, all of it val; pydoc_data/topics.py alone is 0.75 MB and eval rows start at a document, so
+    # files are cut into ~4 kB pieces (about 350 rows).
+    StdlibValPool("fallback", ("pydoc_data",),
+                  ("turtle", "_pydecimal", "aifc", "asynchat", "asyncore", "cgi", "cgitb", "chunk", "crypt",
+                   "imghdr", "imp", "mailcap", "nntplib", "pipes", "smtpd", "sndhdr", "sunau", "telnetlib", "uu",
+                   "xdrlib"), tests=False, per_mille=1000, chunk_chars=4096, install="libpython3.X-stdlib"),
+)
 
 
 def _hash_per_mille(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") % 1000
 
 
-def _stdlib_val_pool(root: Path) -> list[Path]:
-    pool = [p for folder in STDLIB_VAL_ONLY_DIRS for p in (root / folder).rglob("*.py")]
-    pool += [p for p in (root / "test").rglob("test_*.py")
-             if p.name not in STDLIB_SHIPPED_TESTS and "support" not in p.relative_to(root).parts]
-    return sorted(p for p in pool if "__pycache__" not in p.parts)
+def _line_chunks(text: str, size: int | None) -> list[str]:
+    """`text` cut after the first line end past every `size` characters (the whole text when size is None)."""
+    if size is None:
+        return [text]
+    chunks, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        chunks.append(text[start:end])
+        start = end
+    return chunks
 
 
-def _stdlib_pinned_split(progress: Progress) -> tuple[list[str], list[str]]:
-    """(train, val) documents of the embedded source: val is a content-hash sample of the val-only pool."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    pool = _stdlib_val_pool(root)
-    pooled = set(pool)
-    pool_docs = [doc for path in pool for doc in _text_documents(path) if doc.strip()]
-    val = [doc for doc in pool_docs if _hash_per_mille(doc) < STDLIB_VAL_PER_MILLE]
-    if not val:
-        raise DataError(f"the standard library at {root} has none of {', '.join(STDLIB_VAL_ONLY_DIRS)} or its "
-                        "test suite, which the `stdlib` source's val split is drawn from (the trainer image ships "
-                        "the rest): install them (e.g. the python3 test suite) or use another data source")
-    held_out = set(val)
-    train = [doc for path in _stdlib_files() if path not in pooled for doc in _text_documents(path) if doc.strip()]
-    train += [doc for doc in pool_docs if doc not in held_out]
-    progress(f"stdlib: {len(train)} train documents, {len(val)} val documents drawn only from "
-             f"{', '.join(STDLIB_VAL_ONLY_DIRS)} and test/ (absent from the trainer image)")
-    return train, val
+def host_stdlib_root() -> Path:
+    """The host interpreter's standard library, the `stdlib` source's default root."""
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
-def collect_pinned_split(source: str, download_dir: Path, progress: Progress = print) -> tuple[list[str], list[str]] | None:
-    """(train, val) documents of a source that pins its own validation split (climbmix's val shard, stdlib's
-    val-only parts); None for other sources.
+def _stdlib_pinned_split(progress: Progress, root: Path | None = None) -> PinnedSplit:
+    """Train and val documents of the embedded source: val is a content-hash sample of the first pool that gives
+    at least STDLIB_MIN_VAL_BYTES of text (primary, then fallback); the same stdlib always gives the same split."""
+    root = host_stdlib_root() if root is None else root
+    found = []
+    for pool in STDLIB_VAL_POOLS:
+        files = pool.files(root)
+        docs = [chunk for path in files for doc in _text_documents(path) if doc.strip()
+                for chunk in _line_chunks(doc, pool.chunk_chars) if chunk.strip()]
+        val = [doc for doc in docs if _hash_per_mille(doc) < pool.per_mille]
+        val_bytes = sum(len(doc.encode("utf-8")) for doc in val)
+        found.append(f"{pool.name} ({', '.join(pool.parts())}; {pool.install}): {val_bytes / 1e6:.2f} MB")
+        if val_bytes >= STDLIB_MIN_VAL_BYTES:
+            break
+    else:
+        raise DataError(f"the standard library at {root} lacks the parts the `stdlib` source draws its val split "
+                        f"from (the trainer image removes them; at least {STDLIB_MIN_VAL_BYTES / 1e6:.1f} MB of "
+                        f"val text is needed): {'; '.join(found)}. Install either pool's packages (on Debian) or "
+                        "use another data source")
+    pooled, held_out = set(files), set(val)
+    train = [doc for path in _stdlib_files(root) if path not in pooled for doc in _text_documents(path) if doc.strip()]
+    train += [doc for doc in docs if doc not in held_out]
+    progress(f"stdlib: {len(train)} train documents; {len(val)} val documents ({val_bytes / 1e6:.2f} MB) drawn only "
+             f"from the {pool.name} val pool ({', '.join(pool.parts())}), which the trainer image removes")
+    return PinnedSplit(train, val, {"stdlib_val_pool": {"name": pool.name, "parts": pool.parts(),
+                                                        "val_bytes": val_bytes}})
+
+
+def collect_pinned_split(source: str, download_dir: Path, progress: Progress = print,
+                         stdlib_root: Path | None = None) -> PinnedSplit | None:
+    """Train and val documents of a source that pins its own validation split (climbmix's val shard, stdlib's
+    val pool; `stdlib_root` replaces the host's standard library); None for other sources.
     Shards keep their names in download_dir/climbmix, so a larger N downloads only the new ones."""
     if source == "stdlib":
-        return _stdlib_pinned_split(progress)
+        return _stdlib_pinned_split(progress, stdlib_root)
     if source != "climbmix" and not source.startswith("climbmix:"):
         return None
     train_urls, val_url = climbmix_urls(source)
@@ -271,7 +342,7 @@ def collect_pinned_split(source: str, download_dir: Path, progress: Progress = p
     val = [doc for doc in _parquet_documents(files[-1]) if doc.strip()]
     progress(f"climbmix: {len(train)} train documents from {len(train_urls)} shards, {len(val)} val documents "
              f"from the pinned shard {CLIMBMIX_VAL_SHARD}")
-    return train, val
+    return PinnedSplit(train, val)
 
 
 def _download_all(urls: list[str], cache_dir: Path, progress: Progress, names: list[str] | None = None) -> list[Path]:
@@ -428,16 +499,19 @@ def _is_prepared(out_dir: Path, input_sha256: str) -> bool:
 
 
 def prepare_data(source: str, out_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                 progress: Progress = print) -> Path:
-    """Prepare `source` into `out_dir` (layout in the module docstring); a no-op when unchanged."""
+                 progress: Progress = print, stdlib_root: Path | None = None) -> Path:
+    """Prepare `source` into `out_dir` (layout in the module docstring); a no-op when unchanged.
+    `stdlib_root` replaces the host's standard library for the `stdlib` source (tests)."""
     if not 256 + 1 < vocab_size <= 2**32:
         raise DataError(f"vocab_size {vocab_size} is out of range: use more than 257 (bytes + BOS)")
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    pinned = collect_pinned_split(source, out_dir / ".downloads", progress)  # climbmix: its own val shard
-    documents = [*pinned[0], *pinned[1]] if pinned else collect_documents(source, out_dir / ".downloads", progress)
-    split_rule = f"pinned:{len(pinned[1])}" if pinned else "hash"
+    pinned = collect_pinned_split(source, out_dir / ".downloads", progress, stdlib_root)  # its own val split
+    documents = [*pinned.train, *pinned.val] if pinned else collect_documents(source, out_dir / ".downloads", progress)
+    split_rule = f"pinned:{len(pinned.val)}" if pinned else "hash"
+    if pinned and pinned.meta:
+        split_rule += ":" + json.dumps(pinned.meta, sort_keys=True)
     fingerprint = hashlib.sha256(f"v{PREPARE_VERSION}:{vocab_size}:{SPLIT_PATTERN}:{split_rule}".encode())
     for doc in documents:
         fingerprint.update(hashlib.sha256(doc.encode("utf-8")).digest())
@@ -447,8 +521,8 @@ def prepare_data(source: str, out_dir: str | Path, vocab_size: int = DEFAULT_VOC
         return out_dir
 
     if pinned:
-        val_docs, held_out = pinned[1], set(pinned[1])
-        train_docs = [d for d in pinned[0] if d not in held_out]  # a val document never trains, even if repeated
+        val_docs, held_out = pinned.val, set(pinned.val)
+        train_docs = [d for d in pinned.train if d not in held_out]  # a val document never trains, even if repeated
     else:
         val_docs = [d for d in documents if is_val_document(d)]
         train_docs = [d for d in documents if not is_val_document(d)]
@@ -460,7 +534,7 @@ def prepare_data(source: str, out_dir: str | Path, vocab_size: int = DEFAULT_VOC
     encoding = _encoding_from_json(json.loads(tokenizer_raw), name=f"autoresearch-{vocab_size}")
     common = {"prepare_version": PREPARE_VERSION, "source": source, "input_sha256": input_sha256,
               "vocab_size": encoding.n_vocab, "python": sys.version.split()[0],
-              "tokenizer_sha256": hashlib.sha256(tokenizer_raw).hexdigest()}
+              "tokenizer_sha256": hashlib.sha256(tokenizer_raw).hexdigest(), **(pinned.meta if pinned else {})}
 
     # Build beside the final folders and swap in at the end, so a crash leaves the old data intact.
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))

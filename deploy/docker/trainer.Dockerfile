@@ -9,6 +9,10 @@
 # The packages go to /opt/pylib in a first stage, so the final image holds them once (not the wheels too);
 # a .pth file puts it on sys.path whatever PYTHONPATH a run sets.
 # pip compiles bytecode here on purpose: the root fs is read-only at run time.
+# The val pools of the embedded `stdlib` data source (STDLIB_VAL_POOLS in trainer/prepare.py; a test checks the
+# list below against it) leave every Python in the image, whatever the base, with their bytecode, so that no val
+# document is readable in a train container; the build fails if python3 still finds one, or lacks the C _decimal
+# (decimal's fallback _pydecimal is in the list). None of them is imported by torch or the trainer.
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE} AS install
 ARG TORCH_VERSION
@@ -36,7 +40,16 @@ RUN (command -v gcc && command -v g++ && test -n "$(find / -name Python.h -path 
     && mkdir -p "$purelib" && echo /opt/pylib > "$purelib/autoresearch.pth" \
     && useradd --uid 1000 --create-home --shell /usr/sbin/nologin trainer \
     && mkdir -p /opt/autoresearch/trainer /candidate /data /checkpoint /out \
-    && chown 1000:1000 /out
+    && chown 1000:1000 /out \
+    && val_pools="idlelib tkinter turtledemo test pydoc_data turtle.py _pydecimal.py aifc.py asynchat.py asyncore.py \
+        cgi.py cgitb.py chunk.py crypt.py imghdr.py imp.py mailcap.py nntplib.py pipes.py smtpd.py sndhdr.py sunau.py \
+        telnetlib.py uu.py xdrlib.py" \
+    && stdlibs="$(find / -xdev -type d -regex '.*/lib/python3\.[0-9]+' -print)" && test -n "$stdlibs" \
+    && for stdlib in $stdlibs; do for part in $val_pools; do \
+           rm -rf "$stdlib/$part" "$stdlib/__pycache__/${part%.py}".*.pyc; done; done \
+    && python3 -c 'import sys, _decimal, importlib.util as u; \
+left = [p for p in sys.argv[1:] if u.find_spec(p.removesuffix(".py"))]; \
+sys.exit(f"the stdlib val pool parts {left} are still in the image" if left else 0)' $val_pools
 ENV PYTHONPATH=/opt/autoresearch \
     PATH=/opt/pylib/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \

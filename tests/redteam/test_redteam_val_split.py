@@ -1,7 +1,8 @@
-"""Class 5: the val split of the embedded `stdlib` source is unreadable from the train stage.
+"""Class 5: the val split of the embedded `stdlib` source is unreadable from the train stage, from either val pool.
 
 Distinctive lines of every val document are searched for in every text file of a train container's whole
-filesystem (the image, the trainer mount). A positive control runs in the same container: the documents the
+filesystem (the image, the trainer mount). The primary pool is drawn from the host's standard library; the
+fallback pool from a copy of it without the primary pool's parts (a host without idle, tkinter and the tests). A positive control runs in the same container: the documents the
 old split rule (a content-hash sample of the very standard library the image ships) would have held out are
 found there, so the search is known to work.
 """
@@ -9,6 +10,7 @@ found there, so the search is known to work.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import docker
@@ -70,10 +72,22 @@ def _search(image: str, groups: dict[str, list[str]], folder: Path) -> dict[str,
     return dict(json.loads(output.decode().strip().splitlines()[-1]))
 
 
-def test_no_stdlib_val_document_is_in_the_train_container(trainer_image: str, tmp_path: Path) -> None:
+def _stdlib_root(pool: str, folder: Path) -> Path:
+    """The host's standard library (primary), or a copy of it without the primary pool's parts (fallback)."""
+    host = prepare.host_stdlib_root()
+    if pool == "primary":
+        return host
+    primary = [part.rstrip("/") for part in prepare.STDLIB_VAL_POOLS[0].parts()]
+    return Path(shutil.copytree(host, folder / "stdlib", symlinks=True,
+                                ignore=shutil.ignore_patterns(*primary, "site-packages", "__pycache__")))
+
+
+@pytest.mark.parametrize("pool", ["primary", "fallback"])
+def test_no_stdlib_val_document_is_in_the_train_container(pool: str, trainer_image: str, tmp_path: Path) -> None:
     """Every val document's distinctive lines are absent from the train container; the old rule's are present."""
-    train, val = prepare.collect_pinned_split("stdlib", tmp_path, lambda _: None) or ([], [])
-    assert len(val) > 20
+    pinned = prepare.collect_pinned_split("stdlib", tmp_path, lambda _: None, stdlib_root=_stdlib_root(pool, tmp_path))
+    assert pinned is not None and pinned.meta["stdlib_val_pool"]["name"] == pool and len(pinned.val) > 20
+    train, val = pinned.train, pinned.val
     common = {line.strip() for doc in train for line in doc.splitlines()}
     old_rule_val = [doc for path in prepare._stdlib_files() for doc in prepare._text_documents(path)
                     if doc.strip() and prepare.is_val_document(doc)]

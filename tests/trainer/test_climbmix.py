@@ -130,8 +130,8 @@ def test_damaged_cached_shard_is_downloaded_again(server: _Server, tmp_path: Pat
     shard = tmp_path / "climbmix" / "shard_00000.parquet"
     shard.write_bytes(b"bit rot")
     server.requests.clear()
-    train, _val = prepare.collect_pinned_split("climbmix:1", tmp_path, lambda _: None)
-    assert server.requests == ["/shard_00000.parquet"] and len(train) == 30
+    pinned = prepare.collect_pinned_split("climbmix:1", tmp_path, lambda _: None)
+    assert server.requests == ["/shard_00000.parquet"] and pinned is not None and len(pinned.train) == 30
 
 
 def test_interrupted_download_resumes(server: _Server, tmp_path: Path) -> None:

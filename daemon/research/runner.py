@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.research.replay import ReplayGuard
+from daemon.research.replay import ReplayGuard, Replays
 from sandbox import labels
 from sandbox.base import Backend
 from sandbox.gpu import GpuProbe, wait_for_gpu_release
@@ -112,7 +112,7 @@ class StageRunner:
     def __init__(self, backend: Backend, *, image: str, trainer_dir: Path, data_dir: Path, work_dir: Path,
                  instance: str, train_limits: Limits, eval_limits: Limits, env: dict[str, str],
                  gpu_probe: GpuProbe | None = None, gpu_release_timeout_s: float = 60.0,
-                 compile_cache: Path | None = None) -> None:
+                 compile_cache: Path | None = None, replays: Replays | None = None) -> None:
         for split in ("train", "val"):
             if not (data_dir / split).is_dir():
                 from daemon.errors import WorkspaceError
@@ -130,7 +130,8 @@ class StageRunner:
         self.train_env = {k: v for k, v in env.items() if k in TRAIN_ENV_KEYS}
         self.eval_env = {k: v for k, v in env.items() if k in EVAL_ENV_KEYS}
         self.gpu_probe = gpu_probe
-        self.replays = ReplayGuard()
+        # The daemon passes a StoredReplayGuard (earlier seeds survive restarts); without one, memory is in process.
+        self.replays: Replays = replays if replays is not None else ReplayGuard()
         self.gpu_release_timeout_s = gpu_release_timeout_s
         # The torch.compile cache: read-only in every train stage. Only a run of the shipped baseline (the
         # trusted trainer_dir/train.py, byte for byte) fills it; an agent's code, even a kept one, never does.
@@ -290,7 +291,8 @@ class StageRunner:
         if result.get("status") != "ok" or val_bpb is None or probe != "passed":
             why = str(result.get("error") or "") or f"eval judged the checkpoint invalid (probe: {probe or 'missing'})"
             return finish("invalid", why, eval_result=evaluation, probe=probe, eval_seconds=eval_seconds)
-        replay = self.replays.check(source, seed, str(result.get("checkpoint_sha256", "")), val_bpb)
+        replay = self.replays.check(source, seed, str(result.get("checkpoint_sha256", "")), val_bpb,
+                                    experiment_id=experiment_id)
         if replay:
             return finish("invalid", replay, eval_result=evaluation, probe=probe, eval_seconds=eval_seconds)
         return finish("ok", "", eval_result=evaluation, val_bpb=val_bpb, probe=probe, eval_seconds=eval_seconds)

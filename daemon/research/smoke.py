@@ -21,6 +21,7 @@ from daemon.agents.edits import normalized_hash
 from daemon.config import Settings
 from daemon.errors import InvalidProposal
 from daemon.ops.logs import get_logger
+from daemon.research.replay import ReplayGuard
 from daemon.research.runner import StageRunner
 from sandbox.spec import Cancel, Mount, RunSpec, RunStatus
 
@@ -61,6 +62,8 @@ def smoke_stage_runner(runner: object, settings: Settings) -> SmokeStageRunner |
     smoke.work_dir = Path(runner.work_dir) / "smoke"
     smoke.compile_cache = None
     smoke.gpu_probe = None
+    # Smoke runs are not scored runs (tiny shapes, seed 0, no experiment): they never reach the store's memory.
+    smoke.replays = ReplayGuard()
     return smoke
 
 

@@ -22,6 +22,7 @@ from daemon.ops.metrics import Metrics
 from daemon.ops.statusdata import DaemonFacts, LaneInfo, status_data
 from daemon.ops.statuspage import LiveState, render_status_page
 from daemon.research.lanes import Lane, cluster_lanes, plan_lanes
+from daemon.research.replay import ScoredRunStore, StoredReplayGuard
 from daemon.research.runner import StageRunner
 from daemon.research.workspace import Workspace
 from daemon.service.cluster import record_jobs, require_node_paths, slurm_options
@@ -153,7 +154,9 @@ def sandbox_env(settings: Settings, gpus: int = 0) -> dict[str, str]:
     return env
 
 
-def make_runner(settings: Settings, backend: Backend, workspace: Workspace, probe: GpuProbe) -> StageRunner:
+def make_runner(settings: Settings, backend: Backend, workspace: Workspace, probe: GpuProbe,
+                store: ScoredRunStore | None = None) -> StageRunner:
+    """The stage runner; with `store`, its replay guard remembers scored runs there (across restarts)."""
     sandbox, training = settings.sandbox, settings.training
     host_cpus = float(os.cpu_count() or 1)  # Docker refuses a quota above the host's CPU count
     cpus = min(sandbox.cpus or host_cpus, host_cpus)
@@ -168,7 +171,8 @@ def make_runner(settings: Settings, backend: Backend, workspace: Workspace, prob
                        work_dir=workspace.runs_dir, instance=settings.instance_name, train_limits=train_limits,
                        eval_limits=eval_limits, env=sandbox_env(settings, gpus=len(probe.gpus())), gpu_probe=probe,
                        gpu_release_timeout_s=sandbox.gpu_release_timeout_s,
-                       compile_cache=workspace.root / "compile-cache")
+                       compile_cache=workspace.root / "compile-cache",
+                       replays=StoredReplayGuard(store) if store is not None else None)
 
 
 def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = None, serve_http: bool = True,
@@ -196,7 +200,7 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
             lanes = cluster_lanes(settings.slurm.max_jobs)
         else:
             lanes = plan_lanes(settings.gpus, probe)
-        runner = make_runner(settings, backend, workspace, probe)
+        runner = make_runner(settings, backend, workspace, probe, store)
     except BaseException:
         store.close()  # e.g. data not prepared yet: the command fails, its connections must not linger
         lock.release()

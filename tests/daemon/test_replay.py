@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
 from daemon.research.replay import MAX_RUNS_PER_SOURCE, ReplayGuard
+from daemon.research.smoke import smoke_stage_runner
+from daemon.service.runtime import open_runtime
+from daemon.store.scored_runs import ScoredRunRow
+
+# A quick program that ignores AUTORESEARCH_SEED: every run exports the same per-position model.
+SEED_BLIND = """
+import json, os
+import torch
+from trainer.prepare import export_checkpoint
+meta = json.load(open(os.path.join(os.environ["AUTORESEARCH_DATA_DIR"], "meta.json")))
+vocab = int(meta["vocab_size"])
+torch.manual_seed(1234)
+model = torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab))
+export_checkpoint(model, os.environ["AUTORESEARCH_OUT_DIR"])
+"""
 
 
 def test_same_checkpoint_under_another_seed_is_a_replay() -> None:
@@ -33,3 +53,42 @@ def test_honest_reruns_pass_and_memory_is_bounded() -> None:
     for seed in range(MAX_RUNS_PER_SOURCE + 10):
         assert guard.check("code", seed, f"sha{seed}", 2.0 + seed / 1000) == ""
     assert guard.check("code", 999, "sha0", 9.0) == ""  # the oldest run was forgotten
+
+
+@pytest.mark.postgres
+def test_daemon_refuses_a_replay_after_a_restart(tiny_settings: Any) -> None:
+    """A seed-blind source scored before a daemon restart is refused under another seed after it (store memory)."""
+    settings = tiny_settings()
+    runtime = open_runtime(settings, daemon=False, serve_http=False)
+    try:
+        session = runtime.store.create_session("night-1", "manual", "# program\n", {})
+        first = runtime.store.create_experiment(session.id, "baseline", SEED_BLIND, seed=0)
+        second = runtime.store.create_experiment(session.id, "noise", SEED_BLIND, seed=1)
+        scored = runtime.runner.run(first.id, 1, SEED_BLIND, 0)
+    finally:
+        runtime.close()
+    assert scored.status == "ok", (scored.status, scored.error)
+    runtime = open_runtime(settings, daemon=False, serve_http=False)
+    try:
+        replayed = runtime.runner.run(second.id, 1, SEED_BLIND, 1)
+    finally:
+        runtime.close()
+    assert replayed.status == "invalid" and replayed.val_bpb is None, (replayed.status, replayed.error)
+    assert f"seed 0 (experiment #{first.id})" in replayed.error and "AUTORESEARCH_SEED" in replayed.error
+
+
+@pytest.mark.postgres
+def test_smoke_runs_stay_out_of_the_store(tiny_settings: Any) -> None:
+    """A smoke run (not a scored run, no experiment) is checked in process and never recorded in scored_runs."""
+    settings = tiny_settings(training={"smoke": True})
+    runtime = open_runtime(settings, daemon=False, serve_http=False)
+    try:
+        smoke = smoke_stage_runner(runtime.runner, settings)
+        assert smoke is not None
+        outcome = smoke.run(1, 1, SEED_BLIND, 0)
+        with runtime.store.engine.connect() as conn:
+            recorded = conn.scalar(select(func.count()).select_from(ScoredRunRow))
+    finally:
+        runtime.close()
+    assert outcome.status == "ok", (outcome.status, outcome.error)
+    assert recorded == 0

@@ -18,7 +18,7 @@ from daemon.store import Store, open_store
 from daemon.store.records import SessionRecord
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-TABLES = ("agent_calls", "noise", "experiments", "sessions")  # children first
+TABLES = ("scored_runs", "agent_calls", "noise", "experiments", "sessions")  # children first
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""Eval-stage cost of probing every scored row: the old eval (one probe batch, then scoring) against today's
-(a probe twin for every scoring batch), on the same checkpoint and the same val window, side by side.
+"""Eval-stage cost, old against today's, on the same checkpoint and the same val window, side by side.
 
-The old stage is taken from git (`--old-commit`, default: the commit before the probe changed) into a temp
-folder and both run as `python -m trainer.harness eval`, as the sandbox runs them. The checkpoint is a small
+The old stage is taken from git (`--old-commit`) into a temp folder and both run as `python -m trainer.harness
+eval`, as the sandbox runs them. Two comparisons are meant: `--old-commit 6e24295` (one probe batch, then
+scoring) against a probe twin for every scoring batch; `--old-commit 3ea1c30` (the program run in the scorer's
+own process) against the split into a scorer and a model process (trainer.model_process). Both the stage's own
+eval_seconds and the whole process's wall time (interpreter start, torch import, the model process) are shown. The checkpoint is a small
 causal transformer (SDPA attention, MLP, tied shapes of the cpu preset) exported with export_checkpoint.
 Usage: python bench/eval_probe.py [--eval-tokens 65536] [--vocab-size 2048] [--repeat 2]
 """
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +31,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from trainer.prepare import export_checkpoint, prepare_data  # noqa: E402  (needs the repo root on sys.path)
 
 OLD_COMMIT = "6e24295"
-TRAINER_FILES = ("__init__.py", "eval_stage.py", "harness.py", "layout.py", "prepare.py")
 
 
 class Block(torch.nn.Module):
@@ -79,10 +81,12 @@ def _data(vocab_size: int) -> Path:
 def _old_trainer(commit: str, root: Path) -> Path:
     package = root / "trainer"
     package.mkdir(parents=True)
-    for name in TRAINER_FILES:
-        text = subprocess.run(["git", "show", f"{commit}:trainer/{name}"], cwd=REPO_ROOT, capture_output=True,
+    names = subprocess.run(["git", "ls-tree", "--name-only", commit, "trainer/"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in (n for n in names if n.endswith(".py")):
+        text = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout
-        (package / name).write_text(text)
+        (root / name).write_text(text)
     return root
 
 
@@ -90,13 +94,15 @@ def _eval(pythonpath: Path, checkpoint: Path, data: Path, out: Path, tokens: int
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
     env.update(PYTHONPATH=str(pythonpath), AUTORESEARCH_EVAL_TOKENS=str(tokens))
     shutil.rmtree(out, ignore_errors=True)
+    started = time.monotonic()
     completed = subprocess.run([sys.executable, "-m", "trainer.harness", "eval", "--checkpoint", str(checkpoint),
                                 "--data", str(data), "--out", str(out)], env=env, cwd=pythonpath, capture_output=True, text=True,
                                check=False)
     if completed.returncode != 0:
         sys.exit(f"eval under {pythonpath} failed: {completed.stdout[-2000:]}{completed.stderr[-2000:]}")
-    print(completed.stdout.strip().splitlines()[-1])
-    return dict(json.loads((out / "result.json").read_text()))
+    wall = time.monotonic() - started
+    print(completed.stdout.strip().splitlines()[-1], f"(process wall {wall:.1f} s)")
+    return {**json.loads((out / "result.json").read_text()), "wall_seconds": wall}
 
 
 def main() -> None:
@@ -113,17 +119,22 @@ def main() -> None:
         checkpoint = export_checkpoint(SmallLM(args.vocab_size), work)
         old_root = _old_trainer(args.old_commit, work / "old")
         seconds: dict[str, list[float]] = {"old": [], "new": []}
+        walls: dict[str, list[float]] = {"old": [], "new": []}
         results: dict[str, dict[str, object]] = {}
         for _ in range(args.repeat):
             for name, root in (("old", old_root), ("new", REPO_ROOT)):
                 results[name] = _eval(root, checkpoint, data, work / f"out-{name}", args.eval_tokens)
                 seconds[name].append(float(str(results[name]["eval_seconds"])))
+                walls[name].append(float(str(results[name]["wall_seconds"])))
     old, new = min(seconds["old"]), min(seconds["new"])
     print("--- eval_probe (eval stage seconds, best of", args.repeat, "runs; same checkpoint and window)")
     print(f"eval_tokens:       {args.eval_tokens} (vocab {args.vocab_size}, cpu threads {os.cpu_count()})")
     print(f"old_eval_seconds:  {old:.2f}   (probe: {results['old']['probe']}, val_bpb {results['old']['val_bpb']})")
     print(f"new_eval_seconds:  {new:.2f}   (probe: {results['new']['probe']}, val_bpb {results['new']['val_bpb']})")
     print(f"ratio_new_to_old:  {new / old:.2f}x   (goal <= 2.5x)")
+    old_wall, new_wall = min(walls["old"]), min(walls["new"])
+    print(f"process_wall:      old {old_wall:.2f} s, new {new_wall:.2f} s, ratio {new_wall / old_wall:.2f}x "
+          f"(old commit {args.old_commit})")
 
 
 if __name__ == "__main__":

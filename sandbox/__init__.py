@@ -9,6 +9,17 @@ Covered by the Docker backend:
   harness in a second container that mounts the checkpoint read-only and the VAL split; the train stage
   never sees the VAL split's files. Printed summaries are informational. Against a candidate that wants a
   val_bpb its model did not earn:
+  * the candidate's program never runs in the scorer's process. The eval container starts as root holding only
+    CAP_SETUID/CAP_SETGID (no-new-privileges); the harness first starts the model process (trainer.inference)
+    as MODEL_UID 1001, then drops itself to SANDBOX_UID 1000 for good (trainer.privsep), and only then reads
+    the VAL split and opens its out dir, both mounted under PRIVATE_DIR (/scorer), a mode-0700 tmpfs of uid
+    1000. The model process gets a sealed in-memory copy of the validated checkpoint and, per batch, only the
+    input rows (never their last target) through shared memory; it cannot read the split, the scorer's memory,
+    environment or descriptors, signal the scorer, write the out dir or regain root (a red-team test runs hostile
+    code in its place and checks each). The scorer keeps the targets, the probe randomness and the sums, copies
+    each answer before the next call, and bounds and cleans whatever the process says; a dead, silent or lying
+    process makes the checkpoint `invalid`. So a program that escaped torch's kernels could at worst return
+    wrong logits for the inputs it is given;
   * the checkpoint is data until validated by allow-list before torch.export.load reads it
     (trainer.checkpoint_check): pure ATen ops only (no file I/O such as from_file, no randomness, no in-place,
     out= or higher-order ops), every symbolic-shape string in a strict integer-arithmetic grammar (torch
@@ -19,20 +30,25 @@ Covered by the Docker backend:
     call; log-probabilities that the cut must not affect may drift 1e-3 nats at most, else `invalid`. A peek
     at a fraction f of positions escapes with probability about (1 - 3f/4) per scored row;
   * the harness owns time (marker lines split start-up/compile, training and export by its clock; a clean run
-    over budget exits 5 and is `timeout`), and the daemon bounds the train container's wall time from outside;
+    over budget exits 5 and is `timeout`), and the daemon bounds the train container's wall time from outside.
+    The train container is split too: the candidate runs as MODEL_UID 1001 under the harness, which stays the
+    container's root with only SETUID, SETGID, KILL, DAC_OVERRIDE and FOWNER, so the candidate cannot signal
+    it, read or patch its memory (its clock, its exit status), or keep its report (train.json, written over
+    whatever the candidate left there, in a sticky out dir the candidate writes through its group);
   * a scored result bit-identical (checkpoint SHA-256 or exact val_bpb) to the same source's run under
     another seed is refused as a replay (daemon.research.replay), so noise-floor and confirmation runs stay real;
   * everything that leaves the sandbox (file names, summary numbers, output and error text) and the agent's
     descriptions pass sandbox.sanitize before the store, git, prompts, the status page or a terminal;
   * the val split is unreadable from the train stage for every source, the embedded `stdlib` one included
-    (its val documents come only from stdlib parts absent from the trainer image);
+    (its val documents come only from stdlib parts absent from the trainer image whatever its base);
   * the out dir has a total quota (bytes and entries, enforced by the harness and measured again by the
     daemon) on top of the per-file size limit, and clean-up survives any permissions the sandbox left
     (remove_tree, then a purge container running as the sandbox uid).
 - Network: `network_mode=none` (no interface but loopback: no egress, no DNS, no bridge gateway).
 - Host filesystem: read-only root, data/trainer/candidate mounted read-only, only the per-run out dir
   writable; out files are read back with O_NOFOLLOW and size caps (symlinks and special files refused).
-- Privilege: uid 1000, all capabilities dropped, no-new-privileges.
+- Privilege: untrusted code runs as uid 1000 (1001 in the split train and eval stages) with no capability
+  at all and no-new-privileges; a split stage's root part holds only the capabilities listed above.
 - Resources: memory limit equal to memory+swap (OOM reported as `oom`), CPU quota, finite pids limit
   (fork bombs), file-size ulimit, sized tmpfs and shm (they count against memory), capped json-file logs,
   exactly one GPU by UUID; a wall-clock limit enforced from outside (kill, then wait).
@@ -40,21 +56,21 @@ Covered by the Docker backend:
   name; it is removed after the run and the reaper reconciles what a crashed daemon left.
 
 Not covered:
-- Faked results, what remains: (1) the trusted scorer and the untrusted exported program share one process
-  in the eval container (the program is validated data, executed by torch's own kernels, but a kernel or
-  deserializer bug would put it next to the val tokens and result.json). The planned separation: the eval
-  container starts as root with only SETUID/SETGID kept and no-new-privileges; the scorer keeps the tokens,
-  the randomness and /out, and forks an inference child that drops to an unprivileged uid with no read
-  access to /data and /out, fed batches and returning logits through shared memory (on a GPU: CUDA IPC
-  handles, since 2^19 tokens x vocab 8192 of logits cannot cross a pipe); a compromised child could then at
-  worst return wrong logits for the inputs it is given, which the probe judges. Not built yet. (2) The harness
-  and the candidate share uid 1000 in the train container: the candidate can signal the harness or write
-  train.json; the exit status and the daemon's outside wall-clock bound are what is trusted. (3) Time before
+- Faked results, what remains: (1) a model process that escaped torch (a kernel or deserializer bug) can
+  remember the rows it was given and answer a probe twin consistently with its earlier answer, so within-row
+  peeking would pass the probe; it still never sees a row's last target, other rows' text beyond what it is
+  handed, or the result. On a GPU the logits cross from the model process to the scorer through host shared
+  memory (a device-to-host and a host-to-device copy per forward pass); that path has run on CPU only here.
+  The local backend cannot switch uids: there the model process is a separate process of the same uid. (2) The train
+  harness stays root (with the five capabilities of a split stage) to keep its kill and its clock: a bug in
+  the harness would be a bug with those capabilities; the candidate never runs with them. (3) Time before
   the start line (start-up/compilation) is capped, not verified: a candidate may train during it, up to the
   compile budget + 30 s. (4) A peek at very few positions can escape the probe with the probability above.
   (5) The val split's files never reach the train container, and for the embedded `stdlib` source the val
-  documents come only from stdlib parts the trainer image does not ship (idlelib, tkinter, turtledemo, the
-  regression tests; a red-team test searches the whole train container for them). For a user's own source
+  documents come only from a val pool that the trainer image deletes from every Python it holds, whatever its
+  base (primary: idlelib, tkinter, turtledemo, the regression tests; fallback for hosts without them:
+  pydoc_data, turtle, _pydecimal and the modules Python 3.12/3.13 removed); the build fails if one remains,
+  and a red-team test searches the whole train container for every val document of both pools. For a user's own source
   nothing stops them from also being public text a candidate could embed; a replay of memorized text is not
   detectable by the scorer. (6) The daemon's replay memory is the store (`scored_runs`), kept across restarts;
   runs without a store (smoke runs, gpu-smoke) remember only in process, and runs before schema 0005 are unknown.

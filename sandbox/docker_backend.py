@@ -18,10 +18,23 @@ from sandbox import labels as L
 from sandbox.base import ReapedRun
 from sandbox.errors import BackendUnavailable
 from sandbox.outfiles import prepare_out_dir, read_out_files
-from sandbox.spec import Cancel, RunResult, RunSpec, RunStatus, exit_status
+from sandbox.spec import (
+    MODEL_UID,
+    PRIVATE_DIR,
+    SANDBOX_UID,
+    Cancel,
+    RunResult,
+    RunSpec,
+    RunStatus,
+    exit_status,
+)
 from sandbox.tail import sanitize_tail
 
-SANDBOX_USER = "1000:1000"
+SANDBOX_USER = f"{SANDBOX_UID}:{SANDBOX_UID}"
+PRIVSEP_ENV = "AUTORESEARCH_PRIVSEP"  # read by trainer.privsep
+# What a split stage's root starts with: switching uids, and for the train stage's harness, killing the
+# candidate's processes and writing/reading the out dir whatever the candidate did to its permissions.
+SPLIT_CAPABILITIES = ("SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER")
 # How often a waiting run checks its Cancel; the wait itself returns at once when the container exits.
 POLL_SECONDS = 0.5
 KILL_WAIT_SECONDS = 30.0
@@ -81,6 +94,21 @@ def collect_result(container: Any, out_dir: Path, tail_bytes: int, wall_seconds:
     )
 
 
+def _identities(spec: RunSpec) -> dict[str, Any]:
+    """The user, capabilities, private tmpfs and environment of a run: one uid, or split (RunSpec.split_identities).
+
+    A split stage starts as root holding only SPLIT_CAPABILITIES (no-new-privileges still set, so nothing gains
+    more through exec). trainer.privsep runs the untrusted part as MODEL_UID (every capability gone with the
+    uid); the train stage's harness stays root to keep its clock and its kill out of the candidate's reach, the
+    eval stage's scorer drops to SANDBOX_UID. PRIVATE_DIR is a mode-0700 tmpfs of SANDBOX_UID: the mounts under
+    it (the val split, the scorer's out dir) are out of MODEL_UID's reach whatever their own permissions."""
+    if not spec.split_identities:
+        return {"user": SANDBOX_USER, "cap_add": [], "tmpfs": {}, "environment": {}}
+    return {"user": "0:0", "cap_add": list(SPLIT_CAPABILITIES),
+            "tmpfs": {PRIVATE_DIR: f"rw,noexec,nosuid,nodev,size=1m,mode=0700,uid={SANDBOX_UID},gid={SANDBOX_UID}"},
+            "environment": {PRIVSEP_ENV: f"{SANDBOX_UID}:{MODEL_UID}"}}
+
+
 def container_config(spec: RunSpec, instance: str) -> dict[str, Any]:
     """The container of one run with every hardening flag (the docker SDK's `containers.create` keywords).
 
@@ -97,6 +125,7 @@ def container_config(spec: RunSpec, instance: str) -> dict[str, Any]:
     if spec.gpu_uuid is not None:
         # Exactly this GPU, by UUID: never count=-1 ("all").
         device_requests.append(DeviceRequest(driver="nvidia", device_ids=[spec.gpu_uuid], capabilities=[["gpu"]]))
+    identities = _identities(spec)
     run_labels = {**spec.labels, L.INSTANCE: spec.labels.get(L.INSTANCE, instance),
                   L.DEADLINE: L.deadline_label(limits.timeout_s, L.DEADLINE_MARGIN_S)}
     return {
@@ -108,15 +137,17 @@ def container_config(spec: RunSpec, instance: str) -> dict[str, Any]:
         "name": spec.name,
         # Base images such as pytorch/pytorch set NVIDIA_VISIBLE_DEVICES=all, which the nvidia
         # runtime honours over device_requests: pin it to this run's GPU, or to none.
-        "environment": {**spec.env, "NVIDIA_VISIBLE_DEVICES": spec.gpu_uuid or "void"},
+        "environment": {**spec.env, **identities["environment"], "NVIDIA_VISIBLE_DEVICES": spec.gpu_uuid or "void"},
         "working_dir": spec.workdir,
-        "user": SANDBOX_USER,
+        "user": identities["user"],
         "labels": run_labels,
         "mounts": mounts,
         "network_mode": "none",
         "read_only": True,
-        "tmpfs": {"/tmp": f"rw,exec,nosuid,nodev,size={limits.tmpfs_bytes},uid=1000,gid=1000"},
+        "tmpfs": {"/tmp": f"rw,exec,nosuid,nodev,size={limits.tmpfs_bytes},uid={SANDBOX_UID},gid={SANDBOX_UID}",
+                  **identities["tmpfs"]},
         "cap_drop": ["ALL"],
+        "cap_add": identities["cap_add"],
         "security_opt": ["no-new-privileges"],
         "pids_limit": limits.pids,
         "mem_limit": limits.memory_bytes,
@@ -165,7 +196,7 @@ class DockerBackend:
 
     def run(self, spec: RunSpec, cancel: Cancel | None = None) -> RunResult:
         out_dir = spec.out_mount().source
-        prepare_out_dir(out_dir)
+        prepare_out_dir(out_dir, *spec.out_owner())
         started = time.monotonic()
         container = None
         try:
@@ -234,8 +265,9 @@ class DockerBackend:
         return pids
 
     def purge(self, folder: Path, image: str) -> None:
-        """Empty `folder` from a container running as the sandbox user, for what that user left behind and
-        the daemon's own user may not remove (folders chmod 000, files in them); the caller removes the rest."""
+        """Empty `folder` from a container running as root with only DAC_OVERRIDE and FOWNER, for what the
+        sandbox uids left behind and the daemon's own user may not remove (folders chmod 000, files in sticky
+        folders, the harness's root-owned files); the caller removes the rest."""
         script = ("import os, shutil\n"
                   "for root, dirs, _ in os.walk('/purge'):\n"
                   "    for d in dirs:\n"
@@ -248,8 +280,8 @@ class DockerBackend:
         for _ in range(2):  # the first walk cannot enter folders it has not unlocked yet
             with contextlib.suppress(docker.errors.ContainerError):
                 self.client.containers.run(
-                    image, ["python3", "-c", script], user=SANDBOX_USER, network_mode="none", remove=True,
-                    cap_drop=["ALL"], security_opt=["no-new-privileges"],
+                    image, ["python3", "-c", script], user="0:0", network_mode="none", remove=True,
+                    cap_drop=["ALL"], cap_add=["DAC_OVERRIDE", "FOWNER"], security_opt=["no-new-privileges"],
                     mounts=[DockerMount(target="/purge", source=str(folder.resolve()), type="bind")],
                     labels={L.INSTANCE: self.instance})
 

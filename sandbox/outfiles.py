@@ -89,16 +89,20 @@ def read_out_files(out_dir: Path, max_bytes: int = MAX_COLLECT_BYTES) -> OutFile
     return OutFiles(files=files, refused=refused)
 
 
-def prepare_out_dir(out_dir: Path, uid: int = 1000, gid: int = 1000) -> None:
-    """Create an empty out dir that the sandbox user (uid 1000) can write; refuse a non-empty one."""
+def prepare_out_dir(out_dir: Path, uid: int = 1000, gid: int = 1000, shared: bool = False) -> None:
+    """Create an empty out dir that the sandbox user (uid 1000) can write; refuse a non-empty one.
+
+    `shared`: a split stage's out dir (RunSpec.split_identities), where the candidate writes through its group
+    `gid` and the sticky bit keeps it from removing or renaming what the harness wrote (train.json)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
         from sandbox.errors import InvalidSpec
 
         raise InvalidSpec(f"out dir {out_dir} is not empty: use a fresh directory per run")
+    sticky = 0o1000 if shared else 0
     if os.geteuid() == 0:
         os.chown(out_dir, uid, gid)
-    os.chmod(out_dir, 0o770 if os.geteuid() == 0 else 0o777)
+    os.chmod(out_dir, (0o770 if os.geteuid() == 0 else 0o777) | sticky)
 
 
 def out_dir_bytes(out_dir: Path) -> int:

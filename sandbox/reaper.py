@@ -17,7 +17,7 @@ import docker.errors
 from sandbox import labels as L
 from sandbox.base import ReapedRun
 from sandbox.docker_backend import _kill_and_wait, collect_result
-from sandbox.spec import Limits, RunStatus
+from sandbox.spec import OUT_TARGETS, Limits, RunStatus
 
 _RUNNING_STATES = ("running", "paused", "restarting")
 _FINISHED_STATES = ("exited", "dead")
@@ -25,7 +25,7 @@ _FINISHED_STATES = ("exited", "dead")
 
 def _out_dir(container: Any) -> Path | None:
     for mount in container.attrs.get("Mounts", []):
-        if mount.get("Destination") == "/out" and mount.get("RW"):
+        if mount.get("Destination") in OUT_TARGETS and mount.get("RW"):
             return Path(mount["Source"])
     return None
 

@@ -32,6 +32,13 @@ def exit_status(killed_as: RunStatus | None, oom: bool, exit_code: int | None) -
     return RunStatus.OK if exit_code == 0 else RunStatus.FAILED
 
 
+# Two identities for a stage that runs untrusted code beside trusted code (the eval stage: trainer.privsep).
+SANDBOX_UID = 1000   # the trusted side (and every stage's only uid otherwise)
+MODEL_UID = 1001     # the untrusted side of a split stage: no entry to PRIVATE_DIR
+PRIVATE_DIR = "/scorer"  # a mode-0700 tmpfs owned by SANDBOX_UID in a split stage: mount what the untrusted side must not reach under it
+OUT_TARGETS = ("/out", f"{PRIVATE_DIR}/out")  # where a stage's writable out dir is mounted
+
+
 @dataclass(frozen=True)
 class Mount:
     """A host path made visible inside the sandbox; read-only unless `writable`."""
@@ -72,6 +79,10 @@ class RunSpec:
     gpu_uuid: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     workdir: str = "/out"
+    # Split identities (trainer.privsep): the stage starts as root with only SETUID/SETGID, runs its untrusted
+    # part as MODEL_UID and its trusted part as SANDBOX_UID; PRIVATE_DIR is a tmpfs only SANDBOX_UID may enter.
+    # Backends that cannot switch uids (local) run both parts as the caller's uid.
+    split_identities: bool = False
 
     def check_mounts(self) -> None:
         """Refuse a spec whose mount sources are missing (a bug or a half-prepared run folder)."""
@@ -80,6 +91,11 @@ class RunSpec:
         for mount in self.mounts:
             if not mount.source.exists():
                 raise InvalidSpec(f"{self.name}: mount source {mount.source} does not exist")
+
+    def out_owner(self) -> tuple[int, int, bool]:
+        """(uid, gid, shared) of the out dir (sandbox.outfiles.prepare_out_dir): in a split stage the candidate
+        (MODEL_UID) writes it through its group beside the trusted side, with the sticky bit set."""
+        return (SANDBOX_UID, MODEL_UID, True) if self.split_identities else (SANDBOX_UID, SANDBOX_UID, False)
 
     def out_mount(self) -> Mount:
         """The single writable mount (the run's out dir)."""

@@ -1,13 +1,16 @@
-"""The trusted eval stage: score an exported checkpoint on the VAL split and write result.json.
+"""The trusted eval stage (the scorer): score an exported checkpoint on the VAL split and write result.json.
 
-No candidate code runs here: the checkpoint is a `torch.export` program, validated by allow-list
-(trainer.checkpoint_check) before torch reads it. It must run on int64 tokens of shape (B, T) and return
-(B, T, vocab) logits, T = trainer.prepare.scoring_seq_len() of this stage's own (daemon-set) preset and device.
+The candidate's program never runs in this process. It is a `torch.export` archive, validated here by
+allow-list (trainer.checkpoint_check), then loaded and run by a separate model process (trainer.model_process,
+trainer.inference) that under the sandbox has its own uid and cannot read the val split nor write the out dir
+(trainer.privsep); it gets the input rows of each batch through shared memory and returns their logits. The
+program must run on int64 tokens of shape (B, T) and return (B, T, vocab) logits, T = trainer.prepare.
+scoring_seq_len() of this stage's own (daemon-set) preset and device.
 The rows are eval_token_window's: each starts at a document's BOS. Scoring visits them in a random order; every scoring batch
 has a probe twin of the same shape (its rows re-ordered, each cut at an unpredictable position and the rest
 replaced), the two run in a random order through the same call, and any drift of the log-probabilities the
-cut must not affect makes the result `invalid`. val_bpb is computed as in prepare.py's `evaluate_bpb`.
-Called by `python3 -m trainer.harness eval`.
+cut must not affect makes the result `invalid`. The randomness, the targets and the sums stay here.
+val_bpb is computed as in prepare.py's `evaluate_bpb`. Called by `python3 -m trainer.harness eval`.
 """
 
 from __future__ import annotations
@@ -21,22 +24,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.export.passes import move_to_device_pass
 
+from trainer.checkpoint_check import UnsafeCheckpoint
 from trainer.harness import EXIT_USAGE, EXIT_WRONG_SPLIT, split_problem, write_json
-from trainer.layout import sha256_file
+from trainer.layout import CHECKPOINT_NAME, sha256_file
+from trainer.model_process import ModelCallError, ModelProcess
 from trainer.prepare import (
     EVAL_BATCH_SIZE,
     EVAL_TOKENS,
     DataError,
+    check_checkpoint_archive,
     eval_token_window,
-    load_checkpoint,
     load_tokenizer,
     read_split_meta,
     row_pairs,
     scoring_seq_len,
     token_byte_lengths,
 )
+from trainer.privsep import PRIVSEP_ENV, Identities, become, check_can_switch
 
 PROBE_TOLERANCE = 1e-3        # absolute, in nats of log-probability: exact on CPU, slack for GPU kernels
 FULL_ROW_SHARE = 4            # one probe row in this many (on average) keeps all its tokens: last position checked
@@ -134,6 +139,22 @@ def eval_tokens_setting() -> int:
 
 
 def run_eval(checkpoint: Path, data_dir: Path, out_dir: Path) -> int:
+    try:
+        identities = Identities.from_env(os.environ)
+        if identities is not None:
+            check_can_switch(identities)
+    except ValueError as exc:
+        print(str(exc), flush=True)
+        return EXIT_USAGE
+    # The model process starts first, from nothing: it inherits no data, and under the sandbox it runs as its
+    # own uid while this process drops to the scorer's for good before it reads the val split (trainer.privsep).
+    with ModelProcess(identities) as model:
+        if identities is not None:
+            become(identities.scorer_uid)
+        return _evaluate(model, checkpoint, data_dir, out_dir)
+
+
+def _evaluate(model: ModelProcess, checkpoint: Path, data_dir: Path, out_dir: Path) -> int:
     if (problem := split_problem(data_dir, "val")) is not None:
         print(f"refusing to evaluate: {problem}", flush=True)
         return EXIT_WRONG_SPLIT
@@ -158,11 +179,12 @@ def run_eval(checkpoint: Path, data_dir: Path, out_dir: Path) -> int:
     result: dict[str, Any] = {"status": "invalid", "val_bpb": None, "eval_seconds": 0.0, "probe": "not run",
                               "checkpoint_sha256": sha256_file(checkpoint) if checkpoint.is_file() else "",
                               "data_sha256": data_sha256, "vocab_size": encoding.n_vocab, "seq_len": seq_len,
-                              "eval_rows": len(window), "num_params": 0, "error": ""}
+                              "eval_rows": len(window), "num_params": 0, "error": "",
+                              "model_process": "own uid" if os.environ.get(PRIVSEP_ENV) else "same uid"}
     timings: dict[str, float] = {"data": time.monotonic() - started}
     try:
-        result.update(_score_checkpoint(checkpoint, window, encoding.n_vocab, token_byte_lengths(encoding), device,
-                                        timings))
+        result.update(_score_checkpoint(model, checkpoint, window, encoding.n_vocab, token_byte_lengths(encoding),
+                                        device, timings))
     except DataError as exc:
         result["error"] = str(exc)
     result["eval_seconds"] = round(time.monotonic() - started, 3)
@@ -173,51 +195,47 @@ def run_eval(checkpoint: Path, data_dir: Path, out_dir: Path) -> int:
     return 0
 
 
-def _load_program(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, int]:
-    """The checkpoint as a callable module on `device`, and its parameter count."""
-    program = load_checkpoint(checkpoint)
-    num_params = sum(program.state_dict[name].numel() for name in program.graph_signature.parameters)
-    if device.type != "cpu":
-        # The graph records the device it was exported on (e.g. in tensor-metadata asserts), so moving the
-        # module's weights alone is not enough: rewrite the whole program for the device.
-        try:
-            program = move_to_device_pass(program, device)
-        except Exception as exc:  # a graph that cannot be moved is the candidate's problem
-            raise DataError(f"the checkpoint cannot be moved to {device} ({type(exc).__name__}: {str(exc)[:200]}): "
-                            "export with trainer.prepare.export_checkpoint") from None
-    return program.module(), num_params
+def _load(model: ModelProcess, checkpoint: Path, seq_len: int, vocab_size: int) -> int:
+    """Validate the checkpoint here (trusted), then have the model process load it; its parameter count."""
+    if not checkpoint.is_file():
+        raise DataError(f"checkpoint {checkpoint} is missing: the train stage must write {CHECKPOINT_NAME}")
+    try:
+        check_checkpoint_archive(checkpoint)
+    except UnsafeCheckpoint as exc:
+        raise DataError(f"checkpoint {checkpoint} is refused as unsafe: {exc}; save it with "
+                        "trainer.prepare.export_checkpoint") from None
+    return model.load(checkpoint, EVAL_BATCH_SIZE, seq_len, vocab_size)
 
 
-def _score_checkpoint(checkpoint: Path, window: np.ndarray, vocab_size: int, token_bytes: torch.Tensor,
-                      device: torch.device, timings: dict[str, float]) -> dict[str, Any]:
+def _score_checkpoint(model: ModelProcess, checkpoint: Path, window: np.ndarray, vocab_size: int,
+                      token_bytes: torch.Tensor, device: torch.device, timings: dict[str, float]) -> dict[str, Any]:
     """status/val_bpb/probe/num_params/error for one checkpoint; DataError when it is unusable.
     Adds the seconds of each step to `timings`."""
     clock = time.monotonic()
-    model, num_params = _load_program(checkpoint, device)
-    timings["load"], clock = time.monotonic() - clock, time.monotonic()
     rows, seq_len = len(window), window.shape[1] - 1
+    num_params = _load(model, checkpoint, seq_len, vocab_size)
+    timings["load"], clock = time.monotonic() - clock, time.monotonic()
     first = torch.as_tensor(window[0, :-1], dtype=torch.int64)[None].to(device)
-    with torch.no_grad():
-        # Token 0 exists in every vocabulary, so a model for another vocabulary still runs and shows its size.
-        for inputs in (torch.zeros_like(first), first.repeat(min(rows, EVAL_BATCH_SIZE), 1)):
-            try:
-                logits = model(inputs)
-            except Exception as exc:  # any failure of the candidate's graph on the fixed input shape
-                raise DataError(f"the checkpoint does not run on int64 tokens of shape {tuple(inputs.shape)}, the "
-                                f"scoring shape (sequence length {seq_len}) ({type(exc).__name__}: {str(exc)[:200]}): "
-                                "export at trainer.prepare.scoring_seq_len() with trainer.prepare.export_checkpoint") from None
-            expected = (*inputs.shape, vocab_size)
-            if tuple(logits.shape) != expected:
-                raise DataError(f"the checkpoint returns logits of shape {tuple(logits.shape)}, expected {expected}: it was "
-                                f"trained for another vocabulary or shape; train on this data (vocab {vocab_size})")
-        timings["check"], clock = time.monotonic() - clock, time.monotonic()
+    # Token 0 exists in every vocabulary, so a model for another vocabulary still runs and shows its size.
+    for inputs in (torch.zeros_like(first), first.repeat(min(rows, EVAL_BATCH_SIZE), 1)):
         try:
-            val_bpb, probe = score_window(model, window, token_bytes, vocab_size, device)
-        except DataError:
-            raise
-        except Exception as exc:  # the graph failed on a batch shape it accepted before (e.g. the remainder)
-            raise DataError(f"the checkpoint failed while scoring ({type(exc).__name__}: {str(exc)[:200]})") from None
-        timings["score+probe"] = time.monotonic() - clock
+            model(inputs)
+        except ModelCallError as exc:
+            expected = (*inputs.shape, vocab_size)
+            if exc.shape is not None:
+                raise DataError(f"the checkpoint returns logits of shape {exc.shape}, expected {expected}: it was "
+                                f"trained for another vocabulary or shape; train on this data (vocab {vocab_size})") from None
+            raise DataError(f"the checkpoint does not run on int64 tokens of shape {tuple(inputs.shape)}, the "
+                            f"scoring shape (sequence length {seq_len}) ({exc}): "
+                            "export at trainer.prepare.scoring_seq_len() with trainer.prepare.export_checkpoint") from None
+    timings["check"], clock = time.monotonic() - clock, time.monotonic()
+    try:
+        val_bpb, probe = score_window(model, window, token_bytes, vocab_size, device)
+    except DataError:
+        raise
+    except Exception as exc:  # the graph failed on a batch shape it accepted before (e.g. the remainder)
+        raise DataError(f"the checkpoint failed while scoring ({type(exc).__name__}: {str(exc)[:200]})") from None
+    timings["score+probe"] = time.monotonic() - clock
     if probe != "passed":
         return {"status": "invalid", "probe": probe, "num_params": num_params,
                 "error": f"causality probe failed: {probe}"}

@@ -7,7 +7,9 @@ train runs the candidate in a child process in its own session (with AUTORESEARC
 AUTORESEARCH_OUT_DIR set), waits for that process to exit, kills whatever it left behind, measures its wall
 time itself and writes train.json. eval (trainer.eval_stage) loads the exported checkpoint (no candidate
 code runs), probes it for causality, computes val_bpb with prepare.py's code and writes result.json.
-The numbers a candidate prints are informational only. This module imports no torch: the train stage
+Under the sandbox (AUTORESEARCH_PRIVSEP, trainer.privsep) the candidate runs as its own uid while this harness
+stays the container's root, so the candidate can neither signal it nor touch its memory, its clock or its
+report. The numbers a candidate prints are informational only. This module imports no torch: the train stage
 does not need it, and the candidate pays for its own import.
 The harness owns time: it splits the candidate's run at the marker lines (trainer.layout) by its own
 clock and a clean run over budget exits 5 (the daemon records `timeout`, never a score).
@@ -25,6 +27,7 @@ import contextlib
 import gc
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -40,6 +43,7 @@ from typing import IO, Any
 
 from trainer import compile_cache
 from trainer.layout import CHECKPOINT_NAME, EXPORT_STARTS, TRAINING_STARTS, DataError, read_split_meta
+from trainer.privsep import PRIVSEP_ENV, Identities, check_can_switch
 
 EXIT_CRASH, EXIT_USAGE, EXIT_WRONG_SPLIT, EXIT_NO_CHECKPOINT, EXIT_OVER_BUDGET = 1, 2, 3, 4, 5
 BUDGET_TOLERANCE = 0.05        # training may run this fraction past its budget,
@@ -86,9 +90,17 @@ def split_problem(data_dir: Path, wanted: str) -> str | None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    """Write `payload` to `path` atomically, through a fresh file that follows no link the candidate planted, and
+    over whatever it left at `path` (in a split train stage it shares the folder)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(payload, indent=2) + "\n")
+    try:
+        os.replace(tmp, path)
+    except OSError:  # a folder squats the name: ours to clear
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +262,9 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
         return EXIT_WRONG_SPLIT
     try:
         rules = TimeRules.from_env(os.environ)
+        identities = Identities.from_env(os.environ)
+        if identities is not None:
+            check_can_switch(identities)
     except ValueError as exc:
         print(str(exc), flush=True)
         return EXIT_USAGE
@@ -257,16 +272,23 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
     env = {**os.environ, "AUTORESEARCH_DATA_DIR": str(data_dir), "AUTORESEARCH_OUT_DIR": str(out_dir),
            "PYTHONUNBUFFERED": "1"}
     env.pop("AUTORESEARCH_EVAL_TOKENS", None)  # the candidate has no business with eval settings
+    env.pop(PRIVSEP_ENV, None)
     # Compile caches: the candidate compiles into a private copy of the lane's shared cache (trainer.compile_cache).
     shared_cache = env.pop(compile_cache.CACHE_ENV, None)
     publishing = env.pop(compile_cache.PUBLISH_ENV, "") == "1"
     cache_dir, cache_env, cache_note = compile_cache.private_cache(shared_cache)
     env.update(cache_env)
     print(cache_note, flush=True)
+    # Split identities (trainer.privsep): the candidate runs as the model uid, this harness stays the container's
+    # root, out of its reach: it can neither signal it, nor read or patch its memory (its clock, its exit status).
+    candidate_id: dict[str, Any] = {}
+    if identities is not None:
+        compile_cache.open_to_all(cache_dir)
+        candidate_id = {"user": identities.model_uid, "group": identities.model_uid, "extra_groups": []}
     previous_handler = signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     child = subprocess.Popen([sys.executable, str(candidate)], cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **candidate_id)
     assert child.stdout is not None
     relay = OutputRelay(child.stdout)
     relay.start()

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import tiktoken
@@ -742,7 +742,7 @@ MAX_CHECKPOINT_BYTES = 8 * 1024**3
 
 
 
-def check_checkpoint_archive(path: str | Path) -> None:
+def check_checkpoint_archive(path: str | Path | BinaryIO) -> None:
     """Raise UnsafeCheckpoint unless the .pt2 zip holds only export_checkpoint's plain entries (DataError when
     it is not such a zip at all)."""
     try:
@@ -820,16 +820,19 @@ def _refuse_unpickling(refused: list[str]) -> Iterator[None]:
         pickle.loads, pickle.load, torch.load, torch._C._pickle_load_obj = originals
 
 
-def load_checkpoint(path: str | Path) -> torch.export.ExportedProgram:
+def load_checkpoint(path: str | Path, handle: BinaryIO | None = None) -> torch.export.ExportedProgram:
     """Load an exported program without running any of the candidate's Python code: the archive is checked
-    entry by entry first, and the load itself runs with unpickling refused."""
-    if not Path(path).is_file():
+    entry by entry first, and the load itself runs with unpickling refused. `handle`: read the archive from
+    this open file instead (`path` then only names it in messages)."""
+    if handle is None and not Path(path).is_file():
         raise DataError(f"checkpoint {path} is missing: the train stage must write {CHECKPOINT_NAME}")
     refused: list[str] = []
     try:
-        check_checkpoint_archive(path)
+        check_checkpoint_archive(path if handle is None else handle)
+        if handle is not None:
+            handle.seek(0)
         with _refuse_unpickling(refused):
-            program = torch.export.load(str(path))
+            program = torch.export.load(str(path) if handle is None else handle)
     except UnsafeCheckpoint as exc:
         raise DataError(f"checkpoint {path} is refused as unsafe: {exc}; save it with "
                         "trainer.prepare.export_checkpoint") from None

@@ -22,7 +22,7 @@ from sandbox.base import Backend
 from sandbox.gpu import GpuProbe, wait_for_gpu_release
 from sandbox.outfiles import is_safe_regular_file, out_dir_bytes, remove_tree
 from sandbox.sanitize import clean_line, clean_summary, clean_text
-from sandbox.spec import Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
+from sandbox.spec import PRIVATE_DIR, Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
 from trainer.compile_cache import CACHE_ENV, PUBLISH_ENV, PUBLISHED_DIR, harvest
 
 TRAINER_TARGET = "/opt/autoresearch/trainer"
@@ -45,8 +45,11 @@ TRAIN_ENV_KEYS = ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_COMPILE_BUDGET", "AU
 EVAL_ENV_KEYS = ("AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_PRESET")
 TRAIN_COMMAND = ("python3", "-m", "trainer.harness", "train", "--candidate", "/candidate/train.py",
                  "--data", "/data", "--out", "/out")
+# The eval stage splits into a trusted scorer and an untrusted model process (trainer.privsep): the val split
+# and the out dir sit under the scorer's private folder, out of the model process's reach.
+EVAL_DATA, EVAL_OUT = f"{PRIVATE_DIR}/data", f"{PRIVATE_DIR}/out"
 EVAL_COMMAND = ("python3", "-m", "trainer.harness", "eval", "--checkpoint", f"/checkpoint/{CHECKPOINT_NAME}",
-                "--data", "/data", "--out", "/out")
+                "--data", EVAL_DATA, "--out", EVAL_OUT)
 _KILLED = (RunStatus.TIMEOUT, RunStatus.OOM, RunStatus.PREEMPTED, RunStatus.INTERRUPTED)
 _TRAIN_STATUS = {
     RunStatus.FAILED: "crashed",
@@ -146,7 +149,8 @@ class StageRunner:
         return f"autoresearch-{safe_instance}-{experiment_id}-{attempt}-{stage}"
 
     def _spec(self, experiment_id: int, attempt: int, stage: str, command: tuple[str, ...],
-              mounts: tuple[Mount, ...], env: dict[str, str], limits: Limits, gpu_uuid: str | None) -> RunSpec:
+              mounts: tuple[Mount, ...], env: dict[str, str], limits: Limits, gpu_uuid: str | None,
+              split_identities: bool = False) -> RunSpec:
         return RunSpec(
             name=self._name(experiment_id, attempt, stage),
             command=command,
@@ -156,6 +160,10 @@ class StageRunner:
             limits=limits,
             gpu_uuid=gpu_uuid,
             labels=labels.run_labels(self.instance, experiment_id, stage, attempt),
+            split_identities=split_identities,
+            # A split stage starts as root, which may not enter the private folder: it starts at / (the train
+            # harness runs the candidate in its out dir itself).
+            workdir="/" if split_identities else "/out",
         )
 
     def _cache_mounts(self) -> tuple[Mount, ...]:
@@ -230,6 +238,7 @@ class StageRunner:
             (Mount(candidate_dir, "/candidate"), Mount(self.data_dir / "train", "/data"), Mount(train_out, "/out", True),
              *self._cache_mounts()),
             {**self.train_env, "AUTORESEARCH_SEED": str(seed), **self._cache_env(publish_cache)}, self.train_limits, gpu_uuid,
+            split_identities=True,  # the candidate runs as its own uid, out of the harness's reach (trainer.privsep)
         ), cancel)
         if publish_cache and self.compile_cache is not None and train.status == RunStatus.OK:
             with contextlib.suppress(OSError):  # the cache only saves time: the next run compiles cold
@@ -270,8 +279,8 @@ class StageRunner:
             on_stage("eval")
         evaluation = self.backend.run(self._spec(
             experiment_id, attempt, "eval", EVAL_COMMAND,
-            (Mount(self.data_dir / "val", "/data"), Mount(train_out, "/checkpoint"), Mount(eval_out, "/out", True)),
-            dict(self.eval_env), self.eval_limits, gpu_uuid,
+            (Mount(self.data_dir / "val", EVAL_DATA), Mount(train_out, "/checkpoint"), Mount(eval_out, EVAL_OUT, True)),
+            dict(self.eval_env), self.eval_limits, gpu_uuid, split_identities=True,
         ), cancel)
         result = _json_file(evaluation, "result.json")
         eval_seconds = evaluation.wall_seconds

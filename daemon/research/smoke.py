@@ -39,8 +39,10 @@ class SmokeStageRunner(StageRunner):
     """A StageRunner whose sandbox runs are named and labelled as smoke stages, in their own folder."""
 
     def _spec(self, experiment_id: int, attempt: int, stage: str, command: tuple[str, ...],
-              mounts: tuple[Mount, ...], env: dict[str, str], limits: Any, gpu_uuid: str | None) -> RunSpec:
-        return super()._spec(experiment_id, attempt, f"smoke-{stage}", command, mounts, env, limits, None)
+              mounts: tuple[Mount, ...], env: dict[str, str], limits: Any, gpu_uuid: str | None,
+              split_identities: bool = False) -> RunSpec:
+        return super()._spec(experiment_id, attempt, f"smoke-{stage}", command, mounts, env, limits, None,
+                             split_identities)
 
 
 def smoke_stage_runner(runner: object, settings: Settings) -> SmokeStageRunner | None:

@@ -182,7 +182,7 @@ class SlurmBackend:
             return RunResult(RunStatus.INFRA_ERROR, None, 0.0,
                              error=f"mounts outside the Slurm shared directory: {', '.join(unshared)}")
         out_dir = spec.out_mount().source
-        prepare_out_dir(out_dir)
+        prepare_out_dir(out_dir, *spec.out_owner())
         job_dir = self.jobs_dir / spec.name
         try:
             script = self._write_job(spec, job_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import eval_stage, harness, prepare
+from trainer import eval_stage, harness, inference, prepare
 from trainer.prepare import export_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -373,7 +373,7 @@ def test_causal_stand_in_model_passes_the_probe(prepared_data: Path, tmp_path: P
 def test_checkpoint_is_rewritten_for_another_device(tmp_path: Path) -> None:
     """The eval stage's loader moves the whole exported program (weights and graph) to a non-CPU device."""
     export_checkpoint(_TokenModel(512), tmp_path)
-    model, num_params = eval_stage._load_program(tmp_path / "model.pt2", torch.device("meta"))
+    model, num_params = inference.load_program(str(tmp_path / "model.pt2"), torch.device("meta"))
     logits = model(torch.zeros(3, 1024, dtype=torch.int64, device="meta"))
     assert logits.device.type == "meta" and tuple(logits.shape) == (3, 1024, 512)
     assert num_params == 512 * 8 + 8 * 512 + 512

@@ -1,0 +1,183 @@
+"""The scorer's handle on the untrusted model process (trainer.inference): start it, load, call, close.
+
+The scorer starts the process before it reads anything (so that it inherits nothing: it is a fresh
+interpreter, under the model uid when trainer.privsep says so), then hands it a sealed copy of the validated
+checkpoint and two shared-memory buffers. A call copies a batch in, waits (bounded) for the answer and
+returns a private copy of the logits on the caller's device: what the process writes into shared memory
+after it answered cannot change a result the scorer already holds. Whatever the process says is cleaned
+and bounded here; a silent, dead or lying process makes the checkpoint unusable (DataError), never the
+scorer crash. The process sees only the input rows it is given, never their last target token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.layout import DataError
+from trainer.privsep import Identities
+
+MAX_MESSAGE = 64 * 1024
+LOAD_SECONDS = 600.0    # load + move to the device: weights are capped at 8 GiB by trainer.checkpoint_check
+CALL_SECONDS = 600.0    # one forward pass of one batch
+EXIT_SECONDS = 5.0
+REASON_CHARS = 400
+# What the model process keeps of our environment: what Python, torch and the GPU need, nothing of ours.
+MODEL_COMMAND = (sys.executable, "-m", "trainer.inference")
+ENV_PREFIXES = ("PATH", "PYTHON", "LD_LIBRARY_PATH", "HOME", "LANG", "LC_", "OMP_", "MKL_", "CUDA_", "NVIDIA_",
+                "TORCH", "TRITON", "PYTORCH_")
+
+
+def clean_reason(raw: object) -> str:
+    """The model process's words, as one bounded line of printable text."""
+    text = raw if isinstance(raw, str) else repr(raw)
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:REASON_CHARS]
+
+
+def _memfd(name: str, size: int) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, max(size, 1))
+    return fd
+
+
+def _shared(fd: int, shape: tuple[int, ...], dtype: Any) -> torch.Tensor:
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(fd, count * np.dtype(dtype).itemsize, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return torch.from_numpy(np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape))
+
+
+def _sealed_copy(path: Path) -> int:
+    """A read-only, sealed in-memory copy of `path` (what the scorer validated is what the process loads)."""
+    fd = _memfd("checkpoint", path.stat().st_size)
+    with open(path, "rb") as source, os.fdopen(os.dup(fd), "wb") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+    seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE  # type: ignore[attr-defined]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)  # type: ignore[attr-defined]
+    return fd
+
+
+class ModelProcess:
+    """The candidate's program behind a process boundary; call it like the module: logits = model(tokens)."""
+
+    def __init__(self, identities: Identities | None, command: Sequence[str] | None = None) -> None:
+        """Start the model process (`command`, default MODEL_COMMAND, plus `--socket-fd N`), under the model uid
+        when `identities` say so."""
+        command = MODEL_COMMAND if command is None else command
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIXES)}
+        model_id = {} if identities is None else {"user": identities.model_uid, "group": identities.model_uid,
+                                                   "extra_groups": []}
+        self._channel = ours
+        self._process = subprocess.Popen(
+            [*command, "--socket-fd", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), env=env, cwd="/", stdin=subprocess.DEVNULL, start_new_session=True,
+            **model_id)  # type: ignore[call-overload]
+        theirs.close()
+        self._inputs: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+        self.device = ""
+
+    def load(self, checkpoint: Path, max_rows: int, seq_len: int, vocab_size: int) -> int:
+        """Hand the checkpoint and the buffers over; the parameter count the process reports (informational)."""
+        fds = [_sealed_copy(checkpoint), _memfd("inputs", max_rows * seq_len * 8),
+               _memfd("logits", max_rows * seq_len * vocab_size * 4)]
+        try:
+            self._inputs = _shared(fds[1], (max_rows, seq_len), np.int64)
+            self._logits = _shared(fds[2], (max_rows, seq_len, vocab_size), np.float32)
+            init = {"max_rows": max_rows, "seq_len": seq_len, "vocab_size": vocab_size}
+            socket.send_fds(self._channel, [json.dumps(init).encode()], fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        reply = self._receive(LOAD_SECONDS, "loading the checkpoint")
+        if "error" in reply:
+            raise DataError(clean_reason(reply["error"]))
+        self.device = clean_reason(reply.get("device", ""))[:40]
+        params = reply.get("num_params")
+        return params if isinstance(params, int) and 0 <= params < 10**13 else 0
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self._inputs is not None and self._logits is not None, "load() first"
+        rows, seq_len = tokens.shape
+        if rows > self._inputs.shape[0] or seq_len != self._inputs.shape[1]:
+            raise ValueError(f"batch of shape {tuple(tokens.shape)} does not fit the shared buffer "
+                             f"{tuple(self._inputs.shape)}")
+        self._inputs[:rows].copy_(tokens)
+        self._channel.send(json.dumps({"rows": rows}).encode())
+        reply = self._receive(CALL_SECONDS, f"a forward pass on {rows} rows")
+        if "error" in reply:
+            raise ModelCallError(clean_reason(reply["error"]), reply.get("shape"))
+        return self._logits[:rows].to(tokens.device, copy=True)
+
+    def _receive(self, seconds: float, doing: str) -> dict[str, Any]:
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DataError(f"the model process did not answer within {seconds:.0f} s while {doing}")
+            ready, _, _ = select.select([self._channel], [], [], min(left, 1.0))
+            if ready:
+                break
+            if self._process.poll() is not None:
+                break
+        try:
+            message = self._channel.recv(MAX_MESSAGE)
+        except OSError:
+            message = b""
+        if not message:
+            raise DataError(f"the model process exited while {doing} ({self._exit_text()})")
+        try:
+            reply = json.loads(message)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise DataError(f"the model process answered {clean_reason(message[:80])!r} while {doing}, not a reply")
+        return reply
+
+    def _exit_text(self) -> str:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(EXIT_SECONDS)
+        code = self._process.returncode
+        if code is None:
+            return "it closed its socket but still runs"
+        if code < 0:
+            return f"killed by signal {-code}{' (out of memory?)' if code == -9 else ''}"
+        return f"exit status {code}"
+
+    def close(self) -> None:
+        """Close the socket (the process exits on it); the container's end takes a process that does not."""
+        self._channel.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(EXIT_SECONDS)
+        if self._process.returncode is None:
+            with contextlib.suppress(PermissionError, ProcessLookupError):  # another uid: not ours to kill
+                os.killpg(self._process.pid, 9)
+
+    def __enter__(self) -> ModelProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ModelCallError(Exception):
+    """The model process could not run the program on a batch (its message is cleaned); `shape` as it said."""
+
+    def __init__(self, reason: str, shape: object = None) -> None:
+        super().__init__(reason)
+        self.shape = tuple(int(s) for s in shape[:8] if isinstance(s, int)) if isinstance(shape, list) else None

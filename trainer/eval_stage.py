@@ -177,7 +177,7 @@ def _evaluate(model: ModelProcess, checkpoint: Path, data_dir: Path, out_dir: Pa
                         "the data is damaged; run `autoresearch prepare` again")
     window = eval_token_window(data_dir, max_tokens, seq_len)
     result: dict[str, Any] = {"status": "invalid", "val_bpb": None, "eval_seconds": 0.0, "probe": "not run",
-                              "checkpoint_sha256": sha256_file(checkpoint) if checkpoint.is_file() else "",
+                              "checkpoint_sha256": _checkpoint_sha256(checkpoint),
                               "data_sha256": data_sha256, "vocab_size": encoding.n_vocab, "seq_len": seq_len,
                               "eval_rows": len(window), "num_params": 0, "error": "",
                               "model_process": "own uid" if os.environ.get(PRIVSEP_ENV) else "same uid"}
@@ -195,16 +195,27 @@ def _evaluate(model: ModelProcess, checkpoint: Path, data_dir: Path, out_dir: Pa
     return 0
 
 
+def _checkpoint_sha256(checkpoint: Path) -> str:
+    """The checkpoint's SHA-256, or '' when it is missing or unreadable (scoring then says why)."""
+    try:
+        return sha256_file(checkpoint) if checkpoint.is_file() else ""
+    except OSError:
+        return ""
+
+
 def _load(model: ModelProcess, checkpoint: Path, seq_len: int, vocab_size: int) -> int:
     """Validate the checkpoint here (trusted), then have the model process load it; its parameter count."""
     if not checkpoint.is_file():
         raise DataError(f"checkpoint {checkpoint} is missing: the train stage must write {CHECKPOINT_NAME}")
     try:
         check_checkpoint_archive(checkpoint)
+        return model.load(checkpoint, EVAL_BATCH_SIZE, seq_len, vocab_size)
     except UnsafeCheckpoint as exc:
         raise DataError(f"checkpoint {checkpoint} is refused as unsafe: {exc}; save it with "
                         "trainer.prepare.export_checkpoint") from None
-    return model.load(checkpoint, EVAL_BATCH_SIZE, seq_len, vocab_size)
+    except PermissionError:
+        raise DataError(f"checkpoint {checkpoint} is not readable by the scorer: write it with "
+                        "trainer.prepare.export_checkpoint and leave its permissions alone") from None
 
 
 def _score_checkpoint(model: ModelProcess, checkpoint: Path, window: np.ndarray, vocab_size: int,

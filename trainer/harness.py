@@ -31,6 +31,7 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -252,6 +253,14 @@ def _kill_session(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def _hand_over(checkpoint: Path) -> None:
+    """Make the candidate's checkpoint readable by the eval stage's scorer, whatever mode the candidate gave it
+    (a regular file only; the eval stage judges anything else)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(checkpoint).st_mode):
+            os.chmod(checkpoint, 0o644)
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     sys.exit(128 + signum)  # unwinds through run_train's `finally`, which kills the candidate's session
 
@@ -304,6 +313,8 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
     exit_code = returncode if returncode >= 0 else 128 - returncode
     checkpoint = out_dir / CHECKPOINT_NAME
+    if identities is not None:
+        _hand_over(checkpoint)
     if publishing and exit_code == 0 and checkpoint.exists():
         print(compile_cache.publish(cache_dir, out_dir / compile_cache.PUBLISHED_DIR), flush=True)
     shutil.rmtree(cache_dir, ignore_errors=True)

@@ -49,6 +49,7 @@ attempt("become root", lambda: os.setuid(0))
 vocab = int(read_split_meta(os.environ["AUTORESEARCH_DATA_DIR"])["vocab_size"])
 model = torch.nn.Sequential(torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab))
 export_checkpoint(model, out)
+os.chmod(out / "model.pt2", 0o600)  # unreadable for the eval stage's scorer (another uid) unless the harness hands it over
 print("ATTEMPTS " + json.dumps({"uid": os.getuid(), "attempts": attempts}), flush=True)
 '''
 
@@ -73,7 +74,7 @@ def test_squatted_report_is_replaced_by_the_harness(tampered: StageOutcome) -> N
 
 
 def test_split_run_is_scored_with_its_own_model_process(tampered: StageOutcome) -> None:
-    """The checkpoint the candidate wrote as MODEL_UID is scored, by a model process under its own uid."""
+    """The checkpoint the candidate wrote as MODEL_UID (mode 0600) is scored, by a model process under its own uid."""
     assert tampered.status == "ok", tampered.error
     assert tampered.eval is not None
     assert json.loads(tampered.eval.files["result.json"])["model_process"] == "own uid"

@@ -12,7 +12,8 @@ EXPERIMENTS=${DEMO_EXPERIMENTS:-3}
 BUDGET=${DEMO_BUDGET:-20}
 say() { printf '[demo] %s\n' "$*"; }
 
-export AUTORESEARCH_WORKSPACE="$PWD/$WS"
+case "$WS" in /*) ;; *) WS="$PWD/$WS" ;; esac  # DEMO_WORKSPACE may be absolute or relative to the project
+export AUTORESEARCH_WORKSPACE="$WS"
 export AUTORESEARCH_TRAINING__PRESET=${AUTORESEARCH_TRAINING__PRESET:-cpu}
 export AUTORESEARCH_AGENT__PROVIDER=offline
 export AUTORESEARCH_METRICS__PORT=0

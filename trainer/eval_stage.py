@@ -41,7 +41,7 @@ from trainer.prepare import (
     scoring_seq_len,
     token_byte_lengths,
 )
-from trainer.privsep import PRIVSEP_ENV, Identities, become, check_can_switch
+from trainer.privsep import PRIVSEP_ENV, become, stage_identities
 
 PROBE_TOLERANCE = 1e-3        # absolute, in nats of log-probability: exact on CPU, slack for GPU kernels
 FULL_ROW_SHARE = 4            # one probe row in this many (on average) keeps all its tokens: last position checked
@@ -140,9 +140,7 @@ def eval_tokens_setting() -> int:
 
 def run_eval(checkpoint: Path, data_dir: Path, out_dir: Path) -> int:
     try:
-        identities = Identities.from_env(os.environ)
-        if identities is not None:
-            check_can_switch(identities)
+        identities = stage_identities(os.environ)
     except ValueError as exc:
         print(str(exc), flush=True)
         return EXIT_USAGE

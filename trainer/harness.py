@@ -44,7 +44,7 @@ from typing import IO, Any
 
 from trainer import compile_cache
 from trainer.layout import CHECKPOINT_NAME, EXPORT_STARTS, TRAINING_STARTS, DataError, read_split_meta
-from trainer.privsep import PRIVSEP_ENV, Identities, check_can_switch
+from trainer.privsep import PRIVSEP_ENV, stage_identities
 
 EXIT_CRASH, EXIT_USAGE, EXIT_WRONG_SPLIT, EXIT_NO_CHECKPOINT, EXIT_OVER_BUDGET = 1, 2, 3, 4, 5
 BUDGET_TOLERANCE = 0.05        # training may run this fraction past its budget,
@@ -271,9 +271,7 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
         return EXIT_WRONG_SPLIT
     try:
         rules = TimeRules.from_env(os.environ)
-        identities = Identities.from_env(os.environ)
-        if identities is not None:
-            check_can_switch(identities)
+        identities = stage_identities(os.environ)
     except ValueError as exc:
         print(str(exc), flush=True)
         return EXIT_USAGE

@@ -41,11 +41,14 @@ class Identities:
         return identities
 
 
-def check_can_switch(identities: Identities) -> None:
-    """Raise ValueError unless this process can take both identities (it runs as root with CAP_SETUID)."""
-    if os.geteuid() != 0:
-        raise ValueError(f"{PRIVSEP_ENV} is set but the eval stage runs as uid {os.geteuid()}, not root: the sandbox "
+def stage_identities(env: Mapping[str, str]) -> Identities | None:
+    """The identities a stage must split into (None: keep the caller's uid); ValueError when the setting is
+    malformed or this process cannot take them (it must run as root with CAP_SETUID)."""
+    identities = Identities.from_env(env)
+    if identities is not None and os.geteuid() != 0:
+        raise ValueError(f"{PRIVSEP_ENV} is set but the stage runs as uid {os.geteuid()}, not root: the sandbox "
                          "must start it as root with CAP_SETUID and CAP_SETGID (sandbox.docker_backend does)")
+    return identities
 
 
 def become(uid: int) -> None:

@@ -53,10 +53,9 @@ sys.path.insert(0, "/probe")
 from search import search
 from trainer.layout import DataError
 from trainer.model_process import ModelProcess
-from trainer.privsep import Identities, become, check_can_switch
+from trainer.privsep import become, stage_identities
 
-identities = Identities.from_env(os.environ)
-check_can_switch(identities)
+identities = stage_identities(os.environ)
 with ModelProcess(identities, [sys.executable, "/probe/hostile.py"]) as model:
     become(identities.scorer_uid)
     tokens = Path("@DATA@/tokens.bin").read_bytes()

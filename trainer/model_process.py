@@ -39,6 +39,7 @@ EXIT_SECONDS = 5.0
 REASON_CHARS = 400
 # What the model process keeps of our environment: what Python, torch and the GPU need, nothing of ours.
 MODEL_COMMAND = (sys.executable, "-m", "trainer.inference")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIXES = ("PATH", "PYTHON", "LD_LIBRARY_PATH", "HOME", "LANG", "LC_", "OMP_", "MKL_", "CUDA_", "NVIDIA_",
                 "TORCH", "TRITON", "PYTORCH_")
 
@@ -80,6 +81,8 @@ class ModelProcess:
         command = MODEL_COMMAND if command is None else command
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIXES)}
+        # The model process imports this very `trainer` package, wherever the scorer found it (cwd is /).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(PACKAGE_ROOT), env.get("PYTHONPATH", ""))))
         model_id = {} if identities is None else {"user": identities.model_uid, "group": identities.model_uid,
                                                    "extra_groups": []}
         self._channel = ours

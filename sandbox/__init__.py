@@ -47,8 +47,9 @@ Covered by the Docker backend:
 - Network: `network_mode=none` (no interface but loopback: no egress, no DNS, no bridge gateway).
 - Host filesystem: read-only root, data/trainer/candidate mounted read-only, only the per-run out dir
   writable; out files are read back with O_NOFOLLOW and size caps (symlinks and special files refused).
-- Privilege: untrusted code runs as uid 1000 (1001 in the split train and eval stages) with no capability
-  at all and no-new-privileges; a split stage's root part holds only the capabilities listed above.
+- Privilege: untrusted code (the candidate, the eval stage's model process) runs as uid 1001 with no
+  capability at all and no-new-privileges; the trusted parts are the train harness (root with only the five
+  capabilities above) and the scorer (uid 1000, none). A plain RunSpec (not split) runs as uid 1000.
 - Resources: memory limit equal to memory+swap (OOM reported as `oom`), CPU quota, finite pids limit
   (fork bombs), file-size ulimit, sized tmpfs and shm (they count against memory), capped json-file logs,
   exactly one GPU by UUID; a wall-clock limit enforced from outside (kill, then wait).

@@ -206,14 +206,11 @@ def _load(model: ModelProcess, checkpoint: Path, seq_len: int, vocab_size: int) 
     if not checkpoint.is_file():
         raise DataError(f"checkpoint {checkpoint} is missing: the train stage must write {CHECKPOINT_NAME}")
     try:
-        check_checkpoint_archive(checkpoint)
-        return model.load(checkpoint, EVAL_BATCH_SIZE, seq_len, vocab_size)
+        check_checkpoint_archive(checkpoint)  # an unreadable file is a DataError here, before any copy
     except UnsafeCheckpoint as exc:
         raise DataError(f"checkpoint {checkpoint} is refused as unsafe: {exc}; save it with "
                         "trainer.prepare.export_checkpoint") from None
-    except PermissionError:
-        raise DataError(f"checkpoint {checkpoint} is not readable by the scorer: write it with "
-                        "trainer.prepare.export_checkpoint and leave its permissions alone") from None
+    return model.load(checkpoint, EVAL_BATCH_SIZE, seq_len, vocab_size)
 
 
 def _score_checkpoint(model: ModelProcess, checkpoint: Path, window: np.ndarray, vocab_size: int,

@@ -291,7 +291,7 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
     candidate_id: dict[str, Any] = {}
     if identities is not None:
         compile_cache.open_to_all(cache_dir)
-        candidate_id = {"user": identities.model_uid, "group": identities.model_uid, "extra_groups": []}
+        candidate_id = identities.model_popen()
     previous_handler = signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     child = subprocess.Popen([sys.executable, str(candidate)], cwd=out_dir, env=env, stdin=subprocess.DEVNULL,

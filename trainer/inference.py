@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import mmap
 import os
 import socket
@@ -28,15 +29,13 @@ def send(channel: socket.socket, payload: dict[str, Any]) -> None:
     channel.send(json.dumps(payload).encode()[:MAX_MESSAGE])
 
 
-def _shared_view(fd: int, shape: tuple[int, ...], dtype: Any) -> Any:
+def shared_tensor(fd: int, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A torch tensor of `shape` over the shared memory behind `fd` (both sides of the socket map it alike)."""
     import numpy as np
     import torch
 
-    count = 1
-    for size in shape:
-        count *= size
-    itemsize = np.dtype(dtype).itemsize
-    buffer = mmap.mmap(fd, count * itemsize, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    count = math.prod(shape)
+    buffer = mmap.mmap(fd, count * np.dtype(dtype).itemsize, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     return torch.from_numpy(np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape))
 
 
@@ -80,8 +79,8 @@ def serve(channel: socket.socket) -> int:
         checkpoint_fd, inputs_fd, logits_fd = fds
         with os.fdopen(checkpoint_fd, "rb") as handle:
             model, num_params = load_program("model.pt2 (the scorer's sealed copy)", device, handle)
-        inputs = _shared_view(inputs_fd, (rows, seq_len), np.int64)
-        logits = _shared_view(logits_fd, (rows, seq_len, vocab), np.float32)
+        inputs = shared_tensor(inputs_fd, (rows, seq_len), np.int64)
+        logits = shared_tensor(logits_fd, (rows, seq_len, vocab), np.float32)
     except DataError as exc:
         send(channel, {"error": str(exc)})
         return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import mmap
 import os
 import select
 import shutil
@@ -29,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.inference import MAX_MESSAGE, shared_tensor
 from trainer.layout import DataError
 from trainer.privsep import Identities
 
-MAX_MESSAGE = 64 * 1024
 LOAD_SECONDS = 600.0    # load + move to the device: weights are capped at 8 GiB by trainer.checkpoint_check
 CALL_SECONDS = 600.0    # one forward pass of one batch
 EXIT_SECONDS = 5.0
@@ -56,12 +55,6 @@ def _memfd(name: str, size: int) -> int:
     return fd
 
 
-def _shared(fd: int, shape: tuple[int, ...], dtype: Any) -> torch.Tensor:
-    count = int(np.prod(shape))
-    buffer = mmap.mmap(fd, count * np.dtype(dtype).itemsize, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    return torch.from_numpy(np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape))
-
-
 def _sealed_copy(path: Path) -> int:
     """A read-only, sealed in-memory copy of `path` (what the scorer validated is what the process loads)."""
     fd = _memfd("checkpoint", path.stat().st_size)
@@ -83,8 +76,7 @@ class ModelProcess:
         env = {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIXES)}
         # The model process imports this very `trainer` package, wherever the scorer found it (cwd is /).
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(PACKAGE_ROOT), env.get("PYTHONPATH", ""))))
-        model_id = {} if identities is None else {"user": identities.model_uid, "group": identities.model_uid,
-                                                   "extra_groups": []}
+        model_id = {} if identities is None else identities.model_popen()
         self._channel = ours
         self._process = subprocess.Popen(
             [*command, "--socket-fd", str(theirs.fileno())],
@@ -100,8 +92,8 @@ class ModelProcess:
         fds = [_sealed_copy(checkpoint), _memfd("inputs", max_rows * seq_len * 8),
                _memfd("logits", max_rows * seq_len * vocab_size * 4)]
         try:
-            self._inputs = _shared(fds[1], (max_rows, seq_len), np.int64)
-            self._logits = _shared(fds[2], (max_rows, seq_len, vocab_size), np.float32)
+            self._inputs = shared_tensor(fds[1], (max_rows, seq_len), np.int64)
+            self._logits = shared_tensor(fds[2], (max_rows, seq_len, vocab_size), np.float32)
             init = {"max_rows": max_rows, "seq_len": seq_len, "vocab_size": vocab_size}
             socket.send_fds(self._channel, [json.dumps(init).encode()], fds)
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 PRIVSEP_ENV = "AUTORESEARCH_PRIVSEP"
 
@@ -39,6 +40,10 @@ class Identities:
         if 0 in (identities.scorer_uid, identities.model_uid) or identities.scorer_uid == identities.model_uid:
             raise ValueError(f"{PRIVSEP_ENV}={raw!r}: the two uids must differ and neither may be root (0)")
         return identities
+
+    def model_popen(self) -> dict[str, Any]:
+        """subprocess.Popen keywords that start a process as the model uid (gid = uid, no other group)."""
+        return {"user": self.model_uid, "group": self.model_uid, "extra_groups": []}
 
 
 def stage_identities(env: Mapping[str, str]) -> Identities | None:

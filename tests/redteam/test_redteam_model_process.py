@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.research.runner import EVAL_DATA, EVAL_OUT, TRAINER_TARGET
+from daemon.research.runner import EVAL_COMMAND, EVAL_DATA, EVAL_OUT, TRAINER_TARGET
 from sandbox.docker_backend import DockerBackend
 from sandbox.spec import MODEL_UID, PRIVATE_DIR, SANDBOX_UID, Mount, RunSpec
 from tests.redteam.redteam_helpers import EVAL_LIMITS, INSTANCE, REPO_ROOT
@@ -185,3 +185,26 @@ def test_eval_container_starts_no_process_as_root_after_the_split(
     assert ("python3", str(SANDBOX_UID)) in by_uid and ("python3", str(MODEL_UID)) in by_uid
     assert {name for name, uid, _caps in procs if uid == "0"} <= {"timeout"}
     assert all(int(caps, 16) == 0 for _name, uid, caps in procs if uid != "0")
+
+
+def test_checkpoint_the_scorer_cannot_read_is_invalid_not_a_crash(
+        docker_backend: DockerBackend, trainer_image: str, prepared_data: Path, tmp_path: Path) -> None:
+    """The real eval stage, split as the runner runs it, meets a checkpoint its scorer may not read: the result
+    is `invalid` with the reason and the stage exits 0 (no crash, no checkpoint hash)."""
+    from tests.trainer.test_trainer_harness import _TokenModel
+    from trainer.prepare import export_checkpoint
+
+    checkpoint = tmp_path / "train-out"
+    checkpoint.mkdir()
+    export_checkpoint(_TokenModel(512), checkpoint).chmod(0o600)  # root's alone: neither 1000 nor 1001 reads it
+    out = tmp_path / "eval-out"
+    spec = RunSpec(name="redteam-model-process-unreadable", command=EVAL_COMMAND, image=trainer_image,
+                   mounts=(Mount(REPO_ROOT / "trainer", TRAINER_TARGET), Mount(prepared_data / "val", EVAL_DATA),
+                           Mount(checkpoint, "/checkpoint"), Mount(out, EVAL_OUT, True)),
+                   env={"PYTHONPATH": "/opt/autoresearch", "AUTORESEARCH_EVAL_TOKENS": "4096"}, limits=EVAL_LIMITS,
+                   labels={"autoresearch.instance": INSTANCE}, split_identities=True, workdir="/")
+    result = docker_backend.run(spec)
+    assert result.ok, result.output_tail
+    verdict = json.loads(result.files["result.json"])
+    assert verdict["status"] == "invalid" and verdict["checkpoint_sha256"] == "" and verdict["val_bpb"] is None
+    assert "PermissionError" in verdict["error"]

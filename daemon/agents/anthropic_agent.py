@@ -14,7 +14,6 @@ result with the exact reason, up to `agent.repair_rounds` times.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -23,14 +22,8 @@ import anthropic
 from anthropic.types import Message
 
 from daemon.agents import Clock, Proposal, ProposalContext
-from daemon.agents.accounting import (
-    DEFAULT_CAP_WINDOW,
-    AgentCallSink,
-    TokenUsage,
-    check_cost_cap,
-    cost_usd,
-    price_for,
-)
+from daemon.agents.accounting import DEFAULT_CAP_WINDOW, AgentCallSink, TokenUsage, price_for
+from daemon.agents.api_calls import CallFailure, call_with_retries, record_call, status_failure
 from daemon.agents.prompt import (
     TOOL_NAME,
     build_prompt,
@@ -38,15 +31,13 @@ from daemon.agents.prompt import (
     prepare_interface,
     tool_definition,
 )
-from daemon.agents.tool_input import proposal_from_tool_input, retry_wait
+from daemon.agents.tool_input import proposal_from_tool_input
 from daemon.config import AgentConfig
-from daemon.errors import AgentError, AgentFatal, ConfigError, InvalidProposal
+from daemon.errors import ConfigError, InvalidProposal
 from daemon.ops.logs import get_logger
-from daemon.store.records import AgentCallRecord
 
 PROVIDER = "anthropic"
 _API_DEFAULT_TEMPERATURE = 1.0
-_RETRYABLE_STATUS = frozenset({408, 409, 429})
 _FATAL_HINTS = {
     401: "the API key was rejected: check agent.api_key or agent.api_key_file",
     403: "the API key may not use this model or endpoint: check the account's permissions and agent.model",
@@ -104,8 +95,6 @@ class AnthropicAgent:
     def _create(self, system: list[dict[str, Any]], messages: list[dict[str, Any]], ctx: ProposalContext) -> Message:
         """One Messages API call with our retries; every attempt is recorded and checked against the cap."""
         since = ctx.cost_since or self._clock.now() - DEFAULT_CAP_WINDOW
-        attempts = self._config.max_retries + 1
-        last_error = ""
         request: dict[str, Any] = {
             "model": self._config.model,
             "max_tokens": self._config.max_tokens,
@@ -123,32 +112,19 @@ class AnthropicAgent:
         elif self._config.temperature != _API_DEFAULT_TEMPERATURE:
             # This SDK no longer has a temperature parameter (newer models fix it); send it only when asked for.
             request["extra_body"] = {"temperature": self._config.temperature}
-        for attempt in range(attempts):
-            check_cost_cap(self._sink, self._config.nightly_cost_cap_usd, since)
-            started = time.monotonic()
-            retry_after: float | None = None
-            try:
-                response = self._client.messages.create(**request)
-            except anthropic.APIStatusError as exc:
-                last_error = f"HTTP {exc.status_code}: {exc.message}"
-                self._record(ctx, time.monotonic() - started, error=last_error)
-                if exc.status_code not in _RETRYABLE_STATUS and exc.status_code < 500:
-                    raise AgentFatal(f"the Anthropic API refused the request ({last_error})",
-                                     hint=_FATAL_HINTS.get(exc.status_code, "check the agent settings and the request")) from None
-                retry_after = self._retry_after(exc.response.headers)
-            except anthropic.APIConnectionError as exc:  # also timeouts
-                last_error = f"{type(exc).__name__}: {exc}"
-                self._record(ctx, time.monotonic() - started, error=last_error)
-            else:
-                self._record(ctx, time.monotonic() - started, response=response)
-                return response
-            if attempt + 1 == attempts:
-                break
-            wait = retry_wait(self._config, attempt, retry_after, self._rng)
-            log.warning("agent_call_retry", attempt=attempt + 1, of=attempts, wait_s=round(wait, 3), error=last_error)
-            self._clock.sleep(wait)
-        raise AgentError(f"the Anthropic API failed {attempts} times in a row; last error: {last_error}",
-                         hint="check the network and the API status; the next proposal tries again")
+        return call_with_retries(
+            self._config, self._sink, self._clock, self._rng, since, "Anthropic API",
+            lambda: self._client.messages.create(**request), self._failure,
+            lambda latency_s, response, error: self._record(ctx, latency_s, response, error),
+            "check the network and the API status; the next proposal tries again")
+
+    def _failure(self, exc: Exception) -> CallFailure | None:
+        if isinstance(exc, anthropic.APIStatusError):
+            return status_failure(exc.status_code, exc.message, _FATAL_HINTS, "check the agent settings and the request",
+                                  lambda: self._retry_after(exc.response.headers))
+        if isinstance(exc, anthropic.APIConnectionError):  # also timeouts
+            return CallFailure(f"{type(exc).__name__}: {exc}")
+        return None
 
     def _retry_after(self, headers: Mapping[str, str]) -> float | None:
         if (millis := headers.get("retry-after-ms")) is not None:
@@ -181,17 +157,7 @@ class AnthropicAgent:
                 cache_write=max(written - written_1h, 0),
                 cache_write_1h=written_1h,
             )
-        cost = cost_usd(self._price, usage)
-        self._sink.record_agent_call(AgentCallRecord(
-            provider=PROVIDER, model=self._config.model, outcome="error" if error else "ok",
-            input_tokens=usage.input, output_tokens=usage.output,
-            cache_read_tokens=usage.cache_read, cache_write_tokens=usage.cache_write + usage.cache_write_1h,
-            cost_usd=cost, latency_s=latency_s, error=error, session_id=ctx.session_id,
-        ))
-        log.info("agent_call", model=self._config.model, outcome="error" if error else "ok",
-                 input_tokens=usage.input, output_tokens=usage.output, cache_read_tokens=usage.cache_read,
-                 cache_write_tokens=usage.cache_write + usage.cache_write_1h, cost_usd=round(cost, 6),
-                 latency_s=round(latency_s, 3))
+        record_call(self._sink, PROVIDER, self._config.model, self._price, usage, latency_s, error, ctx.session_id)
 
 
 def _feedback(response: Message, problem: str) -> Any:

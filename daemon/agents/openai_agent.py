@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from typing import Any
 
 import openai
 from openai.types.chat import ChatCompletion
 
 from daemon.agents import Clock, Proposal, ProposalContext
-from daemon.agents.accounting import (
-    DEFAULT_CAP_WINDOW,
-    AgentCallSink,
-    TokenUsage,
-    check_cost_cap,
-    cost_usd,
-    price_for,
-)
+from daemon.agents.accounting import DEFAULT_CAP_WINDOW, AgentCallSink, TokenUsage, price_for
+from daemon.agents.api_calls import CallFailure, call_with_retries, record_call, status_failure
 from daemon.agents.prompt import (
     TOOL_NAME,
     build_prompt,
@@ -33,15 +26,13 @@ from daemon.agents.prompt import (
     prepare_interface,
     tool_definition,
 )
-from daemon.agents.tool_input import proposal_from_tool_input, retry_wait
+from daemon.agents.tool_input import proposal_from_tool_input
 from daemon.config import AgentConfig
-from daemon.errors import AgentError, AgentFatal, ConfigError, InvalidProposal
+from daemon.errors import ConfigError, InvalidProposal
 from daemon.ops.logs import get_logger
-from daemon.store.records import AgentCallRecord
 
 PROVIDER = "openai"
 LOCAL_KEY = "not-needed"  # local servers ignore the key, the SDK wants one
-_RETRYABLE_STATUS = frozenset({408, 409, 429})
 _FATAL_HINTS = {
     401: "the API key was rejected: check agent.api_key or agent.api_key_file",
     403: "the key may not use this model: check the account and agent.model",
@@ -109,8 +100,6 @@ class OpenAIAgent:
 
     def _create(self, messages: list[dict[str, Any]], ctx: ProposalContext) -> ChatCompletion:
         since = ctx.cost_since or self._clock.now() - DEFAULT_CAP_WINDOW
-        attempts = self._config.max_retries + 1
-        last_error = ""
         request: dict[str, Any] = {
             "model": self._config.model, "messages": messages, "tools": [function_tool()],
             "tool_choice": {"type": "function", "function": {"name": TOOL_NAME}},
@@ -118,32 +107,11 @@ class OpenAIAgent:
         }
         if self._config.temperature != 1.0:
             request["temperature"] = self._config.temperature
-        for attempt in range(attempts):
-            check_cost_cap(self._sink, self._config.nightly_cost_cap_usd, since)
-            started = time.monotonic()
-            retry_after: float | None = None
-            try:
-                response = self._client.chat.completions.create(**request)
-            except openai.APIStatusError as exc:
-                last_error = f"HTTP {exc.status_code}: {exc.message}"
-                self._record(ctx, time.monotonic() - started, error=last_error)
-                if exc.status_code not in _RETRYABLE_STATUS and exc.status_code < 500:
-                    raise AgentFatal(f"the OpenAI-compatible API refused the request ({last_error})",
-                                     hint=_FATAL_HINTS.get(exc.status_code, "check the agent settings")) from None
-                retry_after = _seconds(exc.response.headers.get("retry-after"))
-            except openai.APIConnectionError as exc:  # also timeouts
-                last_error = f"{type(exc).__name__}: {exc}"
-                self._record(ctx, time.monotonic() - started, error=last_error)
-            else:
-                self._record(ctx, time.monotonic() - started, response=response)
-                return response
-            if attempt + 1 == attempts:
-                break
-            wait = retry_wait(self._config, attempt, retry_after, self._rng)
-            log.warning("agent_call_retry", attempt=attempt + 1, of=attempts, wait_s=round(wait, 3), error=last_error)
-            self._clock.sleep(wait)
-        raise AgentError(f"the OpenAI-compatible API failed {attempts} times in a row; last error: {last_error}",
-                         hint="check the server and the network; the next proposal tries again")
+        return call_with_retries(
+            self._config, self._sink, self._clock, self._rng, since, "OpenAI-compatible API",
+            lambda: self._client.chat.completions.create(**request), _failure,
+            lambda latency_s, response, error: self._record(ctx, latency_s, response, error),
+            "check the server and the network; the next proposal tries again")
 
     def _record(self, ctx: ProposalContext, latency_s: float, response: ChatCompletion | None = None,
                 error: str = "") -> None:
@@ -153,15 +121,16 @@ class OpenAIAgent:
             cached = (details.cached_tokens or 0) if details is not None else 0
             usage = TokenUsage(input=max(response.usage.prompt_tokens - cached, 0),
                                output=response.usage.completion_tokens, cache_read=cached)
-        cost = cost_usd(self._price, usage)
-        self._sink.record_agent_call(AgentCallRecord(
-            provider=PROVIDER, model=self._config.model, outcome="error" if error else "ok",
-            input_tokens=usage.input, output_tokens=usage.output, cache_read_tokens=usage.cache_read,
-            cost_usd=cost, latency_s=latency_s, error=error, session_id=ctx.session_id,
-        ))
-        log.info("agent_call", provider=PROVIDER, model=self._config.model, outcome="error" if error else "ok",
-                 input_tokens=usage.input, output_tokens=usage.output, cache_read_tokens=usage.cache_read,
-                 cost_usd=round(cost, 6), latency_s=round(latency_s, 3))
+        record_call(self._sink, PROVIDER, self._config.model, self._price, usage, latency_s, error, ctx.session_id)
+
+
+def _failure(exc: Exception) -> CallFailure | None:
+    if isinstance(exc, openai.APIStatusError):
+        return status_failure(exc.status_code, exc.message, _FATAL_HINTS, "check the agent settings",
+                              lambda: _seconds(exc.response.headers.get("retry-after")))
+    if isinstance(exc, openai.APIConnectionError):  # also timeouts
+        return CallFailure(f"{type(exc).__name__}: {exc}")
+    return None
 
 
 def _seconds(value: str | None) -> float | None:

@@ -1,21 +1,18 @@
-"""What every LLM agent shares, whatever its API: reading the tool call into a `Proposal`, and the retry wait.
+"""What every LLM agent shares, whatever its API: reading the tool call into a `Proposal` (the call itself and
+its retries: daemon.agents.api_calls).
 
 - `proposal_from_tool_input(raw, ctx)`: the tool call's input (a dict from JSON) -> a validated `Proposal`
   built on the best (with an archived near-miss re-applied for a `combine:<id>` base), or `InvalidProposal`
   naming what the model must fix;
 - `parse_tool_input(raw)` / `parse_notes(raw)`: its fields;
-- `retry_wait(config, attempt, retry_after, rng)`: seconds before the next attempt after a failed call.
 """
 
 from __future__ import annotations
-
-import random
 
 from daemon.agents import Edit, Proposal, ProposalContext
 from daemon.agents.combine import candidate_source, combine_diff, parse_base
 from daemon.agents.edits import validate_candidate
 from daemon.agents.prompt import TOOL_NAME
-from daemon.config import AgentConfig
 from daemon.errors import InvalidProposal
 
 MAX_DESCRIPTION_CHARS = 200
@@ -31,15 +28,6 @@ def proposal_from_tool_input(raw: object, ctx: ProposalContext) -> Proposal:
     validate_candidate(source, ctx.seen_hashes)
     return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source,
                     notes=parse_notes(raw), combine_with=combine_with)
-
-
-def retry_wait(config: AgentConfig, attempt: int, retry_after: float | None, rng: random.Random) -> float:
-    """The server's Retry-After when it gave one, else exponential backoff with jitter (lanes do not retry in
-    lockstep); never more than agent.retry_wait_max_s."""
-    cap = config.retry_wait_max_s
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), cap)
-    return min(config.retry_backoff_s * 2**attempt, cap) * rng.uniform(0.5, 1.0)
 
 
 def parse_tool_input(raw: object) -> tuple[str, str, tuple[Edit, ...]]:

@@ -7,7 +7,7 @@ Tests replace the probe with a scripted fake at this seam only.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +27,25 @@ class GpuInfo:
 class GpuProbe(Protocol):
     def gpus(self) -> list[GpuInfo]: ...
 
-    def foreign_processes(self, uuid: str, own_pids: Iterable[int]) -> list[int]: ...
+    def gpu_pids(self, uuid: str) -> list[int]:
+        """Every process (compute and graphics) that holds a context on this GPU now, ours included."""
+        ...
+
+
+def foreign_pids(probe: GpuProbe, uuid: str, own_pids: Callable[[], Collection[int]]) -> list[int]:
+    """The processes on `uuid` that are not ours, decided so that our own sandbox never counts as foreign.
+
+    Our PIDs are read *after* the GPU's process list, never before: a process of ours that the driver lists
+    already existed when the list was taken, so it is still in our (later) set unless it has exited. A PID
+    that looks foreign is confirmed by a second look (process list, then our PIDs again): one that has exited
+    in between (a short-lived process of ours, gone before our set was read) is no longer listed, and one of
+    ours that started in between is in the second set. Only a PID listed twice and never ours is foreign.
+    """
+    suspects = set(probe.gpu_pids(uuid)) - set(own_pids())
+    if not suspects:
+        return []
+    still_listed = set(probe.gpu_pids(uuid))
+    return sorted((suspects & still_listed) - set(own_pids()))
 
 
 class NoGpuProbe:
@@ -36,7 +54,7 @@ class NoGpuProbe:
     def gpus(self) -> list[GpuInfo]:
         return []
 
-    def foreign_processes(self, uuid: str, own_pids: Iterable[int]) -> list[int]:
+    def gpu_pids(self, uuid: str) -> list[int]:
         return []
 
 
@@ -73,14 +91,13 @@ class NvmlProbe:
             ))
         return found
 
-    def foreign_processes(self, uuid: str, own_pids: Iterable[int]) -> list[int]:
+    def gpu_pids(self, uuid: str) -> list[int]:
         handle = self._handle(uuid)
-        own = set(own_pids)
         processes = [
             *self._nvml.nvmlDeviceGetComputeRunningProcesses(handle),
             *self._nvml.nvmlDeviceGetGraphicsRunningProcesses(handle),
         ]
-        return sorted({p.pid for p in processes} - own)
+        return sorted({p.pid for p in processes})
 
 
 def wait_for_gpu_release(probe: GpuProbe, uuid: str, *, timeout_s: float, max_used_mb: float = 1024.0,

@@ -38,11 +38,11 @@ from daemon.clock import Clock as Clock  # re-exported: the time seam
 from daemon.clock import SystemClock as SystemClock
 from daemon.config import SchedulerConfig, WindowConfig
 from daemon.ops.logs import get_logger
+from sandbox.gpu import GpuProbe, foreign_pids
 from sandbox.spec import Cancel, RunStatus
 
 if TYPE_CHECKING:
     from daemon.ops.metrics import Metrics
-    from sandbox.gpu import GpuProbe
 
 log = get_logger("autoresearch.scheduler")
 
@@ -283,7 +283,6 @@ class Scheduler:
         """One look at every lane GPU: foreign processes, utilization, idle streaks, preemption."""
         now = self.clock.now()
         infos = {info.uuid: info for info in self.probe.gpus()}
-        own = frozenset(self._own_pids())
         joined: list[str] = []
         to_preempt: list[tuple[str, Cancel]] = []
         idle = self.config.idle
@@ -297,7 +296,7 @@ class Scheduler:
                 if info is None:
                     state.idle_since, state.harvested = None, False
                     continue
-                pids = tuple(sorted(self.probe.foreign_processes(uuid, own)))
+                pids = tuple(foreign_pids(self.probe, uuid, self._own_pids))
                 appeared = bool(pids) and not state.foreign_pids
                 state.foreign_pids = pids
                 state.utilization = info.utilization

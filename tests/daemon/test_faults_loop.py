@@ -10,7 +10,7 @@ import contextlib
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -111,8 +111,8 @@ class ScriptedGpuProbe:
         return [GpuInfo(GPU, 0, "Scripted GPU", memory_used_mb=self.memory_used_mb, memory_total_mb=80_000.0,
                         utilization=0.0)]
 
-    def foreign_processes(self, uuid: str, own_pids: Iterable[int]) -> list[int]:
-        return sorted((self.sandbox_pids() | self.foreign) - set(own_pids))
+    def gpu_pids(self, uuid: str) -> list[int]:
+        return sorted(self.sandbox_pids() | self.foreign)
 
 
 @contextlib.contextmanager

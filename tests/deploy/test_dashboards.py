@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -192,7 +192,7 @@ class _OneIdleGpu:
     def gpus(self) -> list[GpuInfo]:
         return [GpuInfo(GPU_UUID, 0, "Scripted GPU", memory_used_mb=0.0, memory_total_mb=80_000.0, utilization=0.0)]
 
-    def foreign_processes(self, uuid: str, own_pids: Iterable[int]) -> list[int]:
+    def gpu_pids(self, uuid: str) -> list[int]:
         return []
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -51,8 +50,8 @@ class ScriptedProbe:
     def gpus(self) -> list[FakeGpu]:
         return list(self.devices.values())
 
-    def foreign_processes(self, uuid: str, own_pids: Collection[int]) -> list[int]:
-        return [pid for pid in self.pids[uuid] if pid not in own_pids]
+    def gpu_pids(self, uuid: str) -> list[int]:
+        return list(self.pids[uuid])
 
 
 def at(*args: int, tz: ZoneInfo = BERLIN) -> datetime:
@@ -289,6 +288,66 @@ def test_own_processes_are_not_foreign() -> None:
     probe.pids["GPU-a"] = [4242]
     scheduler, _, _ = make_scheduler(clock, probe, NIGHTS)
     assert scheduler.poll_gpus()["GPU-a"].may_launch
+
+
+class Interleaving:
+    """The NVML seam and our sandbox's PID set on one step counter: every look at either advances the world by a
+    step, so a test fixes exactly when one of our processes starts or exits relative to the scheduler's looks."""
+
+    def __init__(self, gpu: str, *, ours: dict[int, range], foreign: dict[int, range] | None = None) -> None:
+        self.gpu, self.ours, self.foreign, self.step = gpu, ours, foreign or {}, 0
+        self.devices = {gpu: FakeGpu(gpu, 0)}
+
+    def _alive(self, table: dict[int, range]) -> set[int]:
+        return {pid for pid, steps in table.items() if self.step in steps}
+
+    def gpus(self) -> list[FakeGpu]:
+        return list(self.devices.values())
+
+    def gpu_pids(self, uuid: str) -> list[int]:
+        listed = self._alive(self.ours) | self._alive(self.foreign)
+        self.step += 1
+        return sorted(listed)
+
+    def own_pids(self) -> set[int]:
+        alive = self._alive(self.ours)
+        self.step += 1
+        return alive
+
+
+def _preempting(world: Interleaving) -> tuple[Scheduler, Cancel]:
+    config = SchedulerConfig(timezone="Europe/Berlin", windows=NIGHTS, idle=IdleConfig(preempt=True))
+    scheduler = Scheduler(config, FakeClock(at(2026, 11, 5, 3, 0)), world, on_window_open=lambda w: None,
+                          own_pids=world.own_pids, gpu_uuids=[world.gpu])
+    cancel = Cancel()
+    scheduler.attach_run(world.gpu, cancel)
+    return scheduler, cancel
+
+
+@pytest.mark.parametrize("starts_at", [0, 1, 2, 3])
+def test_our_process_starting_at_any_point_of_a_poll_is_not_foreign(starts_at: int) -> None:
+    """A sandbox process that starts at any moment of the poll (before, between or after its looks) is ours."""
+    world = Interleaving("GPU-a", ours={77: range(starts_at, 10**6)})
+    scheduler, cancel = _preempting(world)
+    assert scheduler.poll_gpus()["GPU-a"].foreign_pids == ()
+    assert cancel.reason is None
+
+
+@pytest.mark.parametrize("exits_at", [1, 2, 3])
+def test_our_process_exiting_during_a_poll_is_not_foreign(exits_at: int) -> None:
+    """A sandbox process that the GPU lists and that exits before the scheduler reads our PIDs is not foreign."""
+    world = Interleaving("GPU-a", ours={77: range(0, exits_at)})
+    scheduler, cancel = _preempting(world)
+    assert scheduler.poll_gpus()["GPU-a"].foreign_pids == ()
+    assert cancel.reason is None
+
+
+def test_a_foreign_process_beside_ours_is_still_seen_and_preempts() -> None:
+    """With our processes starting and exiting mid-poll, a real foreign job is still found and preempts."""
+    world = Interleaving("GPU-a", ours={77: range(0, 1), 78: range(1, 10**6)}, foreign={999: range(0, 10**6)})
+    scheduler, cancel = _preempting(world)
+    assert scheduler.poll_gpus()["GPU-a"].foreign_pids == (999,)
+    assert cancel.reason is RunStatus.PREEMPTED
 
 
 def test_foreign_process_stops_launches_and_preempts() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from sandbox.gpu import GpuInfo, NoGpuProbe, wait_for_gpu_release
 
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
@@ -21,7 +19,7 @@ class ScriptedProbe:
         self.polls += 1
         return [GpuInfo(UUID, 0, "H100", used, 81559.0, 0.0)]
 
-    def foreign_processes(self, uuid: str, own_pids: Iterable[int]) -> list[int]:
+    def gpu_pids(self, uuid: str) -> list[int]:
         return []
 
 
@@ -53,4 +51,4 @@ def test_memory_never_released_means_quarantine() -> None:
 def test_no_gpu_probe_sees_nothing() -> None:
     """On a CPU machine the probe lists no GPUs and no processes."""
     probe = NoGpuProbe()
-    assert probe.gpus() == [] and probe.foreign_processes(UUID, []) == []
+    assert probe.gpus() == [] and probe.gpu_pids(UUID) == []

@@ -425,10 +425,32 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def _env_origin(loc: tuple[Any, ...]) -> str | None:
+    """The environment variable a value at `loc` came from (the environment wins over the file), if any."""
+    parts = [str(part) for part in loc if not isinstance(part, int)]
+    upper = {name.upper(): name for name in os.environ}
+    for depth in range(len(parts), 0, -1):
+        wanted = (ENV_PREFIX + "__".join(parts[:depth])).upper()
+        if wanted in upper:
+            return upper[wanted]
+    return None
+
+
 def _format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = []
     for err in exc.errors():
         key = _format_location(err["loc"])
+        env_name = _env_origin(err["loc"])
+        if env_name is not None:  # blame the variable, not the file
+            if err["type"] == "extra_forbidden":
+                lines.append(f"environment variable {env_name}: unknown key {key!r} (check the spelling; "
+                             "see README 'Configuration')")
+                continue
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) else f" = {value!r}"
+            lines.append(f"environment variable {env_name}{shown}: "
+                         f"{err['msg'].removeprefix('Value error, ')} (key {key})")
+            continue
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key {key!r} (check the spelling; see README 'Configuration')")

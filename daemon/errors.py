@@ -23,6 +23,30 @@ class ConfigError(AutoresearchError):
     exit_code = 2
 
 
+class UsageError(AutoresearchError):
+    """The command line asks for something the command does not do (exit code 2, like a config error)."""
+
+    exit_code = 2
+
+
+class DatabaseUnreachable(AutoresearchError):
+    """The database server cannot be reached, or refuses the connection (exit code 5 in the CLI)."""
+
+    exit_code = 5
+
+
+class SchemaNotAtHead(AutoresearchError):
+    """The database schema is not at this program's head revision (exit code 6 in the CLI)."""
+
+    exit_code = 6
+
+
+class NothingYet(AutoresearchError):
+    """There is nothing to show yet: no session, no measured baseline (exit code 7 in the CLI)."""
+
+    exit_code = 7
+
+
 class WorkspaceError(AutoresearchError):
     """The workspace is missing, not initialised, or its program.md / train.py is unusable."""
 

@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from daemon import __version__
+from daemon.cli import exits
 from daemon.config import Settings, load_settings
-from daemon.errors import AutoresearchError, ConfigError
+from daemon.errors import AutoresearchError, ConfigError, UsageError
 from daemon.ops.logs import configure_logging
+
+
+def _path(text: str) -> Path:
+    """A path argument: any text the OS can take as a path (argparse reports the rest as a usage error)."""
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError("a path cannot contain a NUL byte")
+    return Path(text)
+
 
 # command name -> handler in daemon.cli.commands (each: (args, settings) -> exit code)
 HANDLERS = {
@@ -42,13 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoresearch",
         description="Let an LLM agent run small-GPT pretraining research on this machine's GPUs, overnight.",
+        epilog=exits.epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"autoresearch {__version__}")
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="create a workspace: program.md, baseline train.py, git repo, config")
-    p.add_argument("dir", type=Path, nargs="?", default=None, help="workspace folder (default: configured)")
+    p.add_argument("dir", type=_path, nargs="?", default=None, help="workspace folder (default: configured)")
 
     p = sub.add_parser("prepare", help="download/collect data, train the tokenizer, pre-tokenize (idempotent)")
     p.add_argument("--source", default=None, help="'stdlib', 'climbmix[:N]' (N shards + the pinned val shard), a local file/folder, or parquet URLs")
@@ -62,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, help="training seconds per experiment (overrides config)")
 
     p = sub.add_parser("try", help="run a hand-written train.py as a candidate against the current best")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=_path)
     p.add_argument("--description", "-m", default=None)
 
     p = sub.add_parser("status", help="is the daemon running; window, lanes (with GPUs), best, tonight's cost; "
-                                      "exit 0 running, 1 unhealthy, 3 not running")
+                                      "exit 0 running, 4 unhealthy, 3 not running, 5 database unreachable")
     p.add_argument("--url", default=None,
                    help="ask the daemon at this address (e.g. http://127.0.0.1:9464): needs no config or database")
 
@@ -79,12 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="morning report: markdown + PNG chart (+ results.tsv)")
     p.add_argument("--session", type=int, default=None, help="session id (default: latest)")
-    p.add_argument("--out", type=Path, default=None, help="folder for the report (default <workspace>/reports)")
+    p.add_argument("--out", type=_path, default=None, help="folder for the report (default <workspace>/reports)")
 
     sub.add_parser("reap", help="reconcile leftover sandbox containers carrying our labels")
 
     p = sub.add_parser("db", help="database schema")
-    p.add_argument("action", choices=["upgrade", "current"])
+    p.add_argument("action", choices=["upgrade", "current", "downgrade", "backup"],
+                   help="upgrade: take the daemon lock, back up (SQLite), migrate to head; current: exit 6 when "
+                        "not at head; downgrade: to --to REVISION (lock and backup as for upgrade); backup: "
+                        "a copy (SQLite) or a pg_dump (Postgres) into --out")
+    p.add_argument("--to", default=None, help="downgrade: the revision to go back to (e.g. 0005)")
+    p.add_argument("--out", type=_path, default=None, help="backup folder (default <workspace>/backups)")
+    p.add_argument("--no-backup", action="store_true", help="upgrade/downgrade without a backup first")
 
     p = sub.add_parser("image", help="trainer image")
     p.add_argument("action", choices=["build"])
@@ -106,27 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check this machine: Python, torch/CUDA, Docker, image, database, port, API key")
     p.add_argument("--gpu", action="store_true",
                    help="also train and evaluate a tiny model on the GPU through the sandbox (under two minutes)")
-    for subparser in sub.choices.values():
-        _add_global_options(subparser, suppress=True)
+    for name, subparser in sub.choices.items():
+        _add_global_options(subparser, suppress=True, json=name in JSON_COMMANDS)
     return parser
 
 
 JSON_COMMANDS = ("status", "experiments", "best", "report")
 
 
-def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool, json: bool = True) -> None:
     """The options every command takes; on subcommands their default is SUPPRESS so they never undo the
-    value given before the subcommand."""
+    value given before the subcommand. `--json` is offered only by the commands that print JSON."""
 
     def default(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--config", type=Path, default=default(None),
+    parser.add_argument("--config", type=_path, default=default(None),
                         help="TOML config file (default: $AUTORESEARCH_CONFIG, ./autoresearch.toml, "
                              "/etc/autoresearch/autoresearch.toml)")
-    parser.add_argument("--workspace", type=Path, default=default(None), help="override the configured workspace")
-    parser.add_argument("--json", action="store_true", default=default(False),
-                        help=f"machine-readable output ({', '.join(JSON_COMMANDS)})")
+    parser.add_argument("--workspace", type=_path, default=default(None), help="override the configured workspace")
+    if json:
+        parser.add_argument("--json", action="store_true", default=default(False),
+                            help=f"machine-readable output ({', '.join(JSON_COMMANDS)})")
     parser.add_argument("--log-json", action="store_true", default=default(None),
                         help="JSON log lines even on a terminal")
 
@@ -139,10 +158,21 @@ def _settings_for(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse, dispatch, and turn every failure into one line and an exit code from `daemon.cli.exits`."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((word for word in words if word in HANDLERS), None)
+    options = words[:words.index("--")] if "--" in words else words
+    if "--json" in options and command is not None and command not in JSON_COMMANDS:
+        print(f"error: --json is not supported by `{command}`", file=sys.stderr)
+        print(f"  what to do: --json works with: {', '.join(JSON_COMMANDS)}", file=sys.stderr)
+        return exits.USAGE
+    try:
+        args = build_parser().parse_args(words)
+    except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else exits.USAGE
     try:
         if args.json and args.command not in JSON_COMMANDS:
-            raise AutoresearchError(f"--json is not supported by `{args.command}`",
+            raise UsageError(f"--json is not supported by `{args.command}`",
                                     hint=f"--json works with: {', '.join(JSON_COMMANDS)}")
         try:
             settings = _settings_for(args)
@@ -161,7 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return exits.INTERRUPTED
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if os.environ.get("AUTORESEARCH_DEBUG"):
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("  what to do: run again with AUTORESEARCH_DEBUG=1 for the traceback, and report it",
+              file=sys.stderr)
+        return exits.INTERNAL
 
 
 if __name__ == "__main__":

@@ -12,7 +12,15 @@ from typing import Any
 from daemon.cli import doctor
 from daemon.cli.tables import render_table
 from daemon.config import Settings
-from daemon.errors import AutoresearchError, InvalidProposal, WorkspaceError
+from daemon.errors import (
+    AutoresearchError,
+    DatabaseUnreachable,
+    InvalidProposal,
+    NothingYet,
+    SchemaNotAtHead,
+    UsageError,
+    WorkspaceError,
+)
 from daemon.ops.logs import get_logger
 from daemon.research.stop import StopCondition
 
@@ -39,9 +47,28 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     root = args.dir if args.dir is not None else settings.workspace
     workspace = Workspace.init(root)
     print(f"workspace ready: {workspace.root}")
+    if args.dir is not None and args.dir.resolve() != settings.workspace.resolve():
+        settings = settings.model_copy(update={"workspace": args.dir})
+    _create_schema(settings)
     print(f"  edit {workspace.program_path} (the research directive) and review {workspace.train_path}")
     print(f"  next: cd {workspace.root} && autoresearch prepare && autoresearch once -n 5")
     return 0
+
+
+def _create_schema(settings: Settings) -> None:
+    """`init` leaves a database ready to use: its schema migrated to head (under the daemon lock)."""
+    from daemon.store.migrate import schema_state
+
+    try:
+        current, head = schema_state(settings.database_url)
+    except Exception as exc:
+        raise DatabaseUnreachable(f"database {database_label(settings.database_url)} unreachable: "
+                                  f"{database_reason(exc)}", hint="check database.url, then `autoresearch db upgrade`"
+                                  ) from None
+    if current == head:
+        print(f"database schema {head} (current)")
+        return
+    migrate_under_lock(settings, "upgrade", None, None if current is None else settings.workspace / "backups")
 
 
 def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
@@ -86,13 +113,13 @@ def cmd_once(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.budget is not None:
         if args.budget <= 0:
-            raise AutoresearchError(f"--budget must be positive, got {args.budget}", hint="e.g. --budget 60")
+            raise UsageError(f"--budget must be positive, got {args.budget}", hint="e.g. --budget 60")
         settings.training.time_budget_s = args.budget
     if args.experiments is not None and args.experiments < 0:
-        raise AutoresearchError(f"--experiments must be >= 0, got {args.experiments}",
+        raise UsageError(f"--experiments must be >= 0, got {args.experiments}",
                                 hint="0 measures only the baseline and noise floor")
     if args.minutes is not None and args.minutes <= 0:
-        raise AutoresearchError(f"--minutes must be positive, got {args.minutes}", hint="e.g. --minutes 30")
+        raise UsageError(f"--minutes must be positive, got {args.minutes}", hint="e.g. --minutes 30")
     runtime = open_runtime(settings, daemon=False)
     try:
         stop = StopCondition.for_duration(args.minutes * 60 if args.minutes else None, settings.scheduler.grace_s)
@@ -181,12 +208,33 @@ def _open_store(settings: Settings) -> Any:
         from daemon.store.migrate import schema_state
 
         current, _head = schema_state(settings.database_url)
-    except Exception as exc:  # unreachable server, bad URL: one line with the fix
-        raise AutoresearchError(f"database {settings.database_url.split('@')[-1]} unreachable: "
-                                f"{str(exc).splitlines()[0][:120]}", hint="check database.url") from None
+    except Exception as exc:  # unreachable server, bad URL: the driver's whole reason, with the fix
+        store.close()
+        raise DatabaseUnreachable(f"database {database_label(settings.database_url)} unreachable: "
+                                  f"{database_reason(exc)}", hint="check database.url (and that the server runs)"
+                                  ) from None
     if current is None:
-        raise AutoresearchError("the database has no schema yet", hint="run `autoresearch db upgrade` (or `once`)")
+        store.close()
+        raise SchemaNotAtHead("the database has no schema yet",
+                              hint="run `autoresearch db upgrade` (or `autoresearch init`)")
     return store
+
+
+def database_label(url: str) -> str:
+    """The database's URL without its credentials (what an error may show)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True).split("@")[-1]
+    except Exception:  # an unparsable URL shows nothing of itself
+        return "(unparsable URL)"
+
+
+def database_reason(exc: BaseException) -> str:
+    """The driver's reason in full (every line joined), without SQLAlchemy's background link."""
+    text = str(getattr(exc, "orig", None) or exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "sqlalche.me" not in line]
+    return " ".join(lines)[:2000] or type(exc).__name__
 
 
 def _experiments_table(rows: list[Any]) -> str:
@@ -198,7 +246,7 @@ def _experiments_table(rows: list[Any]) -> str:
 def _session_or_latest(store: Any, session_id: int | None) -> Any:
     session = store.get_session(session_id) if session_id is not None else store.latest_session()
     if session is None:
-        raise AutoresearchError(f"no session {session_id}" if session_id is not None else "no session yet",
+        raise NothingYet(f"no session {session_id}" if session_id is not None else "no session yet",
                                 hint="run `autoresearch once` (or the daemon) first")
     return session
 
@@ -242,19 +290,67 @@ def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.store import open_store
+    """upgrade / downgrade (under the daemon lock, after a backup), current (exit 6 when not at head), backup."""
     from daemon.store.migrate import schema_state
 
-    if args.action == "upgrade":
+    try:
+        current, head = schema_state(settings.database_url)
+    except AutoresearchError:
+        raise
+    except Exception as exc:
+        raise DatabaseUnreachable(f"database {database_label(settings.database_url)} unreachable: "
+                                  f"{database_reason(exc)}", hint="check database.url") from None
+    if args.action == "current":
+        print(f"schema {current or 'none'} (code wants {head})" + (" - run `autoresearch db upgrade`"
+                                                                     if current != head else ""))
+        if current != head:
+            raise SchemaNotAtHead(f"the database schema is {current or 'empty'}, this version's head is {head}",
+                                  hint="`autoresearch db upgrade` (or install the version that migrated it)")
+        return 0
+    out_dir = args.out or settings.workspace / "backups"
+    if args.action == "backup":
+        from daemon.store.backup import backup_database
+
+        print(f"backup: {backup_database(settings.database_url, out_dir, current)}")
+        return 0
+    if args.action == "downgrade" and not args.to:
+        raise UsageError("`db downgrade` needs --to REVISION", hint="e.g. autoresearch db downgrade --to 0005")
+    return migrate_under_lock(settings, args.action, args.to, None if args.no_backup else out_dir)
+
+
+def migrate_under_lock(settings: Settings, action: str, target: str | None, backup_dir: Path | None) -> int:
+    """Take the daemon's lock (refused, naming the holder and its version, while a daemon runs), back the
+    database up, then migrate up to head or down to `target`; the lock is released whatever happens."""
+    from daemon.service.lock import DaemonLock
+    from daemon.store import open_store
+    from daemon.store.migrate import schema_state
+    from sandbox.labels import owner_id
+
+    lock = DaemonLock(settings.database_url, settings.instance_name)
+    lock.acquire(owner_id(settings.instance_name))
+    try:
+        current, head = schema_state(settings.database_url)
+        if action == "upgrade" and current == head:
+            print(f"schema {current} is already at head: nothing to do")
+            return 0
+        if backup_dir is not None and current is not None:
+            from daemon.store.backup import backup_database
+
+            print(f"backup: {backup_database(settings.database_url, backup_dir, current)}", flush=True)
         store = open_store(settings.database_url)
         try:
-            store.upgrade()
+            if action == "upgrade":
+                store.upgrade()
+            else:
+                assert target is not None
+                store.downgrade(target)
         finally:
             store.close()
-    current, head = schema_state(settings.database_url)
-    print(f"schema {current or 'none'} (code wants {head})" + (" - run `autoresearch db upgrade`"
-                                                                 if current != head else ""))
-    return 0
+        after, head = schema_state(settings.database_url)
+        print(f"schema {current or 'none'} -> {after} (code wants {head})")
+        return 0
+    finally:
+        lock.release()
 
 
 def cmd_image(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,26 +1,32 @@
 """Read-only commands for people and scripts: `status`, `experiments`, `best`, `report`, each with `--json`.
 
 `status` asks the running daemon (`/healthz` and `/status.json` on its metrics port) and exits 0 when it is
-healthy, 1 when it answers but is unhealthy, 3 when no daemon answers (then it shows the database's last
-state, when readable). With `--url` it needs neither the config nor the database: a researcher of the lab
-reads the status of a system install this way.
+healthy, 4 when it answers but is unhealthy, 3 when no daemon answers (then it shows the database's last
+state, when readable; 5 when that database cannot be reached either). Whatever answers counts as the daemon
+only when its `/status.json` has the daemon's shape (`daemon.cli.status_answer`). With `--url` it needs
+neither the config nor the database: a researcher of the lab reads the status of a system install this way.
+Exit codes: `daemon.cli.exits`.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from daemon.cli import exits
+from daemon.cli.status_answer import daemon_base_url, parse_status, printable
 from daemon.cli.tables import render_table
 from daemon.config import Settings
-from daemon.errors import AutoresearchError
+from daemon.errors import AutoresearchError, DatabaseUnreachable, NothingYet, UsageError
 from daemon.ops.statusdata import experiment_data, session_data, tonight_meaning
 
-EXIT_UNHEALTHY, EXIT_NOT_RUNNING = 1, 3
+EXIT_UNHEALTHY, EXIT_NOT_RUNNING = exits.UNHEALTHY, exits.NOT_RUNNING
+ANSWER_LIMIT_BYTES = 4 * 1024 * 1024  # a status answer larger than this is not the daemon's
 EXPERIMENT_HEADERS = ("id", "kind", "status", "val_bpb", "lane", "attempt", "commit", "description")
 
 
@@ -38,22 +44,33 @@ def daemon_url(settings: Settings) -> str | None:
     return f"http://[{host}]:{settings.metrics.port}" if ":" in host else f"http://{host}:{settings.metrics.port}"
 
 
+def _first_line(raw: bytes) -> str:
+    lines = raw[:2000].decode(errors="replace").strip().splitlines()
+    return printable(lines[0][:300]) if lines else ""
+
+
 def ask_daemon(url: str, timeout: float = 5.0) -> tuple[str, str, dict[str, Any] | None]:
-    """(state, health reason, status data): state is running, unhealthy or not running."""
+    """(state, health reason, status data): state is running, unhealthy or not running. Only an answer whose
+    `/status.json` has the daemon's shape is the daemon; anything else on the address is "not running"."""
     try:
         with urllib.request.urlopen(f"{url}/healthz", timeout=timeout) as answer:
-            reason = answer.read().decode(errors="replace").strip()
+            reason = _first_line(answer.read(ANSWER_LIMIT_BYTES))
         state = "running"
     except urllib.error.HTTPError as exc:
-        reason = exc.read().decode(errors="replace").strip()
+        reason = _first_line(exc.read(ANSWER_LIMIT_BYTES)) or f"HTTP {exc.code}"
         state = "unhealthy"
-    except (urllib.error.URLError, OSError) as exc:
-        return "not running", f"no answer from {url} ({getattr(exc, 'reason', exc)})", None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        return "not running", printable(f"no answer from {url} ({getattr(exc, 'reason', exc)})"), None
     try:
         with urllib.request.urlopen(f"{url}/status.json", timeout=timeout) as answer:
-            data = json.loads(answer.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        data = None
+            body = answer.read(ANSWER_LIMIT_BYTES + 1)
+        raw = json.loads(body) if len(body) <= ANSWER_LIMIT_BYTES else None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException, RecursionError) as exc:
+        return "not running", printable(f"something answers at {url}, but not an autoresearch daemon "
+                                        f"(/status.json: {getattr(exc, 'reason', exc)})"), None
+    data, problem = parse_status(raw)
+    if data is None:
+        return "not running", printable(f"something answers at {url}, but {problem}"), None
     return state, reason, data
 
 
@@ -79,6 +96,7 @@ def _offline_data(settings: Settings) -> dict[str, Any]:
         store = _open_store(settings)
     except AutoresearchError as exc:
         data["database_error"] = str(exc)
+        data["database_unreachable"] = isinstance(exc, DatabaseUnreachable)
         return data
     try:
         data.update(session_data(store, None))
@@ -124,11 +142,11 @@ def _render_status(state: str, url: str | None, reason: str, data: dict[str, Any
     if cost and tonight:
         lines.append(f"agent cost tonight: ${cost['usd']:.2f} of ${cost['cap_usd']:.2f} cap; "
                      f"tonight = {tonight['meaning']}")
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    url = (args.url.rstrip("/") if args.url else None) or daemon_url(settings)
+    url = daemon_base_url(args.url) if args.url is not None else daemon_url(settings)
     if url is None:
         state, reason, data = "not running", "this config serves no HTTP endpoint (metrics.port = 0)", None
     else:
@@ -139,7 +157,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         _print_json({**data, "state": state, "url": url, "health": reason})
     else:
         print(_render_status(state, url, reason, data))
-    return {"running": 0, "unhealthy": EXIT_UNHEALTHY}.get(state, EXIT_NOT_RUNNING)
+    if state == "not running" and data.get("database_unreachable"):
+        return exits.DB_UNREACHABLE
+    return {"running": exits.OK, "unhealthy": EXIT_UNHEALTHY}.get(state, EXIT_NOT_RUNNING)
 
 
 def cmd_experiments(args: argparse.Namespace, settings: Settings) -> int:
@@ -147,9 +167,9 @@ def cmd_experiments(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.store.records import STATUSES
 
     if args.status is not None and args.status not in STATUSES:
-        raise AutoresearchError(f"unknown status {args.status!r}", hint=f"one of: {', '.join(STATUSES)}")
+        raise UsageError(f"unknown status {args.status!r}", hint=f"one of: {', '.join(STATUSES)}")
     if args.limit <= 0:
-        raise AutoresearchError(f"--limit must be positive, got {args.limit}", hint="e.g. --limit 50")
+        raise UsageError(f"--limit must be positive, got {args.limit}", hint="e.g. --limit 50")
     store = _open_store(settings)
     try:
         rows = list(reversed(store.list_experiments(session_id=args.session, status=args.status, limit=args.limit)))
@@ -175,7 +195,7 @@ def cmd_best(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         store.close()
     if best is None or baseline is None or best.val_bpb is None or baseline.val_bpb is None:
-        raise AutoresearchError(f"session {session.id} has no measured baseline yet",
+        raise NothingYet(f"session {session.id} has no measured baseline yet",
                                 hint="wait for the first experiment, or run `autoresearch once`")
     diff = unified_diff(baseline.source, best.source)
     if args.json:

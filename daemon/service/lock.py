@@ -4,6 +4,8 @@ Postgres: a session-level advisory lock on a dedicated connection, keyed by the 
 locks are per database), with the holder's owner token as the connection's `application_name` so anyone
 can see who holds it. SQLite: an exclusive `flock` on `<database file>.lock`, holding the owner id (one
 daemon per SQLite file, whatever its instance name: a local file has one machine).
+Both record the holder's program version beside its owner id, so a refusal names who holds the lock and
+which version it runs (`db upgrade` takes the same lock: it never migrates under a running daemon).
 Neither depends on PIDs, so the holder is known across PID namespaces (a daemon in a container, `reap`
 on the host) and after PID reuse. A Postgres restart drops the lock with the connection: a watcher
 thread takes it again; if another daemon took it meanwhile, `lost` is set and the owner must stop.
@@ -18,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from daemon import __version__
 from daemon.errors import AutoresearchError
 from daemon.ops.logs import get_logger
 
@@ -27,6 +30,8 @@ APP_PREFIX = "autoresearch "  # application_name = prefix + owner token (Postgre
 
 class AlreadyRunning(AutoresearchError):
     """Another daemon (or `once`/`try`) holds this database's lock for the same instance."""
+
+    exit_code = 8
 
 
 def lock_key(instance: str) -> int:
@@ -81,7 +86,8 @@ class DaemonLock:
         self._thread.start()
 
     def _refusal(self, holder: str | None) -> AlreadyRunning:
-        who = f" (held by {holder})" if holder else ""
+        version = self.holder_version() if holder else None
+        who = f" (held by {holder}" + (f", version {version}" if version else "") + ")" if holder else ""
         scope = "" if self._sqlite_path is not None else f" for instance {self.instance!r}"
         return AlreadyRunning(
             f"another autoresearch daemon already runs{scope} on this database{who}",
@@ -96,12 +102,12 @@ class DaemonLock:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or None
+            holder = handle.read().strip().partition(" ")[0] or None
             handle.close()
             raise self._refusal(holder) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(owner + "\n")
+        handle.write(f"{owner} {__version__}\n")
         handle.flush()
         self._file = handle
 
@@ -111,7 +117,7 @@ class DaemonLock:
         if self._engine is None:
             self._engine = sqlalchemy.create_engine(
                 self.url, poolclass=sqlalchemy.pool.NullPool,
-                connect_args={"application_name": (APP_PREFIX + owner_token(owner))[:63]})
+                connect_args={"application_name": f"{APP_PREFIX}{owner_token(owner)} {__version__}"[:63]})
         conn = self._engine.connect()
         try:
             got = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_key(self.instance)})
@@ -153,10 +159,18 @@ class DaemonLock:
 
     def holder(self) -> str | None:
         """The owner holding the lock now (`owner` itself when this object holds it), None when nobody does."""
+        return self._holder_info()[0]
+
+    def holder_version(self) -> str | None:
+        """The program version of the lock's holder (None when nobody holds it or it did not say)."""
+        return self._holder_info()[1]
+
+    def _holder_info(self) -> tuple[str | None, str | None]:
         if self._sqlite_path is not None:
-            return self._file_holder()
+            owner, _, version = (self._file_holder() or "").partition(" ")
+            return owner or None, version or None
         if not self.url.startswith("postgresql"):
-            return self.owner
+            return self.owner, __version__ if self.owner else None
         import sqlalchemy
 
         key = lock_key(self.instance)
@@ -172,14 +186,15 @@ class DaemonLock:
         finally:
             engine.dispose()
         if name is None:
-            return None
-        token = str(name).removeprefix(APP_PREFIX)
-        return f"{self.instance}:{token}"
+            return None, None
+        token, _, version = str(name).removeprefix(APP_PREFIX).partition(" ")
+        return f"{self.instance}:{token}", version or None
 
     def _file_holder(self) -> str | None:
+        """The lock file's line: `<owner> <version>` (an older daemon wrote the owner alone)."""
         assert self._sqlite_path is not None
         if self._file is not None:
-            return self.owner
+            return f"{self.owner} {__version__}"
         if not self._sqlite_path.exists():
             return None
         with open(self._sqlite_path) as handle:

@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, text
 
-from daemon.errors import SchemaTooNew
+from daemon.errors import SchemaTooNew, StoreError
 from daemon.store.engine import normalize_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -58,6 +58,32 @@ def upgrade(connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_UPGRADE_LOCK_KEY})
     ensure_not_newer(connection)
     command.upgrade(alembic_config(connection), "head")
+
+
+def known_revision(name: str) -> str:
+    """The full revision id for `name` (a full id or its number prefix, e.g. "0005"); raises `StoreError`."""
+    revisions = [script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()]
+    matches = [rev for rev in revisions if rev == name or rev.split("_", 1)[0] == name]
+    if len(matches) != 1:
+        raise StoreError(f"unknown schema revision {name!r}",
+                         hint=f"one of: {', '.join(sorted(revisions))}")
+    return matches[0]
+
+
+def downgrade(connection: Connection, revision: str) -> None:
+    """Migrate down to `revision` (an ancestor of the database's own) inside the caller's transaction."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_UPGRADE_LOCK_KEY})
+    target = known_revision(revision)
+    current = ensure_not_newer(connection)
+    if current is None:
+        raise StoreError("the database has no schema: nothing to downgrade", hint="point database.url elsewhere")
+    scripts = ScriptDirectory.from_config(alembic_config())
+    below = {script.revision for script in scripts.iterate_revisions(current, "base")}
+    if target not in below:
+        raise StoreError(f"{target} is not at or below the database's revision {current}",
+                         hint="`autoresearch db current` shows the revision; upgrade instead")
+    command.downgrade(alembic_config(connection), target)
 
 
 def schema_state(url: str) -> tuple[str | None, str]:

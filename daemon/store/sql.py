@@ -146,6 +146,10 @@ class Store(LineQueries, ScoredRunQueries):
         """Migrate the schema to head; raises `SchemaTooNew` for a database migrated by a newer program."""
         self._write("schema upgrade", lambda conn, _retried: migrate.upgrade(conn))
 
+    def downgrade(self, revision: str) -> None:
+        """Migrate the schema down to `revision` (a rollback before installing an older program)."""
+        self._write("schema downgrade", lambda conn, _retried: migrate.downgrade(conn, revision))
+
     # -- row conversion -----------------------------------------------------------------------
 
     @staticmethod

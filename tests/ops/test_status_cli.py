@@ -25,7 +25,7 @@ from tests.pgcluster import free_port
 
 def _env(workspace: Path, **extra: str) -> dict[str, str]:
     return {"AUTORESEARCH_WORKSPACE": str(workspace), "AUTORESEARCH_SANDBOX__BACKEND": "local",
-            "PATH": os.environ["PATH"], **extra}
+            "PATH": os.environ["PATH"], **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}, **extra}
 
 
 def test_version(run_cli) -> None:
@@ -59,7 +59,7 @@ def test_option_after_the_subcommand_overrides_none_given_before(run_cli, tmp_pa
 def test_json_on_a_command_without_it_is_a_clear_error(run_cli) -> None:
     """--json with a command that has no JSON output says which commands have it."""
     done = run_cli("reap", "--json")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "--json is not supported by `reap`" in done.stderr and "status, experiments, best, report" in done.stderr
 
 
@@ -181,7 +181,17 @@ def test_status_url_reads_the_daemon_with_no_config(running_daemon: Daemon, run_
 
 
 def test_once_beside_the_running_daemon_refuses(running_daemon: Daemon, run_cli) -> None:
-    """A second daemon (`once`) on the same database and instance exits 1 with a clear message."""
+    """A second daemon (`once`) on the same database and instance exits 8 naming the holder and its version."""
+    from daemon import __version__
+
     done = run_cli("once", "-n", "0", env=running_daemon.env, cwd=running_daemon.workspace)
-    assert done.returncode == 1
+    assert done.returncode == 8
     assert "another autoresearch daemon already runs on this database (held by lab-status:" in done.stderr
+    assert f", version {__version__})" in done.stderr
+
+
+def test_db_upgrade_beside_the_running_daemon_refuses(running_daemon: Daemon, run_cli) -> None:
+    """`db upgrade` never migrates under a running daemon: it takes the daemon's lock and is refused (exit 8)."""
+    done = run_cli("db", "upgrade", env=running_daemon.env, cwd=running_daemon.workspace)
+    assert done.returncode == 8
+    assert "held by lab-status:" in done.stderr

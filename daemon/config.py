@@ -122,6 +122,16 @@ class SandboxConfig(_Section):
     gpu_release_timeout_s: float = Field(60.0, ge=0)
 
 
+class RetentionConfig(_Section):
+    """Bounded disk (`autoresearch prune`, and the daemon after each session): what is kept."""
+
+    keep_images: int = Field(2, ge=1, le=100, description="newest trainer/base images kept per repository "
+                             "(plus every image in use and the configured one)")
+    keep_wheel_sets: int = Field(2, ge=1, le=100, description="newest cached wheel folders kept (a CUDA set ~2.8 GB)")
+    run_days: float = Field(7.0, gt=0, description="leftover run folders older than this are removed")
+    prune_after_session: bool = Field(True, description="the daemon prunes when a session ends")
+
+
 class SlurmConfig(_Section):
     """The cluster backend (`[sandbox] backend = "slurm"`): each stage is one job; see deploy/slurm/README.md."""
 
@@ -367,6 +377,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @model_validator(mode="after")
     def _slurm_complete(self) -> Settings:

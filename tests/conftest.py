@@ -64,9 +64,22 @@ def pg_admin_url() -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Stop the suite's cluster (pytest runs this on Ctrl-C too; a watcher covers a killed pytest)."""
+    """Stop the suite's cluster (pytest runs this on Ctrl-C too; a watcher covers a killed pytest) and remove the
+    untagged leftovers of the trainer image builds (tagged images stay: they are reused by the next run)."""
     while _SUITE_CLUSTER:
         _SUITE_CLUSTER.pop().stop()
+    if _docker_reason() is None:
+        import docker
+
+        from sandbox.prune import prune_images
+
+        client = docker.from_env(timeout=60)
+        try:
+            prune_images(client, keep=10**6)  # keeps every tagged image: only dangling build leftovers go
+        except Exception as exc:  # housekeeping never fails the run
+            print(f"note: removing untagged build leftovers failed: {exc}")
+        finally:
+            client.close()
 
 
 @functools.cache

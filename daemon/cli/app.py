@@ -46,6 +46,7 @@ HANDLERS = {
     "image": "cmd_image",
     "doctor": "cmd_doctor",
     "notebook": "cmd_notebook",
+    "prune": "cmd_prune",
 }
 
 
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["show", "history", "edit", "fresh"], nargs="?", default="show")
     p.add_argument("--file", default=None, help="edit: the new text from this file (- for stdin) instead of $EDITOR")
     p.add_argument("--reason", default="", help="fresh: why the line starts over (kept with the line)")
+
+    p = sub.add_parser("prune", help="free disk: old trainer images and wheels, leftover run folders "
+                                     "([retention]); never an image in use")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
 
     p = sub.add_parser("doctor", help="check this machine: Python, torch/CUDA, Docker, image, database, port, API key")
     p.add_argument("--gpu", action="store_true",

@@ -353,6 +353,17 @@ def migrate_under_lock(settings: Settings, action: str, target: str | None, back
         lock.release()
 
 
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.research.workspace import Workspace
+    from daemon.service.housekeeping import prune_all
+
+    runs_dir = Workspace(settings.workspace).runs_dir
+    report = prune_all(settings, runs_dir, dry_run=args.dry_run)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 def cmd_image(args: argparse.Namespace, settings: Settings) -> int:
     from sandbox.errors import SandboxError
     from sandbox.images import PYPI_INDEX, build_production_image, ensure_offline_image

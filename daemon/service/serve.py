@@ -19,6 +19,7 @@ from daemon.ops.http import Heartbeat
 from daemon.ops.logs import get_logger
 from daemon.research import ResearchSession
 from daemon.research.stop import StopCondition
+from daemon.service.housekeeping import prune_after_session
 from daemon.service.notify import SystemdNotifier
 from daemon.service.runtime import Runtime, open_runtime
 from daemon.service.scheduler import Scheduler, SystemClock, Window
@@ -141,6 +142,7 @@ class Service:
                 from daemon.ops.morning import finish_session
 
                 finish_session(runtime.store, runtime.workspace.reports_dir, summary, self.settings.report)
+            prune_after_session(self.settings, runtime.workspace.runs_dir)  # between sessions: no run is active
         finally:
             self.current_stop = None
             runtime.metrics.window(False)

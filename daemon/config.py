@@ -60,6 +60,8 @@ class DatabaseConfig(_Section):
     password_file: Path | None = Field(None, description="a file holding the password, put into the URL")
     pool_size: int = Field(5, ge=1, le=100)
     retry_seconds: float = Field(120.0, ge=0, description="how long transient DB errors are retried")
+    backup_before_upgrade: bool = Field(True, description="back the database up (SQLite copy, pg_dump) into "
+                                        "<workspace>/backups before the daemon or `db upgrade` migrates it")
 
     @model_validator(mode="after")
     def _read_secret_files(self) -> DatabaseConfig:

@@ -6,7 +6,13 @@
 #   deploy/install.sh --dry-run            print what would be done, change nothing
 #   sudo deploy/install.sh --root /srv/img install into another root (image building, tests)
 #   sudo deploy/install.sh --package autoresearch_daemon-0.1.0-py3-none-any.whl
+#   sudo deploy/install.sh --rollback      back to the version before the last upgrade
 #
+# An upgrade never changes the code under a running daemon: the new version is installed into a fresh
+# venv beside the old one, then the service is stopped (the running experiment finishes within the grace),
+# the venvs are swapped, and the service is started; the new daemon backs the database up and migrates it
+# under its lock at start-up. The old venv stays as venv.previous for --rollback (which first migrates the
+# database back down to the old version's schema with the new code, then swaps back).
 # Steps: system user `autoresearch` (in the docker group), directories, default config, virtualenv
 # /opt/autoresearch/venv, systemd unit (+ a drop-in when no API key is installed), enable.
 set -euo pipefail
@@ -17,6 +23,7 @@ DRY_RUN=0
 PACKAGE=$SRC
 PYTHON=python3
 SERVICE_USER=autoresearch
+ROLLBACK=0
 
 usage() {
   sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -27,6 +34,8 @@ Options:
   --package SPEC    what pip installs into the venv: a source folder, a wheel, or a requirement
                     (default: $SRC)
   --python PATH     interpreter for the venv (Python >= 3.10; default: python3)
+  --rollback        stop, migrate the database down to the previous version's schema, swap back to
+                    the previous venv, start (only after an upgrade by this script)
 EOF
 }
 
@@ -41,6 +50,7 @@ while [ $# -gt 0 ]; do
     --package=*) PACKAGE=${1#--package=} ;;
     --python) [ $# -ge 2 ] || die "--python needs a path"; PYTHON=$2; shift ;;
     --python=*) PYTHON=${1#--python=} ;;
+    --rollback) ROLLBACK=1 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown option '$1'" "see the options above" ;;
   esac
@@ -150,19 +160,91 @@ package_digest() {  # changes whenever the package to install changes, so upgrad
     printf '%s' "$PACKAGE" | sha256sum | cut -c1-16
   fi
 }
-if [ -x "$VENV/bin/python" ]; then
-  ok "virtualenv $VENV exists"
-else
-  act "$PYTHON" -m venv "$VENV"
+# $VENV is a link to one versioned venv ($OPT/venv-<digest>); the unit runs $VENV/bin/autoresearch. An
+# upgrade installs the next version into its own folder while the daemon runs, and moves the link only
+# once the daemon has stopped; `previous` records the folder to go back to.
+STAMP_NAME=.autoresearch-installed
+PREVIOUS_FILE=$OPT/previous
+schema_head() {  # schema_head VENV: the head revision of that version's migrations (read, not imported)
+  "$1/bin/python" - "$1" <<'PY'
+import ast, glob, sys
+revisions, downs = set(), set()
+for path in glob.glob(f"{sys.argv[1]}/lib/python*/site-packages/daemon/store/migrations/versions/*.py"):
+    for node in ast.parse(open(path, encoding="utf-8").read()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            names = {t.id for t in node.targets if isinstance(t, ast.Name)}
+            (revisions if "revision" in names else downs if "down_revision" in names else set()).add(node.value.value)
+heads = sorted(revisions - downs)
+sys.exit(1) if len(heads) != 1 else print(heads[0])
+PY
+}
+service_active() { [ -z "$P" ] && systemctl is-active --quiet autoresearch.service 2>/dev/null; }
+point_venv_at() {  # point_venv_at FOLDER: swap the link atomically (a new link renamed over the old one)
+  act ln -sfn "$(basename "$1")" "$OPT/venv.link-new"
+  act mv -T "$OPT/venv.link-new" "$VENV"
+}
+
+if [ "$ROLLBACK" = 1 ]; then
+  PREVIOUS=$(cat "$PREVIOUS_FILE" 2>/dev/null || true)
+  [ -n "$PREVIOUS" ] && [ -x "$OPT/$PREVIOUS/bin/python" ] \
+    || die "no previous version recorded in $PREVIOUS_FILE" "a rollback follows an upgrade by this script"
+  OLD_HEAD=$(schema_head "$OPT/$PREVIOUS") || die "cannot read the schema revision of $PREVIOUS" "reinstall it"
+  was_active=0; service_active && was_active=1
+  if [ "$was_active" = 1 ]; then act systemctl stop autoresearch.service; fi
+  # The new code knows how to go down; the old code would refuse the newer schema. With the daemon's own
+  # config and environment file, as its user (its files keep their owner).
+  say "migrating the database down to $OLD_HEAD (the previous version's schema), after a backup"
+  as_service=(); [ -z "$P" ] && as_service=(runuser -u "$SERVICE_USER" --)
+  act "${as_service[@]}" bash -c 'set -a; [ -f "$1" ] && . "$1"; set +a; AUTORESEARCH_CONFIG=$2 exec "$3" db downgrade --to "$4"' \
+    _ "$ETC/autoresearch.env" "$ETC/autoresearch.toml" "$VENV/bin/autoresearch" "$OLD_HEAD"
+  point_venv_at "$OPT/$PREVIOUS"
+  act rm -f "$PREVIOUS_FILE"
+  if [ "$was_active" = 1 ]; then act systemctl start autoresearch.service; fi
+  say "rolled back to $PREVIOUS (schema $OLD_HEAD)"
+  exit 0
 fi
-STAMP=$VENV/.autoresearch-installed
+
 WANT_DIGEST=$(package_digest)
-if [ "$(cat "$STAMP" 2>/dev/null || true)" = "$WANT_DIGEST" ]; then
+TARGET=$OPT/venv-$WANT_DIGEST
+CURRENT=""
+if [ -L "$VENV" ]; then CURRENT=$(readlink "$VENV"); fi
+if [ -d "$VENV" ] && [ ! -L "$VENV" ]; then  # the layout before versioned venvs: adopt it as a version
+  legacy=venv-$(cat "$VENV/$STAMP_NAME" 2>/dev/null || echo legacy)
+  act mv -T "$VENV" "$OPT/$legacy"
+  [ "$DRY_RUN" = 1 ] || grep -rlI --null "$VENV/" "$OPT/$legacy/bin" 2>/dev/null \
+    | xargs -0 -r sed -i "s#$VENV/#$OPT/$legacy/#g"  # its scripts named the old path
+  point_venv_at "$OPT/$legacy"
+  CURRENT=$legacy
+fi
+if [ "$CURRENT" = "venv-$WANT_DIGEST" ] && [ "$(cat "$TARGET/$STAMP_NAME" 2>/dev/null || true)" = "$WANT_DIGEST" ]; then
   ok "package already installed ($WANT_DIGEST)"
 else
-  say "installing $PACKAGE into $VENV (pip prints its progress; torch takes a few minutes)"
-  act "$VENV/bin/pip" install --disable-pip-version-check --upgrade "$PACKAGE"
-  [ "$DRY_RUN" = 1 ] || printf '%s\n' "$WANT_DIGEST" > "$STAMP"
+  if [ "$(cat "$TARGET/$STAMP_NAME" 2>/dev/null || true)" != "$WANT_DIGEST" ]; then
+    act rm -rf "$TARGET"
+    act "$PYTHON" -m venv "$TARGET"
+    say "installing $PACKAGE into $TARGET${CURRENT:+ (beside the running version $CURRENT)}"
+    act "$TARGET/bin/pip" install --disable-pip-version-check "$PACKAGE"
+    [ "$DRY_RUN" = 1 ] || printf '%s\n' "$WANT_DIGEST" > "$TARGET/$STAMP_NAME"
+  fi
+  was_active=0; service_active && was_active=1
+  if [ "$was_active" = 1 ]; then
+    say "stopping the daemon (the running experiment finishes within scheduler.grace_s)"
+    act systemctl stop autoresearch.service
+  fi
+  point_venv_at "$TARGET"
+  if [ -n "$CURRENT" ]; then
+    if [ "$DRY_RUN" = 1 ]; then say "would record $CURRENT in $PREVIOUS_FILE"; else printf '%s\n' "$CURRENT" > "$PREVIOUS_FILE"; fi
+  fi
+  if [ "$was_active" = 1 ]; then
+    say "starting the new version: it backs the database up and migrates it under its lock"
+    act systemctl start autoresearch.service
+  fi
+  [ -z "$CURRENT" ] || say "upgraded from $CURRENT ('install.sh --rollback' goes back)"
+  # Versions older than the previous one are no longer needed.
+  for old in "$OPT"/venv-*; do
+    name=$(basename "$old")
+    [ -d "$old" ] && [ "$name" != "venv-$WANT_DIGEST" ] && [ "$name" != "$CURRENT" ] && act rm -rf "$old"
+  done
 fi
 if cmp -s "$SRC/deploy/README.md" "$OPT/README.md"; then
   ok "$OPT/README.md up to date"
@@ -202,10 +284,6 @@ if [ -z "$P" ]; then
   if [ "$units_changed" = 1 ]; then act systemctl daemon-reload; fi
   if systemctl is-enabled --quiet autoresearch.service 2>/dev/null; then ok "autoresearch.service enabled"
   else act systemctl enable autoresearch.service; fi
-  if systemctl is-active --quiet autoresearch.service 2>/dev/null; then
-    say "the service is running the old version: 'systemctl restart autoresearch' lets the running"
-    say "experiment finish (up to scheduler.grace_s) and starts the new one"
-  fi
 else
   if systemctl --root="$P" is-enabled --quiet autoresearch.service 2>/dev/null; then ok "autoresearch.service enabled"
   else act systemctl --root="$P" --quiet enable autoresearch.service; fi

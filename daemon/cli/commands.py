@@ -315,7 +315,8 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.action == "downgrade" and not args.to:
         raise UsageError("`db downgrade` needs --to REVISION", hint="e.g. autoresearch db downgrade --to 0005")
-    return migrate_under_lock(settings, args.action, args.to, None if args.no_backup else out_dir)
+    backup = not args.no_backup and settings.database.backup_before_upgrade
+    return migrate_under_lock(settings, args.action, args.to, out_dir if backup else None)
 
 
 def migrate_under_lock(settings: Settings, action: str, target: str | None, backup_dir: Path | None) -> int:

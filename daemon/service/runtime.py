@@ -28,6 +28,7 @@ from daemon.research.workspace import Workspace
 from daemon.service.cluster import record_jobs, require_node_paths, slurm_options
 from daemon.service.lock import DaemonLock
 from daemon.service.reconcile import Reconciled, reconcile
+from daemon.store.backup import backup_if_behind
 from daemon.store.records import AgentCallRecord
 from sandbox import docker_available, open_backend
 from sandbox.base import Backend
@@ -192,6 +193,10 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
         raise
     try:
         backend = choose_backend(settings, daemon=daemon)
+        if settings.database.backup_before_upgrade:  # a schema behind the code: back it up before migrating
+            backup = backup_if_behind(settings.database_url, workspace.root / "backups")
+            if backup is not None:
+                log.info("database backed up before its migration", backup=str(backup))
         reconciled = reconcile(store, backend, settings.instance_name, owner_alive=lock.owner_alive)
         probe = probe if probe is not None else default_probe()
         if backend.name == "slurm":  # lanes are concurrent jobs; the daemon's own machine has no GPU to count

@@ -63,3 +63,14 @@ def backup_database(url: str, out_dir: Path, revision: str | None) -> Path:
         reason = " ".join(done.stderr.split())[:2000]
         raise StoreError(f"pg_dump failed: {reason}", hint="fix the cause, or back up by hand and pass --no-backup")
     return target
+
+
+def backup_if_behind(url: str, out_dir: Path) -> Path | None:
+    """Before a migration: a backup when the database has a schema that is not the code's head (None when there
+    is nothing to migrate, or no schema yet)."""
+    from daemon.store.migrate import schema_state
+
+    current, head = schema_state(url)
+    if current is None or current == head:
+        return None
+    return backup_database(url, out_dir, current)

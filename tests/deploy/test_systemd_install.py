@@ -175,3 +175,70 @@ def test_installing_an_api_key_removes_the_offline_drop_in(tmp_path: Path, proje
     assert done.returncode == 0, done.stderr
     assert not (root / "etc/systemd/system/autoresearch.service.d/10-no-api-key.conf").exists()
     assert key.read_text() == "sk-test\n"
+
+
+@pytest.fixture(scope="module")
+def next_wheel(tmp_path_factory: pytest.TempPathFactory, project_wheel: Path) -> Path:
+    """A second, different wheel of this checkout (one more module): what an upgrade installs."""
+    src = tmp_path_factory.mktemp("src-next")
+    for name in ("pyproject.toml", "daemon", "sandbox", "trainer"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, src / name)
+    (src / "daemon" / "_next_release.py").write_text('"""Marks the next release in the upgrade test."""\n')
+    out = tmp_path_factory.mktemp("wheel-next")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(src)], check=True, capture_output=True, timeout=300)
+    return next(out.glob("*.whl"))
+
+
+def _site(venv: Path) -> Path:
+    return next(venv.glob("lib/python*/site-packages"))
+
+
+@needs_root
+def test_upgrade_installs_beside_the_running_version_and_records_it(tmp_path: Path, project_wheel: Path,
+                                                                      next_wheel: Path) -> None:
+    """An upgrade installs into a new versioned venv, then moves the link; the old venv stays intact."""
+    root = _fake_root(tmp_path)
+    assert _install("--package", str(project_wheel), root=root, env=OFFLINE_PIP).returncode == 0
+    opt = root / "opt/autoresearch"
+    first = (opt / "venv").resolve()
+    done = _install("--package", str(next_wheel), root=root, env=OFFLINE_PIP)
+    assert done.returncode == 0, done.stdout + done.stderr
+    second = (opt / "venv").resolve()
+    assert first != second and (opt / "venv").is_symlink()
+    assert (_site(second) / "daemon" / "_next_release.py").exists()
+    assert not (_site(first) / "daemon" / "_next_release.py").exists(), "the old version is untouched"
+    assert (opt / "previous").read_text().strip() == first.name
+    shebang = (first / "bin" / "autoresearch").read_text().splitlines()[0]
+    assert shebang.startswith(f"#!{first}/bin/python"), "the previous version still runs from its own folder"
+    assert f"upgraded from {first.name}" in done.stdout
+
+
+@needs_root
+def test_rollback_plan_migrates_down_then_moves_the_link_back(tmp_path: Path, project_wheel: Path,
+                                                              next_wheel: Path) -> None:
+    """--rollback (dry run) migrates the database down to the previous version's head, then relinks."""
+    from daemon.store.migrate import head_revision
+
+    root = _fake_root(tmp_path)
+    assert _install("--package", str(project_wheel), root=root, env=OFFLINE_PIP).returncode == 0
+    first = (root / "opt/autoresearch/venv").resolve().name
+    assert _install("--package", str(next_wheel), root=root, env=OFFLINE_PIP).returncode == 0
+    done = _install("--rollback", "--dry-run", root=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    downgrade = next(i for i, line in enumerate(lines)
+                     if "db\\ downgrade" in line and line.endswith(f" {head_revision()}"))
+    relink = next(i for i, line in enumerate(lines) if "ln -sfn" in line and first in line)
+    assert downgrade < relink
+
+
+def test_rollback_without_an_upgrade_is_refused(tmp_path: Path) -> None:
+    """--rollback with no recorded previous version says so and changes nothing."""
+    root = _fake_root(tmp_path)
+    done = _install("--rollback", "--dry-run", root=root)
+    assert done.returncode == 1 and "no previous version recorded" in done.stderr

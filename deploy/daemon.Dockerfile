@@ -5,8 +5,8 @@
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/*
-# The daemon never trains: the CPU torch wheel keeps the image small (the trainer image has CUDA).
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch
+# The daemon never trains: no torch at all (the trainer image has it; the package's `local` extra is not
+# installed here).
 COPY pyproject.toml /tmp/build/pyproject.toml
 COPY daemon /tmp/build/daemon
 COPY sandbox /tmp/build/sandbox

@@ -10,7 +10,8 @@ tokenizer on the train split, pre-tokenize both splits into flat token files, an
 Container side (everything else): `load_tokenizer`, `TokenLoader`, `token_byte_lengths`,
 `evaluate_bpb`, and the checkpoint format (`export_checkpoint` / `load_checkpoint`).
 Inside the container only torch, numpy and tiktoken exist: `tokenizers`, `pyarrow` and the
-download code are imported lazily by the host-only functions that need them.
+download code are imported lazily by the host-only functions that need them. The host of a Docker or
+Slurm install has no torch at all (it never trains): the host side needs none.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import tiktoken
-import torch
+
+try:
+    import torch
+except ImportError:  # a Docker/Slurm host: only the data preparation runs here, and it needs no torch
+    torch = None  # type: ignore[assignment]
 
 # The torch-free names live in trainer.layout; they are re-exported here for train.py.
 from trainer.checkpoint_check import UnsafeCheckpoint, check_program
@@ -686,13 +691,18 @@ def row_pairs(tokens: np.ndarray | torch.Tensor, seq_len: int = SEQ_LEN) -> tupl
     return data[:rows * seq_len].view(rows, seq_len), data[1:rows * seq_len + 1].view(rows, seq_len)
 
 
-@torch.no_grad()
 def evaluate_bpb(model: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray | torch.Tensor,
                  token_bytes: torch.Tensor, seq_len: int = SEQ_LEN, batch_size: int = EVAL_BATCH_SIZE,
                  device: str | torch.device = "cpu") -> float:
     """val_bpb = sum of target nats / (ln 2 × sum of target UTF-8 bytes); zero-byte (special) targets
     are excluded from both sums. `tokens` holds either a stream of rows × seq_len + 1 ids or rows of
     seq_len + 1 ids (eval_token_window's shape); `model` maps (B, T) int64 ids to (B, T, V) logits."""
+    with torch.no_grad():
+        return _evaluate_bpb(model, tokens, token_bytes, seq_len, batch_size, device)
+
+
+def _evaluate_bpb(model: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray | torch.Tensor,
+                  token_bytes: torch.Tensor, seq_len: int, batch_size: int, device: str | torch.device) -> float:
     inputs, targets = row_pairs(tokens, seq_len)
     rows = len(inputs)
     token_bytes = token_bytes.to(device)

@@ -28,11 +28,16 @@ def check_python() -> Check:
     return Check("python", OK, f"{version} ({sys.executable})")
 
 
-def check_torch() -> Check:
+def check_torch(backend: str = "local") -> Check:
+    """torch on this host: needed only by the local backend; with Docker or Slurm the trainer image has it."""
     try:
         import torch
     except ImportError:
-        return Check("torch", FAIL, "not installed", "pip install torch==2.13.0 (CPU) or a CUDA build on GPU servers")
+        if backend in ("docker", "slurm", "auto"):
+            return Check("torch", OK, f"not installed on the host: not needed (the {backend} backend trains in "
+                                      "the trainer image)")
+        return Check("torch", FAIL, "not installed: the local backend trains on this host",
+                     "pip install 'autoresearch-daemon[local]' (development), or use the docker backend")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         return Check("torch", OK, f"{torch.__version__}, CUDA {torch.version.cuda}: {names}")
@@ -132,7 +137,7 @@ def _slurm_checks(settings: Settings) -> list[Check]:
 def run_checks(settings: Settings) -> list[Check]:
     runners: list[Callable[[], Check | list[Check]]] = [
         check_python,
-        check_torch,
+        lambda: check_torch(settings.sandbox.backend),
         lambda: check_docker(settings),
         lambda: check_database(settings),
         lambda: check_metrics_port(settings),

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
@@ -113,6 +114,10 @@ def choose_backend(settings: Settings, *, daemon: bool) -> Backend:
                                    slurm=slurm_options(settings) if kind == "slurm" else None)
     except BackendUnavailable as exc:
         raise AutoresearchError(str(exc), hint="see `autoresearch doctor`") from None
+    if backend.name == "local" and importlib.util.find_spec("torch") is None:
+        raise ConfigError("the local backend trains on this host, and torch is not installed here",
+                          hint="pip install 'autoresearch-daemon[local]' (development only), or use the docker "
+                               "backend: the trainer image holds torch, the host needs none")
     if backend.name == "local" and kind == "auto":
         if daemon:
             raise ConfigError(

@@ -122,7 +122,7 @@ def test_killed_holder_frees_the_lock(holder: tuple[subprocess.Popen[str], str],
 
 def test_cli_once_beside_a_holder_refuses_with_a_clear_message(
         holder: tuple[subprocess.Popen[str], str], url: str, tmp_path: Path, run_cli) -> None:
-    """`autoresearch once` while another process holds the lock exits 1 and names the holder; nothing runs."""
+    """`autoresearch once` while another process holds the lock exits 8 (locked) and names the holder; nothing runs."""
     _process, owner = holder
     from daemon.research.workspace import Workspace
 
@@ -131,7 +131,7 @@ def test_cli_once_beside_a_holder_refuses_with_a_clear_message(
            "AUTORESEARCH_WORKSPACE": str(workspace.root), "AUTORESEARCH_SANDBOX__BACKEND": "local",
            "AUTORESEARCH_METRICS__PORT": "0", "PATH": os.environ["PATH"]}
     done = run_cli("once", "-n", "0", env=env, cwd=workspace.root)
-    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.returncode == 8, done.stdout + done.stderr
     scope = "" if url.startswith("sqlite") else " for instance 'lab-1'"
     assert f"another autoresearch daemon already runs{scope} on this database" in done.stderr
     assert owner in done.stderr

@@ -135,7 +135,12 @@ class Service:
         self.orphans = ()
         notifier.status(f"session {record.id} running")
         try:
-            summary = session.run(stop)
+            try:
+                summary = session.run(stop)
+            except BaseException:
+                runtime.metrics.session_ended("failed")  # the session recorded itself `failed` and re-raised
+                raise
+            runtime.metrics.session_ended(summary.status)
             log.info("session done", session=summary.session_id, reason=summary.stop_reason, status=summary.status)
             if self.settings.report.on_session_end:
                 from daemon.ops.morning import finish_session

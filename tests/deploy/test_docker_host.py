@@ -16,7 +16,6 @@ import pytest
 from daemon.ops.health_metrics import local_docker_root
 from sandbox import docker_available
 
-
 REQUEST_LINE = re.compile(rb"(?:GET|POST|PUT|DELETE|HEAD) \S+ HTTP/1\.[01]")
 
 

@@ -366,3 +366,36 @@ def test_heartbeat_rejects_nonpositive_limit() -> None:
     """A zero heartbeat limit is refused with a clear message."""
     with pytest.raises(ValueError, match="positive"):
         Heartbeat(0)
+
+
+def test_scheduler_gives_the_window_its_end_so_the_gauge_outlives_the_session() -> None:
+    """A daemon started inside a window: the scheduler passes start and end, window_open stays 1 after the session."""
+    from zoneinfo import ZoneInfo
+
+    from daemon.config import IdleConfig, SchedulerConfig, WindowConfig
+    from daemon.service.scheduler import Scheduler
+    from sandbox.gpu import NoGpuProbe
+
+    berlin = ZoneInfo("Europe/Berlin")
+    now = datetime(2026, 11, 5, 3, 0, tzinfo=berlin)  # Thursday 03:00, inside Wednesday's 22:00 + 9 h window
+
+    class Clock:
+        def now(self) -> datetime:
+            return now
+
+        def sleep(self, seconds: float) -> None:
+            pass
+
+    metrics = Metrics(wall_clock=lambda: now.timestamp())
+    config = SchedulerConfig(timezone="Europe/Berlin", idle=IdleConfig(),
+                             windows=[WindowConfig(cron="0 22 * * mon-fri", hours=9, name="weeknights")])
+    scheduler = Scheduler(config, Clock(), NoGpuProbe(), on_window_open=lambda window: None,
+                          on_gpu_joined=lambda uuid: None, own_pids=set, metrics=metrics)
+    try:
+        scheduler.start()
+    finally:
+        scheduler.shutdown()
+    metrics.window(False)  # the session died at once
+    value = metrics.registry.get_sample_value
+    assert value("autoresearch_window_open") == 1
+    assert value("autoresearch_window_end_timestamp_seconds") == datetime(2026, 11, 5, 7, 0, tzinfo=berlin).timestamp()

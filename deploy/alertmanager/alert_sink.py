@@ -10,9 +10,10 @@ Standard library only (it runs in the daemon's image, or with any python3 >= 3.1
                      {"text": "..."} (Slack, Mattermost, Rocket.Chat and most chat bridges take that);
                      a failed forward answers 502, so Alertmanager retries and logs it.
 - GET /              the last alerts, newest first, as plain text.
-- GET /healthz       200 while the always-firing AutoresearchAlertingHeartbeat arrives at least every
-                     ALERT_SINK_HEARTBEAT_MAX_AGE_S (900 s); 503 when it stops: Prometheus, Alertmanager
-                     or the route between them is broken, and no alert would reach anyone.
+- GET /healthz       200 while the always-firing AutoresearchAlertingHeartbeat (every 5-6 min) arrives at
+                     least every ALERT_SINK_HEARTBEAT_MAX_AGE_S (1200 s: three heartbeats may be late); 503
+                     when it stops: Prometheus, Alertmanager or the route between them is broken, and no
+                     alert would reach anyone.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def main() -> int:
     listen = os.environ.get("ALERT_SINK_LISTEN", "127.0.0.1:9095")
     host, _, port = listen.rpartition(":")
     try:
-        max_age = float(os.environ.get("ALERT_SINK_HEARTBEAT_MAX_AGE_S", "900"))
+        max_age = float(os.environ.get("ALERT_SINK_HEARTBEAT_MAX_AGE_S", "1200"))
         server = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)),
                                      handler_for(Sink(max_age, os.environ.get("ALERT_SINK_FORWARD_URL", ""))))
     except (ValueError, OSError) as exc:

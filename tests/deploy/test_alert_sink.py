@@ -115,3 +115,21 @@ def test_a_failed_forward_answers_502_so_alertmanager_retries(serve_sink: Any) -
     url = serve_sink(sink)
     assert _post(url + "/critical", json.dumps(_body("critical", "AutoresearchDaemonDown")).encode()) == 502
     assert _post(url + "/heartbeat", json.dumps(_body("heartbeat", "AutoresearchAlertingHeartbeat")).encode()) == 200
+
+
+def _seconds(duration: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return int(duration[:-1]) * units[duration[-1]]
+
+
+def test_heartbeat_repeats_well_within_the_sinks_limit() -> None:
+    """The heartbeat route repeats (group_interval + repeat_interval) at most a third of the sink's max age in compose,
+    so one lost notification never marks the path broken."""
+    import yaml
+
+    deploy = SCRIPT.parents[1]
+    config = yaml.safe_load((deploy / "alertmanager" / "alertmanager.compose.yml").read_text())
+    route = next(r for r in config["route"]["routes"] if r["matchers"] == ['severity="heartbeat"'])
+    limit = float(yaml.safe_load((deploy / "compose.yaml").read_text())["services"]["alert-sink"]["environment"]
+                  ["ALERT_SINK_HEARTBEAT_MAX_AGE_S"])
+    assert 3 * (_seconds(route["group_interval"]) + _seconds(route["repeat_interval"])) <= limit

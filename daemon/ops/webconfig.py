@@ -44,6 +44,7 @@ class WebConfig:
     users: dict[str, bytes] = field(default_factory=dict)
     _verified: set[bytes] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _checking: threading.Lock = field(default_factory=threading.Lock)
 
     def authorized(self, header: str | None) -> bool:
         """Whether an `Authorization` header carries a configured user and its password (always, without users)."""
@@ -65,8 +66,10 @@ class WebConfig:
                 return True
         import bcrypt
 
-        if not bcrypt.checkpw(password.encode(), hashed):
-            return False
+        # One check at a time: a flood of wrong passwords costs one core, not all of them.
+        with self._checking:
+            if not bcrypt.checkpw(password.encode(), hashed):
+                return False
         with self._lock:
             self._verified.add(key)
         return True

@@ -333,6 +333,11 @@ class SchedulerConfig(_Section):
 class MetricsConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=0, le=65535)
+    web_config_file: Path | None = Field(
+        None, description="TLS and basic auth for /metrics, / and /status.json: a web-config file in the format "
+        "of Prometheus' exporters (tls_server_config, basic_auth_users); unset = plain HTTP")
+    database_dir: Path | None = Field(
+        None, description="Postgres' data directory when it lives on this host: the disk alert watches it too")
 
 
 class ReportConfig(_Section):

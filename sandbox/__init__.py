@@ -80,6 +80,14 @@ Not covered:
   quarantine the GPU otherwise, but cannot scrub it).
 - Timing-based covert channels, CPU cache side channels, and the page cache of the read-only mounts.
 - Denial of service of the Docker engine itself through its API (the daemon alone talks to it).
+- The daemon itself. Its access to the Docker engine (the `docker` group of the systemd unit, the socket
+  mounted read-write into the compose daemon) is root on the engine's host: anything that controls the
+  daemon's process (a bug in it, its account, its config or code directory) can start a privileged container
+  with `/` mounted. The sandbox protects the host from the candidate, not from the daemon; the unit's
+  hardening and its `systemd-analyze security` score do not see this. Narrower: rootless Docker through
+  DOCKER_HOST (the engine, and so the socket, is worth the daemon's own user), or a socket proxy that
+  limits the API (a URL filter still lets a privileged container be created; only an authorization plugin
+  that checks the create request closes that). deploy/README.md, "The Docker socket".
 
 The Slurm backend (a lab cluster) runs the very same container on the compute node's Docker engine,
 one Slurm job per stage, so everything above holds on the node; in addition the job's time limit bounds

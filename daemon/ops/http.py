@@ -9,6 +9,10 @@ Wiring, in the `run` command:
     ... server.url, server.port (port 0 = an ephemeral port, for tests) ...
     server.close()
 
+With `web_config` (a web-config file in the format of Prometheus' exporters, daemon.ops.webconfig) the
+server speaks TLS and asks for basic auth on every path but `/healthz` (liveness probes carry no
+credentials; it says only "ok" or why not).
+
 `/healthz` answers 200 only when `db_ping()` returns without raising AND the heartbeat is fresh;
 otherwise 503 with the reason as plain text. The server runs in daemon threads and never raises into
 the loop: a failing status page answers 500 with a short message.
@@ -18,17 +22,20 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from daemon.errors import AutoresearchError
 from daemon.ops.logs import get_logger
+from daemon.ops.webconfig import WebConfig, load_web_config
 
 log = get_logger("autoresearch.http")
 
@@ -83,6 +90,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path != "/healthz" and not self.server.web_config.authorized(self.headers.get("Authorization")):
+            body = b"unauthorized\n"
+            self.send_response(HTTPStatus.UNAUTHORIZED)
+            self.send_header("WWW-Authenticate", 'Basic realm="autoresearch", charset="UTF-8"')
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if path == "/metrics":
             self._send(HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
         elif path == "/healthz":
@@ -137,13 +153,35 @@ class _DaemonHTTPServer(ThreadingHTTPServer):
         heartbeat: Heartbeat,
         status_page: Callable[[], str] | None,
         status_json: Callable[[], dict[str, Any]] | None = None,
+        web_config: WebConfig | None = None,
     ) -> None:
+        self.web_config = web_config if web_config is not None else WebConfig()
         self.registry = registry
         self.db_ping = db_ping
         self.heartbeat = heartbeat
         self.status_page = status_page
         self.status_json = status_json
         super().__init__(address, _Handler)
+
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, in the request's own thread: a slow or silent client cannot stall accept().
+        context = self.web_config.ssl_context
+        if context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(_TLS_HANDSHAKE_TIMEOUT_S)
+        try:
+            wrapped = context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):  # a plain-HTTP client, a port scan, a bad client certificate
+            return
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            wrapped.close()
+
+
+_TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class _DaemonHTTPServer6(_DaemonHTTPServer):
@@ -169,7 +207,8 @@ class DaemonHTTPServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self._server.web_config.ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def close(self) -> None:
         self._server.shutdown()
@@ -186,11 +225,14 @@ def start_http_server(
     heartbeat: Heartbeat,
     status_page: Callable[[], str] | None = None,
     status_json: Callable[[], dict[str, Any]] | None = None,
+    web_config: Path | None = None,
 ) -> DaemonHTTPServer:
-    """Bind and serve in a background thread; a taken port raises `AutoresearchError` with the fix."""
+    """Bind and serve in a background thread; a taken port raises `AutoresearchError` with the fix, a bad
+    `web_config` file `ConfigError`."""
+    loaded = load_web_config(web_config) if web_config is not None else None
     server_class = _DaemonHTTPServer6 if ":" in host else _DaemonHTTPServer
     try:
-        server = server_class((host, port), registry, db_ping, heartbeat, status_page, status_json)
+        server = server_class((host, port), registry, db_ping, heartbeat, status_page, status_json, loaded)
     except OSError as exc:
         raise AutoresearchError(
             f"cannot serve metrics on {host}:{port}: {exc.strerror}",

@@ -4,7 +4,11 @@ Every name and label set is pinned in docs/contracts.md ("Metrics"). The researc
 prometheus_client objects; it calls the methods of one `Metrics` instance:
 
     metrics = Metrics(training_budget_s=settings.training.time_budget_s, cost_cap_usd=...)
-    metrics.window(active=True, started_at=window.start)           # window opened / closed
+    metrics.window(True, window.start, window.end)                  # the scheduler opened a window
+    metrics.window(False)                                           # its session ended (the window may not)
+    metrics.session_ended("failed")                                 # completed | interrupted | failed
+    metrics.watch_disks({"workspace": path, "images": docker_root})  # free bytes, read at scrape time
+    metrics.database_up(store.ping() is not False)                  # or DatabasePinger in the background
     metrics.lane_busy("gpu0", True) ... metrics.lane_busy("gpu0", False)
     metrics.stage_finished("train", seconds=312.4, overhead_s=1.9)
     metrics.experiment_finished("candidate", "kept", "gpu0", val_bpb=0.991, duration_s=340.0)
@@ -28,13 +32,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from daemon.ops.health_metrics import DatabaseUp, DiskSpace, WindowClock
+
 PREFIX = "autoresearch_"
 AGENT_TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
+SESSION_STATUSES = ("completed", "interrupted", "failed")
 
 # Experiments last minutes (budget 5 min + start-up + eval); stages from seconds to the budget.
 _EXPERIMENT_BUCKETS = (30, 60, 120, 180, 240, 300, 360, 420, 600, 900, 1200, 1800, 3600)
@@ -63,6 +71,16 @@ class _LaneBusyTime(Collector):
         self._lock = threading.Lock()
         self._accumulated: dict[str, float] = {}
         self._busy_since: dict[str, float] = {}
+        self._idle_since: dict[str, float] = {}
+
+    def register(self, lane: str) -> None:
+        """Show the lane (at 0 busy seconds) before its first experiment: a night whose lanes never ran
+        must still show them idle, not absent."""
+        now = self._monotonic()
+        with self._lock:
+            self._accumulated.setdefault(lane, 0.0)
+            if lane not in self._busy_since:
+                self._idle_since.setdefault(lane, now)
 
     def set_busy(self, lane: str, busy: bool) -> None:
         now = self._monotonic()
@@ -73,17 +91,25 @@ class _LaneBusyTime(Collector):
                 self._accumulated[lane] += now - since
             if busy:
                 self._busy_since[lane] = now
+                self._idle_since.pop(lane, None)
+            elif since is not None or lane not in self._idle_since:
+                self._idle_since[lane] = now
 
     def collect(self) -> Iterable[Metric]:
         now = self._monotonic()
         family = CounterMetricFamily(
             f"{PREFIX}lane_busy_seconds", "Seconds each lane spent running an experiment", labels=["lane"]
         )
+        idle = GaugeMetricFamily(f"{PREFIX}lane_idle_seconds",
+                                 "Seconds since the lane last ran an experiment (0 while it runs one)", labels=["lane"])
         with self._lock:
             for lane, seconds in sorted(self._accumulated.items()):
                 since = self._busy_since.get(lane)
                 family.add_metric([lane], seconds + (now - since if since is not None else 0.0))
+                idle_since = self._idle_since.get(lane)
+                idle.add_metric([lane], now - idle_since if since is None and idle_since is not None else 0.0)
         yield family
+        yield idle
 
 
 class _KnownGauge(Collector):
@@ -127,6 +153,7 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        db_stale_after_s: float = 60.0,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._wall_clock = wall_clock
@@ -171,7 +198,17 @@ class Metrics:
         self.gpu_quarantined_gauge = Gauge(
             f"{p}gpu_quarantined", "1 while the GPU is withheld from experiments", ["gpu"], registry=reg
         )
-        self.window_active = Gauge(f"{p}window_active", "1 while a research window is open", registry=reg)
+        self.window_active = Gauge(f"{p}window_active", "1 while a window's research session runs", registry=reg)
+        self._window_clock = WindowClock(wall_clock)
+        reg.register(self._window_clock)
+        self.sessions_ended = Counter(f"{p}sessions_ended", "Research sessions ended, by status", ["status"],
+                                      registry=reg)
+        for status in SESSION_STATUSES:  # at 0 from the start: increase() sees the first failure
+            self.sessions_ended.labels(status)
+        self._db_up = DatabaseUp(stale_after_s=db_stale_after_s, monotonic=monotonic)
+        reg.register(self._db_up)
+        self._disks = DiskSpace()
+        reg.register(self._disks)
         self.smoke_runs = Counter(f"{p}smoke_runs", "Smoke runs of candidates, by outcome (passed/crashed/...)",
                                   ["outcome"], registry=reg)
         self.smoke_seconds = Histogram(f"{p}smoke_run_seconds", "Wall time of one smoke run (train + eval check)",
@@ -197,10 +234,6 @@ class Metrics:
         )
         self.last_improvement_ts = Gauge(
             f"{p}last_improvement_timestamp_seconds", "Unix time the best val_bpb last improved", registry=reg
-        )
-        self.window_started_ts = Gauge(
-            f"{p}window_started_timestamp_seconds", "Unix time the current window opened (0 when closed)",
-            registry=reg,
         )
         self.training_budget_seconds = Gauge(
             f"{p}training_budget_seconds", "Training wall-clock budget per experiment", registry=reg
@@ -242,6 +275,8 @@ class Metrics:
     def lane_info(self, lane: str, gpu_uuid: str | None, gpu_index: int | None) -> None:
         """Tie a lane to its GPU (`none` for a CPU lane or an unknown index)."""
         self.lane_info_gauge.labels(lane, gpu_uuid or "none", "none" if gpu_index is None else str(gpu_index)).set(1)
+        self.lane_busy_gauge.labels(lane).set(0)
+        self._lane_busy_time.register(lane)
 
     def lane_busy(self, lane: str, busy: bool) -> None:
         """A lane started (True) or stopped (False) running an experiment."""
@@ -272,10 +307,27 @@ class Metrics:
         if latency_s is not None:
             self.agent_latency.labels(provider).observe(latency_s)
 
-    def window(self, active: bool, started_at: datetime | None = None) -> None:
-        """A window opened (with its start time) or closed."""
+    def window(self, active: bool, started_at: datetime | None = None, ends_at: datetime | None = None) -> None:
+        """The scheduler opened a window (its start and end), or the window's session ended (`False`).
+
+        Ending the session leaves the calendar window (`autoresearch_window_open`, its start and end
+        timestamps) as it is: a session that dies at 22:05 still leaves a window open until 07:00.
+        """
         self.window_active.set(1 if active else 0)
-        self.window_started_ts.set(started_at.timestamp() if active and started_at is not None else 0)
+        if active and started_at is not None:
+            self._window_clock.open(started_at, ends_at)
+
+    def session_ended(self, status: str) -> None:
+        """A research session ended: completed, interrupted or failed."""
+        self.sessions_ended.labels(status).inc()
+
+    def database_up(self, answered: bool) -> None:
+        """The result of one database ping (`DatabasePinger` calls this every few seconds)."""
+        self._db_up.record(answered)
+
+    def watch_disks(self, paths: dict[str, Path | str | None]) -> None:
+        """Report free space for these directories, by what they hold (workspace, runs, images, database)."""
+        self._disks.watch(paths)
 
     def best(self, val_bpb: float, improved_at: datetime | None = None) -> None:
         """The session's best changed (baseline or a kept candidate)."""

@@ -5,18 +5,27 @@ and, with `WatchdogSec=`, the deadline in `WATCHDOG_USEC` (plus `WATCHDOG_PID`, 
 meant for). Without `NOTIFY_SOCKET` (a terminal, tests, containers) every call is a no-op.
 
     notifier = SystemdNotifier.from_environ()
+    with notifier.extending_start("migrating, reconciling"):   # EXTEND_TIMEOUT_USEC while start-up is slow
+        runtime = open_runtime(...)
     notifier.ready("window closed; next at 22:00")
     watchdog = notifier.start_watchdog(alive=heartbeat.fresh)    # pings only while the loop is alive
     ...
-    notifier.stopping(); watchdog.stop()
+    notifier.stopping(); notifier.extend_timeout(grace_s + 60)      # SIGTERM: the stop grace may outlast TimeoutStopSec
+    watchdog.stop()
+
+EXTEND_TIMEOUT_USEC (systemd >= 236) pushes the start or stop timeout to "now + usec" when that is later.
+Start-up extends in steps while it makes progress, with a ceiling (`max_total_s`): a start-up that hangs
+still hits a timeout, only later than TimeoutStartSec.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 from daemon.errors import ConfigError
 from daemon.ops.logs import get_logger
@@ -96,6 +105,40 @@ class SystemdNotifier:
 
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={_one_line(text)}")
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """EXTEND_TIMEOUT_USEC: systemd's current start/stop timeout ends no earlier than `seconds` from now."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={max(int(seconds * 1e6), 1)}")
+
+    @contextlib.contextmanager
+    def extending_start(self, status: str, step_s: float = 90.0, max_total_s: float = 3600.0,
+                        monotonic: Callable[[], float] = time.monotonic) -> Iterator[None]:
+        """While the block runs (migrations, reconciliation, waiting for the database), keep pushing the
+        start timeout `step_s` ahead, every `step_s / 3`, for at most `max_total_s` in all."""
+        if self.address is None:
+            yield
+            return
+        self.status(status)
+        done = threading.Event()
+        deadline = monotonic() + max_total_s
+
+        def extend() -> None:
+            while True:
+                left = deadline - monotonic()
+                if left <= 0:
+                    log.warning("start-up still running; no more timeout extensions", limit_s=max_total_s)
+                    return
+                self.extend_timeout(min(step_s, left))
+                if done.wait(step_s / 3):
+                    return
+
+        thread = threading.Thread(target=extend, name="autoresearch-extend-start", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=5)
 
     def start_watchdog(self, alive: Callable[[], bool]) -> WatchdogPinger:
         """Ping WATCHDOG=1 every half deadline while `alive()` is true (a hung loop gets restarted)."""

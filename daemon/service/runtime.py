@@ -17,6 +17,7 @@ from typing import Any
 from daemon.agents import Agent, SystemClock, make_agent
 from daemon.config import Settings
 from daemon.errors import AutoresearchError, ConfigError
+from daemon.ops.health_metrics import DatabasePinger, local_docker_root
 from daemon.ops.http import DaemonHTTPServer, Heartbeat, start_http_server
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -86,10 +87,13 @@ class Runtime:
     server: DaemonHTTPServer | None = None
     cost_since: datetime = field(default_factory=lambda: SystemClock().now())
     lock: DaemonLock | None = None
+    db_pinger: DatabasePinger | None = None
 
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.db_pinger is not None:
+            self.db_pinger.stop()
         close = getattr(self.store, "close", None)
         if close is not None:
             close()
@@ -238,6 +242,12 @@ def open_runtime(settings: Settings, *, daemon: bool, probe: GpuProbe | None = N
         runtime.server = start_http_server(settings.metrics.host, settings.metrics.port, metrics.registry,
                                            db_ping=store.ping, heartbeat=heartbeat,
                                            status_page=lambda: render_status_page(store, live),
-                                           status_json=lambda: status_data(store, live, facts))
+                                           status_json=lambda: status_data(store, live, facts),
+                                           web_config=settings.metrics.web_config_file)
         log.info("metrics endpoint", url=runtime.server.url)
+        # For the alerts on a failing night: disk where runs, images and the database live; the database's pulse.
+        metrics.watch_disks({"workspace": workspace.root, "runs": workspace.runs_dir, "data": settings.data_dir,
+                             "images": local_docker_root() if backend.name == "docker" else None,
+                             "database": settings.metrics.database_dir})
+        runtime.db_pinger = DatabasePinger(store.ping, metrics.database_up, interval_s=15.0)
     return runtime

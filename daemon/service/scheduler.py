@@ -204,7 +204,7 @@ class Scheduler:
             return
         log.info("window open", window=window.name, start=window.start.isoformat(), end=window.end.isoformat())
         if self._metrics is not None:
-            self._metrics.window(True, window.start)
+            self._metrics.window(True, window.start, window.end)
         self._on_window_open(window)
 
     def start(self) -> Window | None:

@@ -25,6 +25,7 @@ from daemon.service.runtime import Runtime, open_runtime
 from daemon.service.scheduler import Scheduler, SystemClock, Window
 
 log = get_logger("autoresearch.service")
+STOP_RECORD_S = 60.0  # after the stop grace: record the runs, close the store (the unit's TimeoutStopSec = grace + 60)
 
 
 def loop_alive(heartbeat: Heartbeat, watchdog_interval_s: float | None) -> bool:
@@ -67,6 +68,8 @@ class Service:
         if not self.shutdown.is_set():  # STOPPING=1 at once: systemd shows "deactivating" during the grace
             self.notifier.stopping(f"{signal.Signals(signum).name}: finishing the running experiments "
                                    f"(grace {self.settings.scheduler.grace_s:g} s)")
+            # The grace, plus time to record the runs, even where TimeoutStopSec was left shorter.
+            self.notifier.extend_timeout(self.settings.scheduler.grace_s + STOP_RECORD_S)
         self.shutdown.set()
         stop = self.current_stop
         if stop is not None:
@@ -136,7 +139,12 @@ class Service:
         self.orphans = ()
         notifier.status(f"session {record.id} running")
         try:
-            summary = session.run(stop)
+            try:
+                summary = session.run(stop)
+            except BaseException:
+                runtime.metrics.session_ended("failed")  # the session recorded itself `failed` and re-raised
+                raise
+            runtime.metrics.session_ended(summary.status)
             log.info("session done", session=summary.session_id, reason=summary.stop_reason, status=summary.status)
             if self.settings.report.on_session_end:
                 from daemon.ops.morning import finish_session
@@ -151,7 +159,9 @@ class Service:
 
 
 def serve(settings: Settings) -> int:
-    runtime = open_runtime(settings, daemon=True)
+    # Migrations, reconciliation and a database still starting may outlast TimeoutStartSec: extend it meanwhile.
+    with SystemdNotifier.from_environ().extending_start("starting: database, migrations, reconciliation"):
+        runtime = open_runtime(settings, daemon=True)
     service = Service(runtime)
     previous = {sig: signal.signal(sig, service.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

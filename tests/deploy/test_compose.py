@@ -25,9 +25,29 @@ def _env_example() -> dict[str, str]:
     return {key: value for key, value in pairs}
 
 
-def test_stack_has_the_five_services() -> None:
-    """postgres, daemon, prometheus, alertmanager and grafana are defined."""
-    assert set(_compose()["services"]) == {"postgres", "daemon", "prometheus", "alertmanager", "grafana"}
+def test_stack_has_the_six_services() -> None:
+    """postgres, daemon, prometheus, alertmanager, its alert-sink and grafana are defined."""
+    assert set(_compose()["services"]) == {"postgres", "daemon", "prometheus", "alertmanager", "alert-sink",
+                                           "grafana"}
+
+
+def test_alertmanager_ships_a_receiver_reachable_on_the_stack_network() -> None:
+    """As shipped, Alertmanager loads alertmanager.compose.yml, whose every webhook is the alert-sink service
+    (not its own loopback), and alert-sink runs the script of this repository on the port they name."""
+    services = _compose()["services"]
+    volume = next(v for v in services["alertmanager"]["volumes"] if v.endswith(":/etc/alertmanager/alertmanager.yml:ro"))
+    default = re.fullmatch(r"\$\{ALERTMANAGER_CONFIG:-([^}]+)\}", volume.split(":/etc", 1)[0])
+    assert default is not None, volume
+    config = yaml.safe_load((DEPLOY / default.group(1)).read_text())
+    urls = [hook["url"] for receiver in config["receivers"] for hook in receiver.get("webhook_configs", [])]
+    assert urls and all(url.startswith("http://alert-sink:9095/") for url in urls), urls
+    sink = services["alert-sink"]
+    assert sink["environment"]["ALERT_SINK_LISTEN"] == "0.0.0.0:9095"
+    script = next(v for v in sink["volumes"] if v.startswith("./"))
+    assert (DEPLOY / script.split(":", 1)[0]).is_file()
+    assert script.split(":")[1] == sink["entrypoint"][-1]
+    assert "alert-sink" in services["alertmanager"]["depends_on"]
+    assert "http://127.0.0.1:9095/healthz" in " ".join(sink["healthcheck"]["test"])
 
 
 def test_every_variable_is_documented_in_env_example() -> None:
@@ -53,6 +73,8 @@ def test_daemon_gets_docker_socket_gpus_and_the_api_key_secret() -> None:
     """The daemon mounts the host's Docker socket, reserves the GPUs and reads the key from a secret file."""
     daemon = _compose()["services"]["daemon"]
     assert "/var/run/docker.sock:/var/run/docker.sock" in daemon["volumes"]
+    # ...or another engine (a socket proxy, rootless Docker) through DOCKER_HOST, the host's socket by default.
+    assert daemon["environment"]["DOCKER_HOST"] == "${DOCKER_HOST:-unix:///var/run/docker.sock}"
     devices = daemon["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert daemon["environment"]["AUTORESEARCH_AGENT__API_KEY_FILE"] == "/run/secrets/anthropic_api_key"

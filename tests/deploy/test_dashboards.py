@@ -42,9 +42,17 @@ PROVISIONING = REPO / "grafana" / "provisioning"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 # Alerts of a healthy short session: their expressions must evaluate (rule health "ok") and be empty.
 EXPECTED_EMPTY_ALERTS = {
-    "AutoresearchDaemonDown", "AutoresearchNoExperimentFinished", "AutoresearchConsecutiveCrashes",
-    "AutoresearchGpuQuarantined", "AutoresearchCostCapReached", "AutoresearchNoImprovementTonight",
+    "AutoresearchDaemonDown", "AutoresearchDaemonAbsent",
+    "AutoresearchSessionFailed", "AutoresearchConsecutiveCrashes", "AutoresearchGpuIdleInWindow",
+    "AutoresearchDatabaseUnreachable", "AutoresearchDiskLow", "AutoresearchDiskAlmostFull",
+    "AutoresearchAgentErrors", "AutoresearchGpuQuarantined", "AutoresearchCostCapReached",
+    "AutoresearchNoImprovementTonight",
 }
+# ...and the one that always fires, on purpose (the alert path's heartbeat).
+ALWAYS_FIRING_ALERTS = {"AutoresearchAlertingHeartbeat"}
+# The session ends (SIGTERM) inside its 1 h window: "window open, nothing finishing" may hold by then, as it
+# should (the window outlives its session); its `for:` keeps it from firing within the test.
+ARMED_AFTER_THE_SESSION = {"AutoresearchNoExperimentFinished"}
 # Grafana's interval variables, given the values Grafana would pick for a short range; $instance = All.
 GRAFANA_INTERVALS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "10m", "$instance": ".*"}
 GPU_UUID = "GPU-00000000-0000-0000-0000-00000000test"
@@ -328,10 +336,15 @@ def test_every_promql_query_returns_data(live_prometheus: str) -> None:
 def test_every_alert_rule_evaluates_and_healthy_session_fires_none(live_prometheus: str) -> None:
     """Prometheus evaluates every alert rule without error; on a healthy session each is expected-empty."""
     rules = [rule for group in _get_json(f"{live_prometheus}/api/v1/rules")["data"]["groups"] for rule in group["rules"]]
-    assert {rule["name"] for rule in rules} == EXPECTED_EMPTY_ALERTS
+    assert {rule["name"] for rule in rules} == EXPECTED_EMPTY_ALERTS | ALWAYS_FIRING_ALERTS | ARMED_AFTER_THE_SESSION
     for rule in rules:
         assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
-        assert _query(live_prometheus, rule["query"]) == [], rule["name"]
+        if rule["name"] in EXPECTED_EMPTY_ALERTS:
+            assert _query(live_prometheus, rule["query"]) == [], rule["name"]
+        elif rule["name"] in ALWAYS_FIRING_ALERTS:
+            assert _query(live_prometheus, rule["query"]), rule["name"]
+        else:
+            assert rule["state"] != "firing", rule["name"]
     assert _query(live_prometheus, 'up{job="autoresearch"} == 1')
 
 
@@ -378,9 +391,18 @@ def _expand_grafana_sql(sql: str, session_id: int | str) -> str:
     start, end = (now - timedelta(hours=12), now + timedelta(seconds=1))
     start, end = start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.strftime("%Y-%m-%dT%H:%M:%SZ")
     sql = re.sub(r"\$__timeFilter\(([^)]+)\)", rf"\1 BETWEEN '{start}' AND '{end}'", sql)
-    sql = sql.replace("$session", str(session_id))
-    assert "$" not in sql, f"unexpanded Grafana macro in {sql!r}"
+    sql = sql.replace("${session:sqlstring}", _grafana_sqlstring(str(session_id)))
+    assert not GRAFANA_VARIABLE.search(sql), f"unexpanded Grafana macro in {sql!r}"
     return sql
+
+
+# Grafana's variable syntaxes: $name, ${name}, ${name:format}, [[name]] (a `$` in an SQL regex is none of them).
+GRAFANA_VARIABLE = re.compile(r"\$\w|\$\{|\[\[\w")
+
+
+def _grafana_sqlstring(value: str) -> str:
+    """Grafana's `sqlstring` format: the value in single quotes, each quote inside doubled."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _run_sql(url: str, sql: str) -> list[dict[str, Any]]:
@@ -445,3 +467,102 @@ def test_val_bpb_series_has_only_kept_and_discarded_points(filled_session: tuple
     rows = _run_sql(url, _expand_grafana_sql(sql, session_id))
     assert sorted((r["metric"], r["value"]) for r in rows) == [
         ("discarded", 1.2055), ("kept", 1.1987), ("kept", 1.2031)]
+
+
+def test_every_sql_variable_is_quoted_by_grafana() -> None:
+    """Each variable in a Postgres query uses the sqlstring format; none is pasted into SQL as it is."""
+    queries = _targets("grafana-postgresql-datasource")
+    for title, sql in queries:
+        for use in re.findall(r"\$\{?\w+(?::\w+)?\}?|\[\[\w+\]\]", sql):
+            assert use.startswith("$__") or re.fullmatch(r"\$\{\w+:sqlstring\}", use), (title, use)
+
+
+# The class of SQL injection through a URL's var-session=: quote breakouts, stacked statements, comments,
+# backslashes (standard_conforming_strings), dollar quoting, look-alike quotes, NUL-free control characters,
+# numbers out of range, and values that are numbers only in part.
+HOSTILE_SESSIONS = [
+    "1' OR '1'='1", "0'; DROP TABLE experiments; --", "1'||(SELECT string_agg(tag, ',') FROM sessions)||'",
+    "1\\'; DELETE FROM sessions; --", "$$; DELETE FROM sessions; $$", "1/* comment */", "1 -- comment",
+    "1\u02bc OR 1=1", "1\n; UPDATE experiments SET val_bpb = 0; --", "'", "''", "\\", "99999999999999999999",
+    "-1", " 1", "1e3", "0x10", "1; SELECT pg_sleep(30)", "ğ", "1 UNION SELECT NULL",
+]
+
+
+@pytest.fixture()
+def grafana_reader(filled_session: tuple[str, int]) -> Iterator[str]:
+    """The database URL of a role set up like the compose stack's grafana_reader (its ALTER ROLE lines, SELECT)."""
+    import uuid
+
+    url, _ = filled_session
+    role = f"grafana_reader_{uuid.uuid4().hex[:8]}"
+    settings = _reader_role_settings(REPO / "deploy" / "compose.yaml")
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        for line in settings:
+            conn.exec_driver_sql(line.replace("grafana_reader", role))
+        conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA public TO {role}")
+        conn.exec_driver_sql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    try:
+        yield str(sqlalchemy.engine.make_url(url).set(username=role, password=None).render_as_string(False))
+    finally:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+        engine.dispose()
+
+
+def _reader_role_settings(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines()
+            if line.strip().startswith("ALTER ROLE grafana_reader SET")]
+
+
+def test_reader_role_has_a_statement_timeout_in_compose_and_the_readme() -> None:
+    """The compose stack's and the host install's grafana_reader get the same settings, a statement timeout among them."""
+    compose = _reader_role_settings(REPO / "deploy" / "compose.yaml")
+    assert any("statement_timeout" in line for line in compose)
+    assert compose == _reader_role_settings(REPO / "deploy" / "README.md")
+
+
+@pytest.mark.postgres
+def test_reader_role_times_out_and_cannot_write(grafana_reader: str) -> None:
+    """Connected as the reader role: statement_timeout is set, and a write is refused (read-only transactions)."""
+    engine = sqlalchemy.create_engine(grafana_reader)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "30s"
+            assert conn.exec_driver_sql("SHOW default_transaction_read_only").scalar() == "on"
+            with pytest.raises(sqlalchemy.exc.DBAPIError, match=r"read-only transaction"):
+                conn.exec_driver_sql("DELETE FROM sessions")
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("value", HOSTILE_SESSIONS)
+def test_hostile_session_values_stay_strings_and_show_the_latest_session(
+        filled_session: tuple[str, int], grafana_reader: str, value: str) -> None:
+    """A crafted $session runs no SQL of its own: each query returns exactly what an empty $session returns
+    (the latest session), as Grafana's read-only role, and the tables are unchanged afterwards."""
+    url, _ = filled_session
+    counts = "SELECT (SELECT count(*) FROM sessions) AS s, (SELECT count(*) FROM experiments) AS e"
+    before = _run_sql(url, counts)
+    for title, sql in _targets("grafana-postgresql-datasource"):
+        if "${session:sqlstring}" not in sql:
+            continue
+        assert _run_sql(grafana_reader, _expand_grafana_sql(sql, value)) == \
+            _run_sql(grafana_reader, _expand_grafana_sql(sql, "")), (title, value)
+    assert _run_sql(url, counts) == before
+
+
+@pytest.mark.prometheus
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_real_daemon_exports_what_the_failing_night_alerts_need(live_prometheus: str) -> None:
+    """After the real daemon's session ended inside its window: window_active 0 but window_open 1, the session
+    counted by status, the database up, lanes idle, free disk of the workspace: all scraped by Prometheus."""
+    for expr in ("autoresearch_window_active == 0", "autoresearch_window_open == 1",
+                 "sum(autoresearch_sessions_ended_total) == 1", "autoresearch_db_up == 1",
+                 "autoresearch_lane_idle_seconds > 0", 'autoresearch_disk_free_bytes{use="workspace"} > 0',
+                 'autoresearch_disk_size_bytes{use="runs"} > 0'):
+        assert _query(live_prometheus, expr), expr

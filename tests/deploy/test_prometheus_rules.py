@@ -9,10 +9,16 @@ import pytest
 import yaml
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+README = PROMETHEUS_DIR.parents[0] / "README.md"
+# Every way a night fails (issue 23), plus the heartbeat of the alert path itself.
 REQUIRED_ALERTS = {
-    "AutoresearchDaemonDown", "AutoresearchNoExperimentFinished", "AutoresearchConsecutiveCrashes",
-    "AutoresearchGpuQuarantined", "AutoresearchCostCapReached", "AutoresearchNoImprovementTonight",
+    "AutoresearchDaemonDown", "AutoresearchDaemonAbsent", "AutoresearchNoExperimentFinished",
+    "AutoresearchSessionFailed", "AutoresearchConsecutiveCrashes", "AutoresearchGpuIdleInWindow",
+    "AutoresearchDatabaseUnreachable", "AutoresearchDiskLow", "AutoresearchDiskAlmostFull",
+    "AutoresearchAgentErrors", "AutoresearchGpuQuarantined", "AutoresearchCostCapReached",
+    "AutoresearchNoImprovementTonight", "AutoresearchAlertingHeartbeat",
 }
+ROUTED_SEVERITIES = {"critical", "warning", "info", "heartbeat"}
 
 pytestmark = pytest.mark.prometheus
 
@@ -51,3 +57,33 @@ def test_every_alert_has_a_firing_unit_test() -> None:
     tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
     fired = {case["alertname"] for test in tests for case in test.get("alert_rule_test", []) if case["exp_alerts"]}
     assert fired == REQUIRED_ALERTS
+
+
+def _rules() -> list[dict]:
+    return [rule for group in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+            for rule in group["rules"]]
+
+
+def test_every_alert_but_the_heartbeat_has_a_quiet_unit_test() -> None:
+    """alerts_test.yml also expects each alert silent somewhere (a rule never seen quiet may fire always)."""
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
+    quiet = {case["alertname"] for test in tests for case in test.get("alert_rule_test", []) if not case["exp_alerts"]}
+    assert quiet == REQUIRED_ALERTS - {"AutoresearchAlertingHeartbeat"}
+
+
+def test_every_alert_has_a_summary_a_routed_severity_and_a_runbook_section() -> None:
+    """Each rule: a summary, a severity Alertmanager routes, and a runbook link to a heading of deploy/README.md."""
+    headings = {line.lstrip("#").strip().lower() for line in README.read_text().splitlines() if line.startswith("#")}
+    for rule in _rules():
+        name = rule["alert"]
+        assert rule["annotations"]["summary"], name
+        assert rule["labels"]["severity"] in ROUTED_SEVERITIES, name
+        assert rule["annotations"]["runbook"] == f"deploy/README.md#{name.lower()}", name
+        assert name.lower() in headings, f"no runbook section '### {name}' in deploy/README.md"
+
+
+def test_only_the_heartbeat_always_fires() -> None:
+    """The heartbeat's expression is constant; it is the only rule that is, and the only one with its severity."""
+    heartbeat = [rule for rule in _rules() if rule["labels"]["severity"] == "heartbeat"]
+    assert [rule["alert"] for rule in heartbeat] == ["AutoresearchAlertingHeartbeat"]
+    assert heartbeat[0]["expr"].strip() == "vector(1)" and "for" not in heartbeat[0]

@@ -153,6 +153,9 @@ def test_install_into_a_root_then_rerun_is_idempotent(tmp_path: Path, project_wh
     assert (root / "opt/autoresearch/venv/bin/autoresearch").exists()
     unit = root / "etc/systemd/system/autoresearch.service"
     assert unit.read_text() == UNIT.read_text()
+    documentation = _unit_settings(UNIT)["Documentation"][0]
+    assert documentation.startswith("file:///") and (root / documentation.removeprefix("file:///")).is_file(), \
+        "Documentation= must name a file install.sh installs"
     assert (root / "etc/systemd/system/multi-user.target.wants/autoresearch.service").is_symlink()
     # No API key installed: the drop-in turns the credential off, and the unit still verifies with it.
     assert (root / "etc/systemd/system/autoresearch.service.d/10-no-api-key.conf").exists()
@@ -242,3 +245,12 @@ def test_rollback_without_an_upgrade_is_refused(tmp_path: Path) -> None:
     root = _fake_root(tmp_path)
     done = _install("--rollback", "--dry-run", root=root)
     assert done.returncode == 1 and "no previous version recorded" in done.stderr
+
+
+def test_unit_and_readme_state_the_same_minimum_systemd_version() -> None:
+    """The unit states the minimum systemd (>= 248, LoadCredential with %d), and deploy/README.md says the same."""
+    import re
+
+    stated = re.search(r"Needs systemd >= (\d+)", UNIT.read_text())
+    assert stated is not None and int(stated.group(1)) >= 248
+    assert f"systemd >= {stated.group(1)}" in (REPO / "deploy" / "README.md").read_text()

@@ -46,6 +46,13 @@ CONTRACT_METRICS = {
     "autoresearch_smoke_runs": ("counter", {"outcome"}),
     "autoresearch_smoke_run_seconds": ("histogram", set()),
     "autoresearch_crashes_caught": ("counter", {"stage"}),
+    "autoresearch_window_open": ("gauge", set()),
+    "autoresearch_window_end_timestamp_seconds": ("gauge", set()),
+    "autoresearch_sessions_ended": ("counter", {"status"}),
+    "autoresearch_db_up": ("gauge", set()),
+    "autoresearch_disk_free_bytes": ("gauge", {"use", "path"}),
+    "autoresearch_disk_size_bytes": ("gauge", {"use", "path"}),
+    "autoresearch_lane_idle_seconds": ("gauge", {"lane"}),
 }
 
 
@@ -75,6 +82,9 @@ def exercised_metrics(monotonic: Callable[[], float] | None = None) -> Metrics:
     metrics.cost(0.02)
     metrics.gpu_quarantined("GPU-1", False)
     metrics.foreign_processes("GPU-1", 0)
+    metrics.session_ended("completed")
+    metrics.database_up(True)
+    metrics.watch_disks({"workspace": "/"})
     return metrics
 
 
@@ -154,14 +164,112 @@ def test_agent_call_counts_tokens_by_kind_and_cost() -> None:
     assert value("autoresearch_agent_requests_total", {"provider": "anthropic", "model": "m", "outcome": "ok"}) == 2
 
 
-def test_window_closed_resets_start_timestamp() -> None:
-    """Closing the window sets both the active flag and its start timestamp to 0."""
-    metrics = Metrics()
-    metrics.window(True, datetime(2026, 11, 2, 22, 0, tzinfo=timezone.utc))
-    assert metrics.registry.get_sample_value("autoresearch_window_started_timestamp_seconds") > 0
+class FakeWallClock:
+    def __init__(self, at: datetime) -> None:
+        self.value = at.timestamp()
+
+    def __call__(self) -> float:
+        return self.value
+
+
+def test_window_stays_open_by_the_calendar_when_its_session_ends_early() -> None:
+    """A session that ends at 22:05 drops window_active, but window_open and its start stay until 07:00."""
+    start, end = datetime(2026, 11, 2, 22, 0, tzinfo=timezone.utc), datetime(2026, 11, 3, 7, 0, tzinfo=timezone.utc)
+    clock = FakeWallClock(start)
+    metrics = Metrics(wall_clock=clock)
+    value = metrics.registry.get_sample_value
+    assert value("autoresearch_window_open") == 0
+    metrics.window(True, start, end)
+    clock.value += 300
     metrics.window(False)
-    assert metrics.registry.get_sample_value("autoresearch_window_active") == 0
-    assert metrics.registry.get_sample_value("autoresearch_window_started_timestamp_seconds") == 0
+    assert value("autoresearch_window_active") == 0
+    assert value("autoresearch_window_open") == 1
+    assert value("autoresearch_window_started_timestamp_seconds") == start.timestamp()
+    assert value("autoresearch_window_end_timestamp_seconds") == end.timestamp()
+    clock.value = end.timestamp()
+    assert value("autoresearch_window_open") == 0
+    assert value("autoresearch_window_started_timestamp_seconds") == 0
+
+
+def test_session_statuses_start_at_zero_so_the_first_failure_counts() -> None:
+    """sessions_ended_total has a 0 for each status before any session ends (increase() needs it)."""
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    assert [value("autoresearch_sessions_ended_total", {"status": s}) for s in ("completed", "interrupted",
+                                                                              "failed")] == [0, 0, 0]
+    metrics.session_ended("failed")
+    assert value("autoresearch_sessions_ended_total", {"status": "failed"}) == 1
+
+
+def test_lanes_show_idle_from_registration_before_their_first_run() -> None:
+    """A lane that never ran shows 0 busy seconds and an idle time growing from its registration."""
+    clock = FakeMonotonic()
+    metrics = Metrics(monotonic=clock)
+    metrics.lane_info("gpu0", "GPU-0", 0)
+    clock.value += 7200
+    value = metrics.registry.get_sample_value
+    assert value("autoresearch_lane_busy_seconds_total", {"lane": "gpu0"}) == 0
+    assert value("autoresearch_lane_idle_seconds", {"lane": "gpu0"}) == 7200
+    metrics.lane_busy("gpu0", True)
+    clock.value += 60
+    assert value("autoresearch_lane_idle_seconds", {"lane": "gpu0"}) == 0
+    metrics.lane_busy("gpu0", False)
+    clock.value += 45
+    assert value("autoresearch_lane_idle_seconds", {"lane": "gpu0"}) == 45
+
+
+def test_db_up_is_absent_until_pinged_then_follows_the_pings_and_goes_stale() -> None:
+    """db_up: absent before the first ping, 1 after an answer, 0 after a failure or when pings stop arriving."""
+    clock = FakeMonotonic()
+    metrics = Metrics(monotonic=clock, db_stale_after_s=60)
+    value = metrics.registry.get_sample_value
+    assert value("autoresearch_db_up") is None
+    metrics.database_up(True)
+    assert value("autoresearch_db_up") == 1
+    metrics.database_up(False)
+    assert value("autoresearch_db_up") == 0
+    metrics.database_up(True)
+    clock.value += 61  # the pinger hangs on a connect: no news is bad news
+    assert value("autoresearch_db_up") == 0
+
+
+def test_database_pinger_records_failures_of_a_raising_ping() -> None:
+    """DatabasePinger turns a raising ping into db_up 0 and a True answer into 1."""
+    import threading
+
+    from daemon.ops.health_metrics import DatabasePinger
+
+    metrics = Metrics()
+    answers = iter([RuntimeError("connection refused"), True])
+    seen = threading.Event()
+
+    def ping() -> object:
+        answer = next(answers, True)
+        if isinstance(answer, Exception):
+            raise answer
+        seen.set()
+        return answer
+
+    pinger = DatabasePinger(ping, metrics.database_up, interval_s=0.01)
+    try:
+        assert seen.wait(10)
+    finally:
+        pinger.stop()
+    assert metrics.registry.get_sample_value("autoresearch_db_up") == 1
+
+
+def test_disk_free_reports_each_watched_path_and_skips_missing_ones(tmp_path) -> None:
+    """Free and total bytes per watched directory, as statvfs says; a missing directory is left out."""
+    import os
+
+    metrics = Metrics()
+    metrics.watch_disks({"workspace": tmp_path, "images": tmp_path / "absent", "database": None})
+    stat = os.statvfs(tmp_path)
+    value = metrics.registry.get_sample_value
+    labels = {"use": "workspace", "path": str(tmp_path)}
+    assert value("autoresearch_disk_size_bytes", labels) == stat.f_blocks * stat.f_frsize
+    assert 0 < value("autoresearch_disk_free_bytes", labels) <= stat.f_blocks * stat.f_frsize
+    assert value("autoresearch_disk_free_bytes", {"use": "images", "path": str(tmp_path / "absent")}) is None
 
 
 def test_metrics_endpoint_serves_prometheus_text(serve) -> None:
@@ -258,3 +366,36 @@ def test_heartbeat_rejects_nonpositive_limit() -> None:
     """A zero heartbeat limit is refused with a clear message."""
     with pytest.raises(ValueError, match="positive"):
         Heartbeat(0)
+
+
+def test_scheduler_gives_the_window_its_end_so_the_gauge_outlives_the_session() -> None:
+    """A daemon started inside a window: the scheduler passes start and end, window_open stays 1 after the session."""
+    from zoneinfo import ZoneInfo
+
+    from daemon.config import IdleConfig, SchedulerConfig, WindowConfig
+    from daemon.service.scheduler import Scheduler
+    from sandbox.gpu import NoGpuProbe
+
+    berlin = ZoneInfo("Europe/Berlin")
+    now = datetime(2026, 11, 5, 3, 0, tzinfo=berlin)  # Thursday 03:00, inside Wednesday's 22:00 + 9 h window
+
+    class Clock:
+        def now(self) -> datetime:
+            return now
+
+        def sleep(self, seconds: float) -> None:
+            pass
+
+    metrics = Metrics(wall_clock=lambda: now.timestamp())
+    config = SchedulerConfig(timezone="Europe/Berlin", idle=IdleConfig(),
+                             windows=[WindowConfig(cron="0 22 * * mon-fri", hours=9, name="weeknights")])
+    scheduler = Scheduler(config, Clock(), NoGpuProbe(), on_window_open=lambda window: None,
+                          on_gpu_joined=lambda uuid: None, own_pids=set, metrics=metrics)
+    try:
+        scheduler.start()
+    finally:
+        scheduler.shutdown()
+    metrics.window(False)  # the session died at once
+    value = metrics.registry.get_sample_value
+    assert value("autoresearch_window_open") == 1
+    assert value("autoresearch_window_end_timestamp_seconds") == datetime(2026, 11, 5, 7, 0, tzinfo=berlin).timestamp()

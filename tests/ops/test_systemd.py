@@ -155,3 +155,108 @@ def test_stopping_is_sent_when_sigterm_arrives_not_after_the_grace(
         log.close()
     reports = list((workspace.reports_dir).glob("session-*/report.md"))
     assert len(reports) == 1, "the daemon writes the morning report when its session ends"
+
+
+def test_config_error_exit_status_is_not_restarted() -> None:
+    """The unit's RestartPreventExitStatus names ConfigError's exit status: a bad config does not restart 30 times."""
+    from daemon.errors import ConfigError
+
+    assert _unit_settings()["RestartPreventExitStatus"].split() == [str(ConfigError.exit_code)]
+
+
+def test_config_error_really_exits_with_the_prevented_status(tmp_path: Path) -> None:
+    """`autoresearch run` with an invalid config exits with the status the unit will not restart."""
+    import sys
+
+    config = tmp_path / "bad.toml"
+    config.write_text("[metrics]\nport = 'not a port'\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_") and k != "NOTIFY_SOCKET"}
+    done = subprocess.run([sys.executable, "-m", "daemon", "--config", str(config), "run"], capture_output=True,
+                          text=True, check=False, timeout=120, env=env)
+    assert str(done.returncode) in _unit_settings()["RestartPreventExitStatus"].split(), done.stderr
+
+
+def test_extend_timeout_sends_microseconds(tmp_path: Path) -> None:
+    """extend_timeout(660) sends EXTEND_TIMEOUT_USEC=660000000 over the notify socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(5)
+    try:
+        assert SystemdNotifier.from_environ({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}).extend_timeout(660)
+        assert sock.recv(4096).decode() == "EXTEND_TIMEOUT_USEC=660000000"
+    finally:
+        sock.close()
+
+
+def test_start_extensions_repeat_while_the_block_runs_and_stop_at_the_ceiling(tmp_path: Path) -> None:
+    """extending_start pushes the timeout ahead repeatedly during a slow start-up, but never past max_total_s."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.05)
+    notifier = SystemdNotifier.from_environ({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    clock = Clock()
+    messages: list[str] = []
+
+    def drain() -> None:
+        with contextlib.suppress(TimeoutError):
+            while True:
+                messages.append(sock.recv(4096).decode())
+
+    try:
+        with notifier.extending_start("migrating", step_s=0.3, max_total_s=100, monotonic=clock):
+            deadline = time.monotonic() + 5
+            while sum(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages) < 3 and time.monotonic() < deadline:
+                drain()
+            clock.now += 100  # the ceiling is reached: no more extensions, however long the block still runs
+            time.sleep(0.3)
+            drain()
+            count = len(messages)
+            time.sleep(0.5)
+            drain()
+            assert len(messages) == count, messages[count:]
+    finally:
+        sock.close()
+    assert messages[0] == "STATUS=migrating"
+    assert messages[1:4] == ["EXTEND_TIMEOUT_USEC=300000"] * 3
+
+
+def test_daemon_extends_the_start_timeout_before_ready_and_the_stop_timeout_on_sigterm(
+        tmp_path: Path, notify_socket: socket.socket, baseline_source: str, prepared_data: Path) -> None:
+    """A real `autoresearch run`: EXTEND_TIMEOUT_USEC before READY=1, and on SIGTERM STOPPING=1 with the stop
+    timeout extended to grace_s + 60 s."""
+    import sys
+
+    workspace = Workspace.init(tmp_path / "ws", baseline_source=baseline_source)
+    config = tmp_path / "autoresearch.toml"
+    config.write_text(
+        f'workspace = "{workspace.root}"\n[database]\nurl = "sqlite:///{tmp_path / "ar.db"}"\n'
+        f'[data]\ndir = "{prepared_data}"\n[sandbox]\nbackend = "local"\n[agent]\nprovider = "offline"\n'
+        '[metrics]\nport = 0\n[scheduler]\ngrace_s = 420\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+    log = (tmp_path / "daemon.log").open("w")
+    daemon = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config), "run"], cwd=tmp_path,
+                              env=env, stdout=log, stderr=log)
+    messages: list[str] = []
+
+    def receive_until(text: str) -> None:
+        notify_socket.settimeout(1)
+        deadline = time.monotonic() + 120
+        while not any(text in m for m in messages) and time.monotonic() < deadline:
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
+            with contextlib.suppress(TimeoutError):
+                messages.append(notify_socket.recv(4096).decode())
+
+    try:
+        receive_until("READY=1")
+        daemon.send_signal(signal.SIGTERM)
+        receive_until("EXTEND_TIMEOUT_USEC=480000000")
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=120)
+        log.close()
+    ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[:ready]), messages
+    stopping = next(i for i, m in enumerate(messages) if "STOPPING=1" in m)
+    assert stopping > ready and "EXTEND_TIMEOUT_USEC=480000000" in messages[stopping + 1:], messages

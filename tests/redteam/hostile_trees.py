@@ -133,9 +133,11 @@ def mixed(root: str, seed: int, outside: str = "/") -> None:
     lock(sorted(to_lock, key=len, reverse=True))
 
 
-def candidate_source(out_shapes: str, tmp_shapes: str = "deep", cache_shapes: str = "deep") -> str:
+def candidate_source(out_shapes: str, tmp_shapes: str = "deep", cache_shapes: str = "deep",
+                     squat_report: bool = False) -> str:
     """A train.py (passes the daemon's validation) that builds the given shapes (comma-separated, or `mixed`)
-    in its out dir, TMPDIR and compile-cache folder, leaves a regular model.pt2, and exits 0."""
+    in its out dir, TMPDIR and compile-cache folder, leaves a regular model.pt2, and exits 0. `squat_report`:
+    it also makes train.json (the harness's report) a folder holding a deep chain."""
     with open(__file__, encoding="utf-8") as handle:
         source = handle.read()
     return source + f'''
@@ -161,6 +163,9 @@ if __name__ == "__main__":
     _plant(out, {out_shapes!r})
     _plant(os.environ.get("TMPDIR") or "/tmp", {tmp_shapes!r})
     _plant(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "/tmp/inductor", {cache_shapes!r})
+    if {squat_report!r}:
+        os.mkdir(os.path.join(out, "train.json"))
+        deep_chain(os.path.join(out, "train.json"))
     with open(os.path.join(out, "model.pt2"), "wb") as checkpoint:
         checkpoint.write(b"not a model")
     if budget is None:

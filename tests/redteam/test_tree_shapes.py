@@ -139,3 +139,21 @@ def test_a_link_swapped_in_for_a_folder_is_removed_not_followed(scratch: Path) -
     (run / "a").symlink_to(victim, target_is_directory=True)
     assert remove_tree(run) and not run.exists() and _intact(victim)
     assert treewalk.remove_tree(victim / "precious") and not (victim / "precious").exists()
+
+
+def test_removal_stops_when_a_folder_is_moved_out_from_under_it(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder moved elsewhere mid-removal (a racing process) stops the removal on its way back up: the place
+    it was moved to is never emptied."""
+    victim = _victim(scratch)
+    (scratch / "run" / "a" / "b" / "c").mkdir(parents=True)
+    deepest = os.stat(scratch / "run" / "a" / "b" / "c").st_ino
+    clear = treewalk._clear_entries
+
+    def racing_clear(fd: int, failed: set[str]) -> list[str]:
+        if os.fstat(fd).st_ino == deepest and (scratch / "run" / "a" / "b").exists():
+            os.rename(scratch / "run" / "a" / "b", victim / "b")  # what an attacker's process would do
+        return clear(fd, failed)
+
+    monkeypatch.setattr(treewalk, "_clear_entries", racing_clear)
+    assert not treewalk.remove_tree(scratch / "run")
+    assert _intact(victim)

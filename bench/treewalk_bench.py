@@ -133,9 +133,13 @@ def main() -> int:
         for label, old, new in rows:
             old_ms = median_ms(old, None, args.repeats)
             print(f"{label:24}{old_ms:10.2f}{median_ms(new, None, args.repeats):10.2f}")
-        old_ms = median_ms(lambda: old_remove_tree(work / "train_out"), fresh, args.repeats)
-        new_ms = median_ms(lambda: treewalk.remove_tree(work / "train_out"), fresh, args.repeats)
-        print(f"{'remove out dir':24}{old_ms:10.2f}{new_ms:10.2f}")
+        # Interleaved, one of each per round: on a shared disk the load drifts between blocks of runs.
+        removals: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(args.repeats):
+            for key, remove in (("old", old_remove_tree), ("new", treewalk.remove_tree)):
+                removals[key].append(median_ms(lambda remove=remove: remove(work / "train_out"), fresh, 1))
+        print(f"{'remove out dir':24}{statistics.median(removals['old']):10.2f}"
+              f"{statistics.median(removals['new']):10.2f}")
         treewalk.remove_tree(work)
         chain = base / "chain"
         chain.mkdir()

@@ -25,6 +25,9 @@ from tests.redteam.redteam_helpers import ENV, EVAL_LIMITS, INSTANCE, REPO_ROOT,
 
 HOSTILE = hostile_trees.candidate_source("deep,links,specials,odd_names,locked")
 MIXED = hostile_trees.candidate_source("mixed", tmp_shapes="mixed", cache_shapes="mixed")
+# Building the trees takes seconds on a loaded machine: a budget they fit in whatever the clock rule, so that the
+# outcome is decided by the trees, not by time.
+BUDGET = "60"
 # The bound a tree passes first depends on the order the walk meets it; each is one line of this form.
 OVER_BOUNDS = re.compile(r"train stage out dir holds (folders nested deeper than 32 levels|a path longer than 4096 "
                          r"bytes|more than 100000 entries), over what the daemon walks")
@@ -53,7 +56,7 @@ def fast_tmp(fast_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _runner(backend: LocalBackend | DockerBackend, image: str, prepared_data: Path, work_dir: Path) -> StageRunner:
     return StageRunner(backend, image=image, trainer_dir=REPO_ROOT / "trainer", data_dir=prepared_data,
                        work_dir=work_dir, instance=INSTANCE, train_limits=TRAIN_LIMITS, eval_limits=EVAL_LIMITS,
-                       env=ENV)
+                       env={**ENV, "AUTORESEARCH_TIME_BUDGET": BUDGET})
 
 
 def _leftovers(runner: StageRunner, run: str) -> list[str]:
@@ -89,7 +92,7 @@ def test_harness_cleans_up_a_hostile_compile_cache_and_a_squatted_report(fast_di
     tmpdir, out = tmp_path / "tmp", tmp_path / "out"
     tmpdir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
-    env.update(PYTHONPATH=str(REPO_ROOT), TMPDIR=str(tmpdir), AUTORESEARCH_TIME_BUDGET="30",
+    env.update(PYTHONPATH=str(REPO_ROOT), TMPDIR=str(tmpdir), AUTORESEARCH_TIME_BUDGET=BUDGET,
                AUTORESEARCH_PRESET="tiny")
     try:
         done = subprocess.run([sys.executable, "-m", "trainer.harness", "train", "--candidate", str(candidate),

@@ -43,7 +43,13 @@ Covered by the Docker backend:
     (its val documents come only from stdlib parts absent from the trainer image whatever its base);
   * the out dir has a total quota (bytes and entries, enforced by the harness and measured again by the
     daemon) on top of the per-file size limit, and clean-up survives any permissions the sandbox left
-    (remove_tree, then a purge container running as the sandbox uid).
+    (remove_tree, then a purge container running as the sandbox uid);
+  * no shape of tree a candidate leaves can end the session: every walk over one (out files, out dir size,
+    removal, purge container, compile-cache copy, harness clean-up, local TMPDIR, Slurm job folders) is
+    sandbox.treewalk / trainer.treewalk: a loop over folder descriptors (no recursion, no path longer than a
+    name, no link followed, no FIFO/socket/device opened, names as raw bytes), bounded in depth, entries, name
+    and path length where it reads (past them: one `crashed` run with a one-line reason), unbounded where it
+    removes (any depth goes, checked against moves on the way back up).
 - Network: `network_mode=none` (no interface but loopback: no egress, no DNS, no bridge gateway).
 - Host filesystem: read-only root, data/trainer/candidate mounted read-only, only the per-run out dir
   writable; out files are read back with O_NOFOLLOW and size caps (symlinks and special files refused).

@@ -15,6 +15,7 @@ from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
 from sandbox import labels as L
+from sandbox import treewalk
 from sandbox.base import ReapedRun
 from sandbox.errors import BackendUnavailable
 from sandbox.outfiles import prepare_out_dir, read_out_files
@@ -268,22 +269,15 @@ class DockerBackend:
         """Empty `folder` from a container running as root with only DAC_OVERRIDE and FOWNER, for what the
         sandbox uids left behind and the daemon's own user may not remove (folders chmod 000, files in sticky
         folders, the harness's root-owned files); the caller removes the rest."""
-        script = ("import os, shutil\n"
-                  "for root, dirs, _ in os.walk('/purge'):\n"
-                  "    for d in dirs:\n"
-                  "        p = os.path.join(root, d)\n"
-                  "        if not os.path.islink(p):\n"
-                  "            os.chmod(p, 0o700)\n"
-                  "for entry in os.listdir('/purge'):\n"
-                  "    p = os.path.join('/purge', entry)\n"
-                  "    shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)\n")
-        for _ in range(2):  # the first walk cannot enter folders it has not unlocked yet
-            with contextlib.suppress(docker.errors.ContainerError):
-                self.client.containers.run(
-                    image, ["python3", "-c", script], user="0:0", network_mode="none", remove=True,
-                    cap_drop=["ALL"], cap_add=["DAC_OVERRIDE", "FOWNER"], security_opt=["no-new-privileges"],
-                    mounts=[DockerMount(target="/purge", source=str(folder.resolve()), type="bind")],
-                    labels={L.INSTANCE: self.instance})
+        # The script is sandbox/treewalk.py itself: iterative and descriptor-based, so no depth or shape of tree
+        # can make it fail (an os.walk/shutil.rmtree script recursed and died on a deep folder chain).
+        script = Path(treewalk.__file__).read_text()
+        with contextlib.suppress(docker.errors.ContainerError):
+            self.client.containers.run(
+                image, ["python3", "-c", script, "/purge"], user="0:0", network_mode="none", remove=True,
+                cap_drop=["ALL"], cap_add=["DAC_OVERRIDE", "FOWNER"], security_opt=["no-new-privileges"],
+                mounts=[DockerMount(target="/purge", source=str(folder.resolve()), type="bind")],
+                labels={L.INSTANCE: self.instance})
 
     def has_image(self, image: str) -> bool:
         return image_exists(self.client, image)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from sandbox import treewalk
 from sandbox.base import ReapedRun
 from sandbox.errors import BackendUnavailable
 from sandbox.outfiles import prepare_out_dir, read_out_files
@@ -148,7 +149,10 @@ class LocalBackend:
         prepare_out_dir(out_dir)
         spec.check_mounts()
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=f"{spec.name}-tmp-") as tmp_dir:
+        # The run's TMPDIR is the candidate's to fill: removed by sandbox.treewalk (TemporaryDirectory's
+        # shutil.rmtree recurses and raises on a deep folder chain).
+        tmp_dir = tempfile.mkdtemp(prefix=f"{spec.name}-tmp-")
+        try:
             try:
                 proc = subprocess.Popen(
                     self._argv(spec), cwd=rewrite_path(spec.workdir, spec.mounts), env=self._env(spec, tmp_dir),
@@ -170,6 +174,8 @@ class LocalBackend:
                     self._running.discard(proc)
             reader.join(KILL_WAIT_SECONDS)
             wall = time.monotonic() - started
+        finally:
+            treewalk.remove_tree(tmp_dir)
         return self._result(proc.returncode, killed_as, reader.data, spec, wall)
 
     def _wait(self, proc: subprocess.Popen[bytes], timeout_s: float, started: float,

@@ -3,20 +3,28 @@
 The out dir was writable by untrusted code, so every entry is opened with O_NOFOLLOW and checked with
 fstat on the opened descriptor (no check-then-open race). Symlinks, FIFOs, sockets, devices and
 sub-directories are refused; files over the cap stay on disk unread (the checkpoint is used in place).
+Only the first MAX_SCAN_ENTRIES names of the folder are looked at. Measuring and removing the whole tree goes
+through sandbox.treewalk: iterative, bounded, never through a link, whatever the depth.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import os
-import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox import treewalk
+
 # Files the daemon reads back (train.json, result.json) are tiny; anything bigger is not collected.
 MAX_COLLECT_BYTES = 1024 * 1024
 MAX_COLLECT_FILES = 64
+MAX_SCAN_ENTRIES = 4096   # names of the out dir's top level looked at by read_out_files
+MAX_REFUSED_NOTES = 16    # refusals named one by one; the rest are counted
+# What a run's out dir may hold for the daemon to measure it: an honest one holds a checkpoint, train.json and
+# at most a published compile cache (a few levels, a few thousand files). More is a `crashed` run.
+OUT_DIR_BOUNDS = treewalk.Bounds(max_depth=32, max_entries=100_000, max_name_bytes=255, max_path_bytes=4096)
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,16 @@ class OutFiles:
 
     def describe_refused(self) -> str:
         return "; ".join(f"{name}: {why}" for name, why in sorted(self.refused.items()))
+
+
+@dataclass(frozen=True)
+class TreeSize:
+    """What a bounded walk of an out dir saw: bytes (allocated, or a file's length if more) and entries;
+    `problem` says which bound it passed ('' when the whole tree was within them)."""
+
+    bytes: int
+    entries: int
+    problem: str
 
 
 def open_regular(path: Path) -> int:
@@ -60,32 +78,51 @@ def _kind(mode: int) -> str:
 
 
 def read_out_files(out_dir: Path, max_bytes: int = MAX_COLLECT_BYTES) -> OutFiles:
-    """Collect the top-level regular files of `out_dir` up to `max_bytes` each."""
+    """Collect the top-level regular files of `out_dir` up to `max_bytes` each (among its first
+    MAX_SCAN_ENTRIES names)."""
     files: dict[str, bytes] = {}
     refused: dict[str, str] = {}
+    extra_refusals = 0
+
+    def refuse(name: str, why: str) -> None:
+        nonlocal extra_refusals
+        if len(refused) < MAX_REFUSED_NOTES:
+            refused[name] = why
+        else:
+            extra_refusals += 1
+
     try:
-        entries = sorted(os.scandir(out_dir), key=lambda e: e.name)
+        with os.scandir(out_dir) as listing:
+            names = [entry.name for entry in itertools.islice(listing, MAX_SCAN_ENTRIES + 1)]
     except OSError as exc:
         return OutFiles(refused={".": f"out dir unreadable: {exc.strerror}"})
-    for entry in entries:
-        if len(files) >= MAX_COLLECT_FILES:
-            refused[entry.name] = f"more than {MAX_COLLECT_FILES} files"
-            continue
-        mode = entry.stat(follow_symlinks=False).st_mode
+    if len(names) > MAX_SCAN_ENTRIES:
+        refused["..."] = f"more than {MAX_SCAN_ENTRIES} entries: the rest not looked at"
+        names = names[:MAX_SCAN_ENTRIES]
+    for name in sorted(names):
+        try:
+            mode = os.lstat(out_dir / name).st_mode
+        except OSError:
+            continue  # gone meanwhile
         if not stat.S_ISREG(mode):
-            refused[entry.name] = _kind(mode)
+            refuse(name, _kind(mode))
+            continue
+        if len(files) >= MAX_COLLECT_FILES:
+            refuse(name, f"more than {MAX_COLLECT_FILES} files")
             continue
         try:
-            fd = open_regular(Path(entry.path))
+            fd = open_regular(out_dir / name)
         except OSError as exc:
-            refused[entry.name] = f"cannot open safely: {exc}"
+            refuse(name, f"cannot open safely: {exc.strerror or exc}")
             continue
         with os.fdopen(fd, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > max_bytes:
-                refused[entry.name] = f"{size} bytes, over the {max_bytes}-byte collect cap (left on disk)"
+                refuse(name, f"{size} bytes, over the {max_bytes}-byte collect cap (left on disk)")
                 continue
-            files[entry.name] = handle.read(max_bytes)
+            files[name] = handle.read(max_bytes)
+    if extra_refusals:
+        refused["(others)"] = f"{extra_refusals} more entries refused"
     return OutFiles(files=files, refused=refused)
 
 
@@ -105,39 +142,15 @@ def prepare_out_dir(out_dir: Path, uid: int = 1000, gid: int = 1000, shared: boo
     os.chmod(out_dir, (0o770 if os.geteuid() == 0 else 0o777) | sticky)
 
 
-def out_dir_bytes(out_dir: Path) -> int:
-    """Bytes allocated under `out_dir` (never following symlinks; unreadable folders count as empty)."""
-    total = 0
-    for root, dirs, files in os.walk(out_dir, followlinks=False):
-        for name in (*dirs, *files):
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                continue
-    return total
+def out_dir_size(out_dir: Path, bounds: treewalk.Bounds = OUT_DIR_BOUNDS) -> TreeSize:
+    """The size of everything under `out_dir`, never following a link, walked within `bounds` (an out dir
+    over them says so in `problem`); folders this user cannot open count as empty."""
+    walk = treewalk.measure(out_dir, bounds)
+    problem = f"out dir holds {walk.problem}" if walk.problem else ""
+    return TreeSize(bytes=walk.bytes, entries=walk.entries, problem=problem)
 
 
 def remove_tree(path: Path) -> bool:
-    """Remove `path` whatever permissions the sandbox left inside (folders are made writable and searchable
-    first, as far as this user may); True when it is gone."""
-    if not os.path.lexists(path):
-        return True
-    for root, dirs, _files in os.walk(path, followlinks=False):
-        for name in dirs:
-            full = os.path.join(root, name)
-            try:
-                if not os.path.islink(full):
-                    os.chmod(full, 0o700)
-            except OSError:
-                continue
-    for _ in range(2):  # a second pass for folders that became walkable only after the first chmod
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o700)
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(path):
-            return True
-        for root, dirs, _files in os.walk(path, followlinks=False):
-            for name in dirs:
-                with contextlib.suppress(OSError):
-                    os.chmod(os.path.join(root, name), 0o700)
-    return not os.path.lexists(path)
+    """Remove `path` whatever depth, shape and permissions the sandbox left inside (folders are made
+    listable and writable first, as far as this user may); True when it is gone."""
+    return treewalk.remove_tree(path)

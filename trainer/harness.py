@@ -29,7 +29,6 @@ import json
 import os
 import secrets
 import select
-import shutil
 import signal
 import stat
 import subprocess
@@ -42,7 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from trainer import compile_cache
+from trainer import compile_cache, treewalk
 from trainer.layout import CHECKPOINT_NAME, EXPORT_STARTS, TRAINING_STARTS, DataError, read_split_meta
 from trainer.privsep import PRIVSEP_ENV, stage_identities
 
@@ -99,8 +98,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
         handle.write(json.dumps(payload, indent=2) + "\n")
     try:
         os.replace(tmp, path)
-    except OSError:  # a folder squats the name: ours to clear
-        shutil.rmtree(path, ignore_errors=True)
+    except OSError:  # a folder squats the name: ours to clear, whatever its depth (trainer.treewalk)
+        treewalk.remove_tree(path)
         os.replace(tmp, path)
 
 
@@ -315,7 +314,7 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
         _hand_over(checkpoint)
     if publishing and exit_code == 0 and checkpoint.exists():
         print(compile_cache.publish(cache_dir, out_dir / compile_cache.PUBLISHED_DIR), flush=True)
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    treewalk.remove_tree(cache_dir)  # candidate-made: iterative, any depth (shutil.rmtree recurses)
     summary = parse_summary(bytes(relay.tail).decode("utf-8", errors="replace"))
     phases = split_phases(started, relay.marks.get(TRAINING_STARTS), relay.marks.get(EXPORT_STARTS), ended)
     over_budget = rules.verdict(phases) if rules is not None else ""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.config import Settings
+from sandbox import treewalk
 from sandbox.gpu import GpuInfo, GpuProbe, NoGpuProbe
 
 SMOKE_BUDGET_S = 20.0
@@ -104,7 +105,7 @@ def run_gpu_smoke(settings: Settings, progress: Callable[[str], None] = print,
     try:
         outcome = runner.run(1, 1, (TRAINER_DIR / "train.py").read_text(), seed=0, gpu_uuid=gpu.uuid)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        treewalk.remove_tree(work)
     summary = outcome.summary
     figures: dict[str, float | str] = {
         "status": outcome.status, "val_bpb": outcome.val_bpb if outcome.val_bpb is not None else "-",

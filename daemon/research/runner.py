@@ -20,7 +20,7 @@ from daemon.research.replay import ReplayGuard, Replays
 from sandbox import labels
 from sandbox.base import Backend
 from sandbox.gpu import GpuProbe, wait_for_gpu_release
-from sandbox.outfiles import is_safe_regular_file, out_dir_bytes, remove_tree
+from sandbox.outfiles import is_safe_regular_file, out_dir_size, remove_tree
 from sandbox.sanitize import clean_line, clean_summary, clean_text
 from sandbox.spec import PRIVATE_DIR, Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
 from trainer.compile_cache import CACHE_ENV, PUBLISH_ENV, PUBLISHED_DIR, harvest
@@ -193,9 +193,11 @@ class StageRunner:
         quota = _finite_setting(self.train_env.get("AUTORESEARCH_OUT_QUOTA")) or OUT_QUOTA_BYTES
         if train.status is RunStatus.FAILED and train.exit_code == EXIT_OUT_QUOTA:
             return "train stage out dir over its total quota: the harness stopped the candidate"
-        used = out_dir_bytes(train_out)
-        if used > quota + OUT_QUOTA_SLACK_BYTES:
-            return f"train stage out dir holds {used} bytes, over its total quota of {quota:.0f} bytes"
+        size = out_dir_size(train_out)  # a bounded walk: no shape of out dir can make it raise
+        if size.problem:
+            return f"train stage {size.problem}, over what the daemon walks"
+        if size.bytes > quota + OUT_QUOTA_SLACK_BYTES:
+            return f"train stage out dir holds {size.bytes} bytes, over its total quota of {quota:.0f} bytes"
         return None
 
     def _over_budget(self, train: RunResult, train_json: dict[str, Any]) -> str | None:

@@ -12,13 +12,13 @@ import contextlib
 import json
 import math
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sandbox import labels as L
+from sandbox import treewalk
 from sandbox.base import ReapedRun
 from sandbox.errors import BackendUnavailable
 from sandbox.outfiles import prepare_out_dir, read_out_files
@@ -127,7 +127,7 @@ class SlurmBackend:
                 "shared filesystem, or list their shared mount in node_paths)")
 
     def _write_job(self, spec: RunSpec, job_dir: Path) -> Path:
-        shutil.rmtree(job_dir, ignore_errors=True)  # a retry after a crash: the reaper already had its turn
+        treewalk.remove_tree(job_dir)  # a retry after a crash: the reaper already had its turn
         job_dir.mkdir(parents=True, mode=0o700)
         script = job_dir / "job.sh"
         script.write_text(batch_script(spec, self.instance, job_dir, gpu=bool(self.options.gres)))
@@ -169,7 +169,7 @@ class SlurmBackend:
             options += [f"--gres={self.options.gres}"] if self.options.gres else []
             self.client.test_submit([*options, *self.options.extra_args], script)
         finally:
-            shutil.rmtree(probe_dir, ignore_errors=True)
+            treewalk.remove_tree(probe_dir)
         return (f"partition {partition} ({info.get('State', '?')}, PriorityTier {info.get('PriorityTier', '?')}, "
                 f"PreemptMode {info.get('PreemptMode', '?')})")
 
@@ -189,7 +189,7 @@ class SlurmBackend:
             job_id = self.client.submit(self.sbatch_options(spec, job_dir), script)
             self._write_meta(job_dir, spec, job_id)
         except (SlurmCommandError, OSError) as exc:
-            shutil.rmtree(job_dir, ignore_errors=True)
+            treewalk.remove_tree(job_dir)
             return RunResult(RunStatus.INFRA_ERROR, None, time.monotonic() - began, error=f"sbatch failed: {exc}")
         notes = []
         if self.on_submitted is not None:
@@ -204,7 +204,7 @@ class SlurmBackend:
                 result = replace(result, error="; ".join([*notes, result.error]).strip("; "))
             return result
         finally:
-            shutil.rmtree(job_dir, ignore_errors=True)
+            treewalk.remove_tree(job_dir)
 
     def _wait(self, job_id: str, spec: RunSpec, job_dir: Path,
               cancel: Cancel | None) -> tuple[RunStatus | None, JobInfo | None, float]:

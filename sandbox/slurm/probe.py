@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import shlex
-import shutil
 import time
 from dataclasses import dataclass
 
+from sandbox import treewalk
 from sandbox.slurm.backend import SLURM_OUT, SlurmBackend
 from sandbox.slurm.commands import SlurmCommandError
 
@@ -43,7 +43,7 @@ def _script(image: str, gpu: bool) -> str:
 def probe_node(backend: SlurmBackend, image: str, wait_s: float = 60.0) -> NodeProbe:
     """Submit the probe to the configured partition and wait up to `wait_s` for its verdict."""
     folder = backend.jobs_dir / f".doctor-{backend.instance}"
-    shutil.rmtree(folder, ignore_errors=True)
+    treewalk.remove_tree(folder)
     folder.mkdir(parents=True)
     try:
         script = folder / "probe.sh"
@@ -78,4 +78,4 @@ def probe_node(backend: SlurmBackend, image: str, wait_s: float = 60.0) -> NodeP
         return NodeProbe("fail", output[-200:] or f"probe job ended {info.state if info else '?'} (exit {code})",
                          _FAILURES.get(code, "see the probe job's output"))
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        treewalk.remove_tree(folder)

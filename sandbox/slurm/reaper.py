@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox import labels as L
+from sandbox import treewalk
 from sandbox.base import ReapedRun
 from sandbox.outfiles import read_out_files
 from sandbox.slurm.commands import SlurmCommandError
@@ -47,7 +47,7 @@ def reap_jobs(backend: SlurmBackend, owner_alive: Callable[[str], bool]) -> list
             continue  # another daemon's job (several daemons may share one shared directory)
         if meta is None:
             reaped.append(ReapedRun(job_dir.name, {}, "removed", None))
-            shutil.rmtree(job_dir, ignore_errors=True)
+            treewalk.remove_tree(job_dir)
             continue
         labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
         job_id = str(meta.get("job_id") or "")
@@ -87,7 +87,7 @@ def _reap_one(backend: SlurmBackend, job_dir: Path, meta: dict[str, Any], labels
         info = backend._cancel_and_wait(job_id)
         killed_as = RunStatus.INTERRUPTED
     elif not job_id:
-        shutil.rmtree(job_dir, ignore_errors=True)  # never submitted (the daemon died before sbatch answered)
+        treewalk.remove_tree(job_dir)  # never submitted (the daemon died before sbatch answered)
         return ReapedRun(name, labels, "removed", None)
     status = _read_status(job_dir)
     outcome, note = (killed_as, "") if killed_as is not None else stage_outcome(info, status)
@@ -103,5 +103,5 @@ def _reap_one(backend: SlurmBackend, job_dir: Path, meta: dict[str, Any], labels
         oom_killed=bool(status is not None and status.oom),
         error=f"slurm job {job_id}: {note}" if note else "",
     )
-    shutil.rmtree(job_dir, ignore_errors=True)
+    treewalk.remove_tree(job_dir)
     return ReapedRun(name, labels, "killed" if killed_as else "collected", result)

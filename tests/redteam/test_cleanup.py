@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox.outfiles import out_dir_bytes, remove_tree
+from sandbox.outfiles import out_dir_size, remove_tree
 
 
 def _locked_tree(root: Path) -> Path:
@@ -31,4 +31,5 @@ def test_out_dir_bytes_counts_allocated_bytes(tmp_path: Path) -> None:
     """The out dir's size is what its files allocate, symlinks not followed."""
     (tmp_path / "a").write_bytes(b"x" * 10_000)
     (tmp_path / "link").symlink_to("/usr")
-    assert 10_000 <= out_dir_bytes(tmp_path) < 100_000
+    size = out_dir_size(tmp_path)
+    assert 10_000 <= size.bytes < 100_000 and size.entries == 2 and size.problem == ""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.images import BASE_REPO, TRAINER_REPO, cache_dir
+from sandbox.treewalk import remove_tree
 
 Progress = Callable[[str], None]
 
@@ -182,10 +183,8 @@ def prune_run_folders(runs_dir: Path, *, older_than_days: float, active: Iterabl
         if not dry_run:
             if folder.is_symlink() or not folder.is_dir():
                 folder.unlink(missing_ok=True)
-            elif remove is not None:
-                remove(folder)
             else:
-                shutil.rmtree(folder, ignore_errors=True)
+                (remove or remove_tree)(folder)  # candidate-made: the bounded, link-safe remover
         report.removed.append(f"{folder} ({size / 1e6:.1f} MB{', dry run' if dry_run else ''})")
         report.freed_bytes += size
     return report

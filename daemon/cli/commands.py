@@ -271,7 +271,8 @@ def cmd_image(args: argparse.Namespace, settings: Settings) -> int:
             tag = build_production_image(args.tag or settings.sandbox.image, progress=progress,
                                          variant=getattr(args, "variant", "auto"),
                                          base=getattr(args, "base", "debootstrap"),
-                                         torch_index=getattr(args, "torch_index", None) or PYPI_INDEX)
+                                         torch_index=getattr(args, "torch_index", None) or PYPI_INDEX,
+                                         force=getattr(args, "force", False))
     except SandboxError as exc:
         raise AutoresearchError(f"image build failed: {exc}", hint="see `autoresearch doctor`") from None
     print(f"image ready: {tag}")

@@ -7,14 +7,17 @@ stage exits EXIT_NO_CUDA with one line saying why, and the daemon records `infra
 
 The check does not import torch (the train stage's harness stays small): it reads the CUDA version torch was
 built for from torch/version.py and asks the CUDA driver (libcuda, through ctypes) for its version and devices.
+At the same call (`stage_start`) the harness bounds Inductor's compile workers by the container's CPU quota.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import math
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -108,3 +111,46 @@ def require_cuda(env: Mapping[str, str], driver_loader: Callable[[], CudaDriver 
     if env.get(REQUIRE_ENV, "").strip() != "1":
         return None
     return cuda_problem(torch_cuda_version(torch_dir), driver_loader())
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile workers bounded by the container's CPU quota
+
+COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
+
+
+def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs this container may use by its cgroup quota (v2 cpu.max or v1 cfs quota/period), None: no quota."""
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in (cgroup_root / "cpu", cgroup_root / "cpu,cpuacct", cgroup_root):
+        try:
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 else quota_us / period_us
+    return None
+
+
+def compile_threads(quota: float | None, cpu_count: int) -> int:
+    """Inductor's compile workers for this quota: whole CPUs of it, at least 1 (without a quota: the CPUs)."""
+    limit = cpu_count if quota is None else min(cpu_count, math.floor(quota))
+    return max(1, limit)
+
+
+def bound_compile_threads(env: MutableMapping[str, str], cgroup_root: Path = Path("/sys/fs/cgroup")) -> None:
+    """Set TORCHINDUCTOR_COMPILE_THREADS from the quota unless set (Inductor starts up to 32 workers otherwise,
+    each holding memory, whatever the quota)."""
+    if not env.get(COMPILE_THREADS_ENV, "").strip():
+        env[COMPILE_THREADS_ENV] = str(compile_threads(cpu_quota(cgroup_root), os.cpu_count() or 1))
+
+
+def stage_start(env: MutableMapping[str, str]) -> str | None:
+    """The harness's one call at stage start: bound the compile workers, then require CUDA on a GPU lane
+    (None: go on; else the reason the stage must not run)."""
+    bound_compile_threads(env)
+    return require_cuda(env)

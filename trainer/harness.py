@@ -43,7 +43,7 @@ from types import FrameType
 from typing import IO, Any
 
 from trainer import compile_cache
-from trainer.device_check import EXIT_NO_CUDA, require_cuda
+from trainer.device_check import EXIT_NO_CUDA, stage_start
 from trainer.layout import CHECKPOINT_NAME, EXPORT_STARTS, TRAINING_STARTS, DataError, read_split_meta
 from trainer.privsep import PRIVSEP_ENV, stage_identities
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if (no_cuda := require_cuda(os.environ)) is not None:  # trainer.device_check: never a silent CPU run
+    if (no_cuda := stage_start(os.environ)) is not None:  # trainer.device_check: never a silent CPU run
         print(f"no CUDA device on a GPU lane: {no_cuda}", flush=True)
         return EXIT_NO_CUDA
     if args.stage == "train":

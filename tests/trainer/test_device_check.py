@@ -89,3 +89,33 @@ def test_harness_refuses_both_stages_on_this_cpu_machine(tmp_path: Path, monkeyp
     out = capsys.readouterr().out
     assert out.count("no CUDA device on a GPU lane:") == 2 and "must not run" not in out
     assert not (tmp_path / "o").exists()
+
+
+def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
+    """FAKE at the edge: a cgroup folder as the kernel shows it inside a container."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path: Path) -> None:
+    """cpu.max '250000 100000' is 2.5 CPUs, 'max' no quota; v1 quota/period likewise, -1 no quota."""
+    assert device_check.cpu_quota(_cgroup(tmp_path / "a", {"cpu.max": "250000 100000\n"})) == 2.5
+    assert device_check.cpu_quota(_cgroup(tmp_path / "b", {"cpu.max": "max 100000\n"})) is None
+    v1 = _cgroup(tmp_path / "c", {"cpu,cpuacct/cpu.cfs_quota_us": "400000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
+    assert device_check.cpu_quota(v1) == 4.0
+    none = _cgroup(tmp_path / "d", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"})
+    assert device_check.cpu_quota(none) is None
+
+
+def test_compile_threads_follow_the_quota(tmp_path: Path) -> None:
+    """A 2.5-CPU quota on a 32-CPU host gives 2 workers; a set value is kept; no quota: the CPU count."""
+    assert device_check.compile_threads(2.5, 32) == 2 and device_check.compile_threads(0.5, 32) == 1
+    assert device_check.compile_threads(None, 8) == 8
+    env: dict[str, str] = {}
+    device_check.bound_compile_threads(env, _cgroup(tmp_path, {"cpu.max": "250000 100000\n"}))
+    assert env == {device_check.COMPILE_THREADS_ENV: "2"}
+    kept = {device_check.COMPILE_THREADS_ENV: "1"}
+    device_check.bound_compile_threads(kept, tmp_path)
+    assert kept[device_check.COMPILE_THREADS_ENV] == "1"

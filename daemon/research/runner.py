@@ -44,8 +44,8 @@ CHECKPOINT_NAME = "model.pt2"
 # Only these reach the candidate; AUTORESEARCH_EVAL_TOKENS is for the eval stage alone. The eval stage also gets
 # the preset, from which it decides the scoring shape itself (trainer.prepare.scoring_seq_len).
 TRAIN_ENV_KEYS = ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_COMPILE_BUDGET", "AUTORESEARCH_PRESET",
-                  "AUTORESEARCH_OUT_QUOTA")
-EVAL_ENV_KEYS = ("AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_PRESET", FLOOR_ENV)
+                  "AUTORESEARCH_OUT_QUOTA", REQUIRE_ENV)
+EVAL_ENV_KEYS = ("AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_PRESET", FLOOR_ENV, REQUIRE_ENV)
 TRAIN_COMMAND = ("python3", "-m", "trainer.harness", "train", "--candidate", "/candidate/train.py",
                  "--data", "/data", "--out", "/out")
 # The eval stage splits into a trusted scorer and an untrusted model process (trainer.privsep): the val split
@@ -131,7 +131,7 @@ class StageRunner:
     def __init__(self, backend: Backend, *, image: str, trainer_dir: Path, data_dir: Path, work_dir: Path,
                  instance: str, train_limits: Limits, eval_limits: Limits, env: dict[str, str],
                  gpu_probe: GpuProbe | None = None, gpu_release_timeout_s: float = 60.0,
-                 compile_cache: Path | None = None, replays: Replays | None = None) -> None:
+                 compile_cache: Path | None = None, replays: Replays | None = None, require_cuda: bool = True) -> None:
         for split in ("train", "val"):
             if not (data_dir / split).is_dir():
                 from daemon.errors import WorkspaceError
@@ -152,6 +152,9 @@ class StageRunner:
         # The daemon passes a StoredReplayGuard (earlier seeds survive restarts); without one, memory is in process.
         self.replays: Replays = replays if replays is not None else ReplayGuard()
         self.gpu_release_timeout_s = gpu_release_timeout_s
+        # A GPU lane's stages refuse to run without CUDA (trainer.device_check): never a silent CPU run. Only tests
+        # that script a GPU on a CPU machine turn this off.
+        self.require_cuda = require_cuda
         # The torch.compile cache: read-only in every train stage. Only a run of the shipped baseline (the
         # trusted trainer_dir/train.py, byte for byte) fills it; an agent's code, even a kept one, never does.
         self.compile_cache = compile_cache.resolve() if compile_cache is not None else None
@@ -245,7 +248,7 @@ class StageRunner:
         candidate_dir.chmod(0o755)
         (candidate_dir / "train.py").chmod(0o644)
         train_out, eval_out = run_dir / "train_out", run_dir / "eval_out"
-        cuda_env = {REQUIRE_ENV: "1"} if gpu_uuid is not None else {}  # a GPU lane never runs on the CPU
+        cuda_env = {REQUIRE_ENV: "1"} if gpu_uuid is not None and self.require_cuda else {}
         publish_cache = self.compile_cache is not None and source == self.cache_writer_source
 
         if on_stage is not None:

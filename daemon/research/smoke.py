@@ -24,6 +24,7 @@ from daemon.ops.logs import get_logger
 from daemon.research.replay import ReplayGuard
 from daemon.research.runner import StageRunner
 from sandbox.spec import Cancel, Mount, RunSpec, RunStatus
+from trainer.device_check import REQUIRE_ENV
 from trainer.probe_power import FLOOR_ENV
 
 log = get_logger("autoresearch.smoke")
@@ -55,10 +56,10 @@ def smoke_stage_runner(runner: object, settings: Settings) -> SmokeStageRunner |
     smoke.__dict__.update(runner.__dict__)
     smoke.train_env = {**runner.train_env, "AUTORESEARCH_TIME_BUDGET": str(training.smoke_budget_s),
                        "AUTORESEARCH_COMPILE_BUDGET": str(min(training.compile_budget_s, SMOKE_COMPILE_S)),
-                       "AUTORESEARCH_PRESET": "tiny"}
+                       "AUTORESEARCH_PRESET": "tiny", REQUIRE_ENV: "0"}  # smoke runs are CPU runs
     # The smoke eval checks the code path, never causality: too few rows for the probe (trainer.probe_power).
     smoke.eval_env = {**runner.eval_env, "AUTORESEARCH_EVAL_TOKENS": str(training.smoke_eval_tokens),
-                      "AUTORESEARCH_PRESET": "tiny", FLOOR_ENV: "0"}
+                      "AUTORESEARCH_PRESET": "tiny", FLOOR_ENV: "0", REQUIRE_ENV: "0"}
     cpus = min(runner.train_limits.cpus or SMOKE_CPUS, SMOKE_CPUS)  # beside a GPU run: leave it the rest
     smoke.train_limits = replace(runner.train_limits, cpus=cpus,
                                  timeout_s=training.smoke_budget_s + SMOKE_COMPILE_S + SMOKE_STARTUP_S)

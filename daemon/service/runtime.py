@@ -36,6 +36,7 @@ from sandbox.errors import BackendUnavailable
 from sandbox.gpu import GpuProbe, NoGpuProbe
 from sandbox.labels import owner_id
 from sandbox.spec import Limits
+from trainer.device_check import REQUIRE_ENV
 from trainer.probe_power import FLOOR_ENV
 
 log = get_logger("autoresearch.runtime")
@@ -167,6 +168,8 @@ def sandbox_env(settings: Settings, plan: NightPlan) -> dict[str, str]:
         "AUTORESEARCH_PRESET": settings.training.preset,
         "AUTORESEARCH_EVAL_TOKENS": str(plan.eval.tokens),
         FLOOR_ENV: "1" if settings.training.probe_floor else "0",
+        # Slurm GPU jobs get their GPU from the GRES, not from a lane's UUID: they require CUDA too.
+        REQUIRE_ENV: "1" if settings.sandbox.backend == "slurm" and "gpu" in settings.slurm.gres else "0",
     }
 
 

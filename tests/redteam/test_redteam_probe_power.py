@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from daemon.research.runner import StageRunner
+from sandbox.base import Backend
+from sandbox.docker_backend import DockerBackend
 from sandbox.local_backend import LocalBackend
 from tests.redteam.redteam_helpers import ENV, EVAL_LIMITS, REPO_ROOT, TRAIN_LIMITS
 from trainer import device_check
@@ -43,8 +45,9 @@ export_checkpoint(SparsePeek(), os.environ["AUTORESEARCH_OUT_DIR"])
 CLAIMS_NO_CUDA = f"raise SystemExit({device_check.EXIT_NO_CUDA})\n"
 
 
-def _runner(prepared_data: Path, work_dir: Path, **env: str) -> StageRunner:
-    return StageRunner(LocalBackend("probepower"), image="", trainer_dir=REPO_ROOT / "trainer",
+def _runner(prepared_data: Path, work_dir: Path, backend: Backend | None = None, image: str = "",
+            **env: str) -> StageRunner:
+    return StageRunner(backend or LocalBackend("probepower"), image=image, trainer_dir=REPO_ROOT / "trainer",
                        data_dir=prepared_data, work_dir=work_dir, instance="probepower",
                        train_limits=TRAIN_LIMITS, eval_limits=EVAL_LIMITS,
                        env={**ENV, "AUTORESEARCH_EVAL_TOKENS": str(40 * 1024), **env})
@@ -71,3 +74,18 @@ def test_a_candidate_exiting_with_the_refusal_code_is_crashed(prepared_data: Pat
     """The candidate's own exit 17 is not the harness's refusal: the run is `crashed`."""
     outcome = _runner(prepared_data, tmp_path).run(9803, 1, CLAIMS_NO_CUDA, 1)
     assert outcome.status == "crashed", (outcome.status, outcome.error)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_sparse_peek_at_a_small_eval_is_never_scored_in_docker(trainer_image: str, prepared_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """The same through the hardened Docker stages (split uids, read-only root): refused, never `ok`."""
+    backend = DockerBackend("probepower")
+    try:
+        outcome = _runner(prepared_data, tmp_path, backend, trainer_image, **{FLOOR_ENV: "1"}).run(
+            9804, 1, SPARSE_PEEK, 1)
+    finally:
+        backend.close()
+    assert outcome.status == "infra_error" and outcome.val_bpb is None, (outcome.status, outcome.error)
+    assert "refusing to score" in outcome.error

@@ -290,10 +290,8 @@ STARTUP_S = {"gpu": 20.0, "cpu": 10.0}   # interpreter, torch import, data memma
 EXPORT_S = {"gpu": 30.0, "cpu": 10.0}    # torch.export of the model at the scoring shape and the archive write
 
 
-def project_train(*, budget_s: float, compile_budget_s: float, startup_grace_s: float, device: DeviceClass,
-                  limit_s: float) -> TrainProjection:
+def project_train(*, budget_s: float, compile_budget_s: float, device: DeviceClass, limit_s: float) -> TrainProjection:
     """The train stage's seconds at most (the compile allowance counts whole) against its container limit."""
-    del startup_grace_s  # the limit passed in already holds it; the projection uses its own start-up figure
     return TrainProjection(STARTUP_S[device.kind], compile_budget_s, budget_s, EXPORT_S[device.kind], limit_s)
 
 
@@ -379,8 +377,8 @@ def plan_night(settings: Settings, gpu_names: list[str], cpus: float) -> NightPl
                      seq_len=seq_len, explicit_tokens=training.eval_tokens, probe_floor=training.probe_floor)
     derived = sandbox.eval_timeout_s == 0
     timeout = derived_eval_timeout(plan) if derived else sandbox.eval_timeout_s
-    train = project_train(budget_s=training.time_budget_s, compile_budget_s=training.compile_budget_s,
-                          startup_grace_s=training.startup_grace_s, device=device,
+    # The limit is the runner's train-stage container limit (daemon/service/runtime.py make_runner).
+    train = project_train(budget_s=training.time_budget_s, compile_budget_s=training.compile_budget_s, device=device,
                           limit_s=training.time_budget_s + training.compile_budget_s + training.startup_grace_s)
     val_rows = val_tokens // seq_len if val_tokens is not None else None
     problems = capacity_problems(plan, timeout, train, probe_floor=training.probe_floor, val_rows=val_rows)

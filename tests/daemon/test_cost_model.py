@@ -121,8 +121,7 @@ def test_old_transport_on_an_a100_cannot_fit_the_old_timeout() -> None:
     """The eval the daemon ran before (40 x 2^19 tokens through memfd) overruns 300 s on an A100."""
     plan = size_eval(budget_s=300, device=DEVICES["A100"], scheme=OLD_GPU_SCHEME, preset="gpu", vocab=8192,
                      seq_len=2048, explicit_tokens=GPU_EVAL_TOKENS)
-    train = cost_model.project_train(budget_s=300, compile_budget_s=120, startup_grace_s=120,
-                                     device=DEVICES["A100"], limit_s=540)
+    train = cost_model.project_train(budget_s=300, compile_budget_s=120, device=DEVICES["A100"], limit_s=540)
     problems = cost_model.capacity_problems(plan, 300.0, train, probe_floor=True)
     assert len(problems) == 1 and "over sandbox.eval_timeout_s = 300" in problems[0][0]
 
@@ -162,3 +161,10 @@ def test_startup_refuses_what_cannot_fit(tmp_path: Path, prepared_data: Path, ba
         open_runtime(settings, daemon=False, probe=NoGpuProbe(), serve_http=False)
     assert caught.value.exit_code == 2
     assert "2 rows" in str(caught.value) and "training.eval_tokens >=" in caught.value.hint
+
+
+def test_train_stage_that_cannot_fit_its_limit_is_refused(tmp_path: Path) -> None:
+    """A start-up grace too short for start-up and export is a problem naming the parts and the fix."""
+    settings = load_settings(None, workspace=tmp_path, training={"startup_grace_s": 5})
+    problems = plan_night(settings, [], 2.0).problems
+    assert any("train stage is projected" in problem and "startup_grace_s" in fix for problem, fix in problems)

@@ -52,7 +52,8 @@ def main() -> None:
         workspace = Workspace.init(folder / "ws")
         settings = load_settings(None, workspace=workspace.root, data={"dir": str(data)},
                                  sandbox={"backend": "local"},
-                                 training={"preset": "cpu", "time_budget_s": args.budget, "eval_tokens": 8192})
+                                 training={"preset": "cpu", "time_budget_s": args.budget, "eval_tokens": 8192,
+                                           "probe_floor": False})
         full = make_runner(settings, choose_backend(settings, daemon=False), workspace, None)  # type: ignore[arg-type]
         smoke = smoke_stage_runner(full, settings)
         assert smoke is not None

@@ -120,7 +120,8 @@ class SandboxConfig(_Section):
     pids: int = Field(4096, ge=64)
     shm_gb: float = Field(2.0, gt=0)
     tmpfs_gb: float = Field(4.0, gt=0)
-    eval_timeout_s: float = Field(300.0, gt=0)
+    eval_timeout_s: float = Field(0.0, ge=0, description="eval stage limit; 0 = derived from the projected eval "
+                                  "(daemon/research/cost_model.py); a set value that cannot fit is refused at start-up")
     gpu_release_timeout_s: float = Field(60.0, ge=0)
 
 
@@ -167,7 +168,11 @@ class TrainingConfig(_Section):
     compile_budget_s: float = Field(120.0, ge=0, description="bounded warm-up (torch.compile) outside the budget")
     preset: Literal["auto", "gpu", "cpu", "tiny"] = "auto"
     startup_grace_s: float = Field(120.0, ge=0, description="imports, data loading, checkpoint save")
-    eval_tokens: int = Field(0, ge=0, description="target tokens scored by the eval stage; 0 = the trainer's fixed default")
+    eval_tokens: int = Field(0, ge=0, description="target tokens scored by the eval stage; 0 = sized by the daemon "
+                             "(daemon/research/cost_model.py: <= 10% of the budget, never below the probe floor)")
+    probe_floor: bool = Field(True, description="refuse evals too small for the causality probe to catch a 1% "
+                              "look-ahead with 99% probability; false: tests and demos only, results are then "
+                              "marked as not trust-checked")
     smoke: bool = Field(True, description="smoke-run every candidate first (tiny preset, seconds, CPU, same sandbox)")
     smoke_budget_s: float = Field(2.0, gt=0, le=120, description="training seconds of a smoke run")
     smoke_eval_tokens: int = Field(2048, ge=256, description="val tokens the smoke run's eval check scores")

@@ -27,8 +27,12 @@ Covered by the Docker backend:
     size and node caps; unpickling is refused during the load;
   * every scored row is probed: each scoring batch has a same-shape twin (rows re-ordered, each cut at an
     unpredictable point, column 0 and the last position included) run in a random order through the same
-    call; log-probabilities that the cut must not affect may drift 1e-3 nats at most, else `invalid`. A peek
-    at a fraction f of positions escapes with probability about (1 - 3f/4) per scored row;
+    call; log-probabilities that the cut must not affect may drift 1e-3 nats at most, else `invalid`. A
+    one-token look-ahead at a fraction f of positions escapes with probability (1 - 3f/4)^R over R scored rows
+    (trainer/probe_power.py, checked by Monte-Carlo against this probe); the daemon never runs a full eval
+    under the floor of 612 rows (f = 1% caught with probability >= 0.99): it enlarges the eval, refuses an
+    explicit smaller one at start-up, and the eval stage refuses (exit 18, infra_error) when the val split
+    yields fewer rows. Smoke evals are below the floor and are not a trust check;
   * the harness owns time (marker lines split start-up/compile, training and export by its clock; a clean run
     over budget exits 5 and is `timeout`), and the daemon bounds the train container's wall time from outside.
     The train container is split too: the candidate runs as MODEL_UID 1001 under the harness, which stays the
@@ -72,7 +76,8 @@ Not covered:
   harness stays root (with the five capabilities of a split stage) to keep its kill and its clock: a bug in
   the harness would be a bug with those capabilities; the candidate never runs with them. (3) Time before
   the start line (start-up/compilation) is capped, not verified: a candidate may train during it, up to the
-  compile budget + 30 s. (4) A peek at very few positions can escape the probe with the probability above.
+  compile budget + 30 s. (4) A peek at very few positions can escape the probe with the probability above: at
+  the floor a 1% look-ahead survives one eval with probability <= 1%, a 0.1% one with about 63%.
   (5) The val split's files never reach the train container, and for the embedded `stdlib` source the val
   documents come only from a val pool that the trainer image deletes from every Python it holds, whatever its
   base (primary: idlelib, tkinter, turtledemo, the regression tests; fallback for hosts without them:

@@ -144,6 +144,34 @@ def pick_variant(driver_version: str | None) -> tuple[Variant, str]:
     return "cuda", f"driver {driver_version}: building the CUDA image (torch {TORCH_VERSION} from PyPI)"
 
 
+CU12_INDEX = "https://download.pytorch.org/whl/cu128"  # CUDA 12 torch: drivers >= 525 (minor-version compatibility)
+
+
+def fitting_torch_index(driver_version: str) -> str | None:
+    """The torch index whose CUDA runs on this driver (None: too old for any CUDA build of TORCH_VERSION)."""
+    try:
+        major = int(driver_version.split(".")[0])
+    except ValueError:
+        return None
+    if major >= MIN_DRIVER["13"]:
+        return PYPI_INDEX
+    return CU12_INDEX if major >= MIN_DRIVER["12"] else None
+
+
+def driver_refusal(driver_version: str | None, variant: Variant, torch_index: str) -> str | None:
+    """Why a CUDA image from this index would see no CUDA under this host's driver (None: it fits, or the driver
+    is unknown). Such an image never trains on the GPU: every GPU run would end infra_error."""
+    if variant != "cuda" or not driver_version or validate_index(torch_index) != PYPI_INDEX:
+        return None
+    fitting = fitting_torch_index(driver_version)
+    if fitting == PYPI_INDEX or (fitting is None and not driver_version.split(".")[0].isdigit()):
+        return None
+    fix = f"build with --torch-index {fitting}" if fitting else f"upgrade the driver (>= {MIN_DRIVER['12']})"
+    return (f"driver {driver_version} is older than {MIN_DRIVER['13']}, which PyPI's CUDA 13 torch {TORCH_VERSION} "
+            f"needs: its containers would see no CUDA device; {fix} or upgrade the driver to >= {MIN_DRIVER['13']} "
+            "(--force builds this image anyway)")
+
+
 def host_driver_version() -> str | None:
     """The NVIDIA driver version of this host, or None without one."""
     if shutil.which("nvidia-smi") is None:
@@ -359,9 +387,15 @@ def offline_image_inputs() -> str:
 
 
 def build_production_image(tag: str, progress: Progress = print, *, variant: Variant | Literal["auto"] = "auto",
-                           base: Base = "debootstrap", torch_index: str = PYPI_INDEX) -> str:
-    """The trainer image for this host: variant picked from its NVIDIA driver unless given; tagged `tag`."""
+                           base: Base = "debootstrap", torch_index: str = PYPI_INDEX, force: bool = False) -> str:
+    """The trainer image for this host: variant picked from its NVIDIA driver unless given; tagged `tag`.
+    Refuses (ImageError) a CUDA image this host's driver cannot run, unless `force` (e.g. built for another host)."""
+    driver = host_driver_version()
     if variant == "auto":
-        variant, note = pick_variant(host_driver_version())
+        variant, note = pick_variant(driver)
         progress(f"[image] {note}")
+    if (refusal := driver_refusal(driver, variant, torch_index)) is not None:
+        if not force:
+            raise ImageError(refusal)
+        progress(f"[image] --force: {refusal}")
     return ensure_image(plan_image(variant, base, torch_index), tag, progress)

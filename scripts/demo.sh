@@ -19,6 +19,8 @@ export AUTORESEARCH_AGENT__PROVIDER=offline
 export AUTORESEARCH_METRICS__PORT=0
 export AUTORESEARCH_JUDGE__NOISE_RUNS=${AUTORESEARCH_JUDGE__NOISE_RUNS:-1}
 export AUTORESEARCH_TRAINING__EVAL_TOKENS=${AUTORESEARCH_TRAINING__EVAL_TOKENS:-65536}
+# 64 rows: a demo of the code path, too few for the causality probe to be a trust check (trainer/probe_power.py)
+export AUTORESEARCH_TRAINING__PROBE_FLOOR=${AUTORESEARCH_TRAINING__PROBE_FLOOR:-false}
 export AUTORESEARCH_DATA__VOCAB_SIZE=${AUTORESEARCH_DATA__VOCAB_SIZE:-2048}
 
 say "workspace $WS (program.md, baseline train.py, git repo)"

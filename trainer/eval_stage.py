@@ -42,6 +42,7 @@ from trainer.prepare import (
     token_byte_lengths,
 )
 from trainer.privsep import PRIVSEP_ENV, become, stage_identities
+from trainer.probe_power import EXIT_PROBE_POWER, probe_power_verdict
 
 PROBE_TOLERANCE = 1e-3        # absolute, in nats of log-probability: exact on CPU, slack for GPU kernels
 FULL_ROW_SHARE = 4            # one probe row in this many (on average) keeps all its tokens: last position checked
@@ -174,11 +175,16 @@ def _evaluate(model: ModelProcess, checkpoint: Path, data_dir: Path, out_dir: Pa
         raise DataError(f"{data_dir / 'tokens.bin'} does not match its checksum in meta.json: "
                         "the data is damaged; run `autoresearch prepare` again")
     window = eval_token_window(data_dir, max_tokens, seq_len)
+    power = probe_power_verdict(len(window), seq_len, encoding.n_vocab, os.environ)  # trainer.probe_power
+    print(power.line, flush=True)
+    if power.refused:
+        return EXIT_PROBE_POWER
     result: dict[str, Any] = {"status": "invalid", "val_bpb": None, "eval_seconds": 0.0, "probe": "not run",
                               "checkpoint_sha256": _checkpoint_sha256(checkpoint),
                               "data_sha256": data_sha256, "vocab_size": encoding.n_vocab, "seq_len": seq_len,
                               "eval_rows": len(window), "num_params": 0, "error": "",
                               "model_process": "own uid" if os.environ.get(PRIVSEP_ENV) else "same uid"}
+    result.update(power.record())
     timings: dict[str, float] = {"data": time.monotonic() - started}
     try:
         result.update(_score_checkpoint(model, checkpoint, window, encoding.n_vocab, token_byte_lengths(encoding),

@@ -42,6 +42,7 @@ from types import FrameType
 from typing import IO, Any
 
 from trainer import compile_cache, treewalk
+from trainer.device_check import EXIT_NO_CUDA, stage_start
 from trainer.layout import CHECKPOINT_NAME, EXPORT_STARTS, TRAINING_STARTS, DataError, read_split_meta
 from trainer.privsep import PRIVSEP_ENV, stage_identities
 
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if (no_cuda := stage_start(os.environ)) is not None:  # trainer.device_check: never a silent CPU run
+        print(f"no CUDA device on a GPU lane: {no_cuda}", flush=True)
+        return EXIT_NO_CUDA
     if args.stage == "train":
         if not args.candidate.is_file():
             print(f"candidate {args.candidate} does not exist: mount the candidate's train.py there", flush=True)

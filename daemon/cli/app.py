@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="debootstrap: no registry needed; public: python:3.11-slim from a registry")
     p.add_argument("--torch-index", default=None,
                    help="index for torch's wheel (default PyPI); older drivers: https://download.pytorch.org/whl/cu128")
+    p.add_argument("--force", action="store_true",
+                   help="build a CUDA image even though this host's driver is too old for it (another host's image)")
 
     p = sub.add_parser("notebook", help="the agent's notebook of the research line: show, history, edit; "
                                          "fresh starts a new line")

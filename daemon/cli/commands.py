@@ -31,13 +31,13 @@ EXPERIMENT_HEADERS = ("id", "kind", "status", "val_bpb", "lane", "attempt", "com
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     checks = doctor.run_checks(settings)
     print(doctor.render(checks))
-    code = 1 if any(c.verdict == doctor.FAIL for c in checks) else 0
+    code = doctor.exit_code(checks)
     if getattr(args, "gpu", False):
         from daemon.cli.gpu_smoke import run_gpu_smoke
 
         report = run_gpu_smoke(settings, progress=lambda line: print(f"  {line}", flush=True))
         print(f"\n{report.render()}")
-        code = code if report.ok else 1
+        code = code if report.ok else max(code, 1)
     return code
 
 
@@ -379,7 +379,8 @@ def cmd_image(args: argparse.Namespace, settings: Settings) -> int:
             tag = build_production_image(args.tag or settings.sandbox.image, progress=progress,
                                          variant=getattr(args, "variant", "auto"),
                                          base=getattr(args, "base", "debootstrap"),
-                                         torch_index=getattr(args, "torch_index", None) or PYPI_INDEX)
+                                         torch_index=getattr(args, "torch_index", None) or PYPI_INDEX,
+                                         force=getattr(args, "force", False))
     except SandboxError as exc:
         raise AutoresearchError(f"image build failed: {exc}", hint="see `autoresearch doctor`") from None
     print(f"image ready: {tag}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from daemon.cli.tables import render_table
 from daemon.config import Settings
+from sandbox.gpu import GpuProbe
 from sandbox.images import LABEL_PREFIX, TORCH_VERSION
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -128,6 +129,31 @@ def check_api_key(settings: Settings) -> Check:
                  "set AUTORESEARCH_AGENT__API_KEY_FILE to use the Anthropic agent")
 
 
+CAPACITY = "capacity"
+
+
+def check_capacity(settings: Settings, probe: GpuProbe | None = None) -> list[Check]:
+    """The night's plan on this machine (daemon.research.cost_model): eval size, eval timeout, train stage; a
+    configuration that cannot finish inside its limits is FAIL with the numbers and the fix (exit 2)."""
+    from daemon.service.runtime import default_probe, night_plan
+
+    try:
+        plan = night_plan(settings, probe if probe is not None else default_probe(), settings.sandbox.backend)
+    except Exception as exc:  # e.g. NVML answering garbage: say so, the other checks still run
+        return [Check(CAPACITY, WARN, f"could not project the night ({type(exc).__name__}: {str(exc)[:80]})")]
+    if plan.problems:
+        return [Check(CAPACITY, FAIL, problem, fix) for problem, fix in plan.problems]
+    return [Check(CAPACITY, OK, line) for line in plan.lines()]
+
+
+def exit_code(checks: list[Check]) -> int:
+    """2 (the config-error code: systemd does not restart into it) when the night cannot fit; 1 for any other
+    FAIL; 0 when ready."""
+    if any(c.name == CAPACITY and c.verdict == FAIL for c in checks):
+        return 2
+    return 1 if any(c.verdict == FAIL for c in checks) else 0
+
+
 def _slurm_checks(settings: Settings) -> list[Check]:
     from daemon.cli.doctor_slurm import check_slurm  # imports this module: loaded only when called
 
@@ -143,6 +169,7 @@ def run_checks(settings: Settings) -> list[Check]:
         lambda: check_metrics_port(settings),
         lambda: check_api_key(settings),
         lambda: _slurm_checks(settings),
+        lambda: check_capacity(settings),
     ]
     checks: list[Check] = []
     for runner in runners:
@@ -156,4 +183,6 @@ def render(checks: list[Check]) -> str:
     table = render_table(("check", "verdict", "detail", "how to fix"), rows, max_width=90)
     failed = [c.name for c in checks if c.verdict == FAIL]
     verdict = f"verdict: NOT READY ({', '.join(failed)})" if failed else "verdict: ready"
-    return f"{table}\n\n{verdict}"
+    # The night's plan in full (the table cuts long lines): its numbers are what a refusal is about.
+    plan = [f"  {c.verdict}: {c.detail}" + (f"\n    fix: {c.fix}" if c.fix else "") for c in checks if c.name == CAPACITY]
+    return f"{table}\n\n" + ("the night on this machine:\n" + "\n".join(plan) + "\n\n" if plan else "") + verdict

@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from daemon.cli.doctor import FAIL, OK, WARN, Check
+from daemon.cli.gpu_checks import PROBE_SOURCE, RUNTIME_FIX, container_checks, docker_info, runtime_check
 from daemon.config import Settings
 from sandbox import treewalk
 from sandbox.gpu import GpuInfo, GpuProbe, NoGpuProbe
@@ -29,19 +32,36 @@ TRAINER_DIR = Path(__file__).resolve().parents[2] / "trainer"
 
 @dataclass
 class SmokeReport:
-    """What the GPU smoke check saw; `ok` False with `reason` when it could not run or failed."""
+    """What the GPU smoke check saw; `ok` False with `reason` when it could not run or failed. `checks`: the
+    first-run checks of the hardened container (daemon.cli.gpu_checks), before the baseline run."""
 
     ok: bool
     reason: str = ""
     gpu: str = ""
     figures: dict[str, float | str] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
 
     def render(self) -> str:
         head = f"GPU smoke check ({self.gpu}): {'passed' if self.ok else 'FAILED'}" if self.gpu else \
             f"GPU smoke check: {'passed' if self.ok else 'not run'}"
         lines = [head] + ([f"  {self.reason}"] if self.reason else [])
+        lines += [f"  [{c.verdict}] {c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in self.checks]
         lines += [f"  {key:<22} {value}" for key, value in self.figures.items()]
         return "\n".join(lines)
+
+
+def first_run_checks(runner: Any, backend_name: str, gpu_uuid: str,
+                     info: Callable[[], dict[str, Any]] = docker_info) -> list[Check]:
+    """daemon.cli.gpu_checks 1-4 through the configured sandbox (Docker: the production path)."""
+    if backend_name != "docker":
+        return [Check("first-run checks", WARN, f"the {backend_name} backend is not the production path: the "
+                      "hardened-container checks need Docker", "set [sandbox] backend = 'docker'")]
+    try:
+        checks = [runtime_check(info())]
+    except Exception as exc:  # the engine did not answer: the baseline run below will say more
+        checks = [Check("nvidia runtime", FAIL, f"`docker info` failed ({type(exc).__name__})", RUNTIME_FIX)]
+    probe = runner.run(2, 1, PROBE_SOURCE, seed=0, gpu_uuid=gpu_uuid)
+    return checks + container_checks(probe.log_tail, probe.error)
 
 
 def probe_gpus() -> tuple[GpuProbe, list[GpuInfo], str]:
@@ -74,7 +94,8 @@ def smoke_data(cache: Path, progress: Callable[[str], None]) -> Path:
 
 def run_gpu_smoke(settings: Settings, progress: Callable[[str], None] = print,
                   probe_result: tuple[GpuProbe, list[GpuInfo], str] | None = None) -> SmokeReport:
-    """Train and evaluate a tiny baseline on the first GPU through the configured sandbox."""
+    """The first-run checks (daemon.cli.gpu_checks), then a tiny baseline trained and evaluated on the first GPU
+    through the configured sandbox."""
     probe, gpus, why = probe_result if probe_result is not None else probe_gpus()
     if not gpus:
         return SmokeReport(False, f"{why}: the GPU smoke check needs an NVIDIA GPU and driver; nothing was run "
@@ -103,6 +124,7 @@ def run_gpu_smoke(settings: Settings, progress: Callable[[str], None] = print,
              f"the {backend.name} sandbox")
     started = time.monotonic()
     try:
+        checks = first_run_checks(runner, backend.name, gpu.uuid)
         outcome = runner.run(1, 1, (TRAINER_DIR / "train.py").read_text(), seed=0, gpu_uuid=gpu.uuid)
     finally:
         treewalk.remove_tree(work)
@@ -114,6 +136,11 @@ def run_gpu_smoke(settings: Settings, progress: Callable[[str], None] = print,
         "tokens/s": round(summary["total_tokens_M"] * 1e6 / summary["training_seconds"])
         if summary.get("training_seconds") else "-",
         "MFU %": summary.get("mfu_percent", "-"), "peak memory MB": summary.get("peak_vram_mb", "-"),
-        "eval s": round(outcome.eval_seconds, 1), "wall s": round(time.monotonic() - started, 1)}
-    ok = outcome.status == "ok"
-    return SmokeReport(ok, "" if ok else f"{outcome.error} {outcome.log_tail[-600:]}".strip(), gpu.name, figures)
+        "eval s": round(outcome.eval_seconds, 1), "wall s": round(time.monotonic() - started, 1),
+        "trust check": f"no: {SMOKE_EVAL_TOKENS} eval tokens check the code path, too few rows for the probe"}
+    checks.append(Check("baseline on CUDA", OK if outcome.status == "ok" else FAIL,
+                        f"export moved to CUDA and scored: {outcome.status}", "" if outcome.status == "ok" else
+                        "see the reason above"))
+    ok = all(check.verdict != FAIL for check in checks)
+    reason = "" if outcome.status == "ok" else f"{outcome.error} {outcome.log_tail[-600:]}".strip()
+    return SmokeReport(ok, reason, gpu.name, figures, checks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from sandbox.outfiles import is_safe_regular_file, out_dir_size, remove_tree
 from sandbox.sanitize import clean_line, clean_summary, clean_text
 from sandbox.spec import PRIVATE_DIR, Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
 from trainer.compile_cache import CACHE_ENV, PUBLISH_ENV, PUBLISHED_DIR, harvest
+from trainer.device_check import EXIT_NO_CUDA, REQUIRE_ENV
+from trainer.probe_power import EXIT_PROBE_POWER, FLOOR_ENV
 
 TRAINER_TARGET = "/opt/autoresearch/trainer"
 # The harness's time rules (trainer/harness.py, which imports no daemon code): exit 5 is "over budget", and
@@ -41,8 +44,8 @@ CHECKPOINT_NAME = "model.pt2"
 # Only these reach the candidate; AUTORESEARCH_EVAL_TOKENS is for the eval stage alone. The eval stage also gets
 # the preset, from which it decides the scoring shape itself (trainer.prepare.scoring_seq_len).
 TRAIN_ENV_KEYS = ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_COMPILE_BUDGET", "AUTORESEARCH_PRESET",
-                  "AUTORESEARCH_OUT_QUOTA")
-EVAL_ENV_KEYS = ("AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_PRESET")
+                  "AUTORESEARCH_OUT_QUOTA", REQUIRE_ENV)
+EVAL_ENV_KEYS = ("AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_PRESET", FLOOR_ENV, REQUIRE_ENV)
 TRAIN_COMMAND = ("python3", "-m", "trainer.harness", "train", "--candidate", "/candidate/train.py",
                  "--data", "/data", "--out", "/out")
 # The eval stage splits into a trusted scorer and an untrusted model process (trainer.privsep): the val split
@@ -103,6 +106,19 @@ def _finite_setting(raw: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
+def _harness_refusal(stage: str, result: RunResult, report: Path) -> str | None:
+    """Why the trusted harness refused to start a stage on this machine (a GPU lane without CUDA, an eval too
+    small for the causality probe): an infra_error, never the candidate's doing. Only when the harness wrote
+    no JSON: a candidate that ran (and so could choose its exit status) always leaves the harness's train.json."""
+    refusals = {EXIT_NO_CUDA: "no CUDA device on a GPU lane:", EXIT_PROBE_POWER: "refusing to score:"}
+    if result.status is not RunStatus.FAILED or result.exit_code not in refusals or report.name in result.files \
+            or os.path.lexists(report):
+        return None
+    marker = refusals[result.exit_code]
+    lines = [line for line in result.output_tail.splitlines() if marker in line]
+    return f"{stage} stage refused to start: {lines[-1].strip() if lines else marker + ' (exit ' + str(result.exit_code) + ')'}"
+
+
 def _stage_failure(stage: str, result: RunResult) -> str:
     """Why a stage failed: its status and exit code first, then any sandbox notes (refused out files...)."""
     reason = f"{stage} stage ended {result.status.value} (exit {result.exit_code})"
@@ -115,7 +131,7 @@ class StageRunner:
     def __init__(self, backend: Backend, *, image: str, trainer_dir: Path, data_dir: Path, work_dir: Path,
                  instance: str, train_limits: Limits, eval_limits: Limits, env: dict[str, str],
                  gpu_probe: GpuProbe | None = None, gpu_release_timeout_s: float = 60.0,
-                 compile_cache: Path | None = None, replays: Replays | None = None) -> None:
+                 compile_cache: Path | None = None, replays: Replays | None = None, require_cuda: bool = True) -> None:
         for split in ("train", "val"):
             if not (data_dir / split).is_dir():
                 from daemon.errors import WorkspaceError
@@ -136,6 +152,9 @@ class StageRunner:
         # The daemon passes a StoredReplayGuard (earlier seeds survive restarts); without one, memory is in process.
         self.replays: Replays = replays if replays is not None else ReplayGuard()
         self.gpu_release_timeout_s = gpu_release_timeout_s
+        # A GPU lane's stages refuse to run without CUDA (trainer.device_check): never a silent CPU run. Only tests
+        # that script a GPU on a CPU machine turn this off.
+        self.require_cuda = require_cuda
         # The torch.compile cache: read-only in every train stage. Only a run of the shipped baseline (the
         # trusted trainer_dir/train.py, byte for byte) fills it; an agent's code, even a kept one, never does.
         self.compile_cache = compile_cache.resolve() if compile_cache is not None else None
@@ -231,6 +250,7 @@ class StageRunner:
         candidate_dir.chmod(0o755)
         (candidate_dir / "train.py").chmod(0o644)
         train_out, eval_out = run_dir / "train_out", run_dir / "eval_out"
+        cuda_env = {REQUIRE_ENV: "1"} if gpu_uuid is not None and self.require_cuda else {}
         publish_cache = self.compile_cache is not None and source == self.cache_writer_source
 
         if on_stage is not None:
@@ -239,7 +259,8 @@ class StageRunner:
             experiment_id, attempt, "train", TRAIN_COMMAND,
             (Mount(candidate_dir, "/candidate"), Mount(self.data_dir / "train", "/data"), Mount(train_out, "/out", True),
              *self._cache_mounts()),
-            {**self.train_env, "AUTORESEARCH_SEED": str(seed), **self._cache_env(publish_cache)}, self.train_limits, gpu_uuid,
+            {**self.train_env, "AUTORESEARCH_SEED": str(seed), **self._cache_env(publish_cache), **cuda_env},
+            self.train_limits, gpu_uuid,
             split_identities=True,  # the candidate runs as its own uid, out of the harness's reach (trainer.privsep)
         ), cancel)
         if publish_cache and self.compile_cache is not None and train.status == RunStatus.OK:
@@ -267,6 +288,8 @@ class StageRunner:
                                 log_tail=clean_text(tail, keep_end=True), eval_seconds=eval_seconds,
                                 overhead_seconds=overhead, gpu_quarantined=quarantined)
 
+        if (refused := _harness_refusal("train", train, train_out / "train.json")) is not None:
+            return finish("infra_error", refused)
         if (over := self._over_budget(train, train_json)) is not None:
             return finish("timeout", over)
         if (quota := self._over_quota(train, train_out)) is not None:
@@ -282,13 +305,15 @@ class StageRunner:
         evaluation = self.backend.run(self._spec(
             experiment_id, attempt, "eval", EVAL_COMMAND,
             (Mount(self.data_dir / "val", EVAL_DATA), Mount(train_out, "/checkpoint"), Mount(eval_out, EVAL_OUT, True)),
-            dict(self.eval_env), self.eval_limits, gpu_uuid, split_identities=True,
+            {**self.eval_env, **cuda_env}, self.eval_limits, gpu_uuid, split_identities=True,
         ), cancel)
         result = _json_file(evaluation, "result.json")
         eval_seconds = evaluation.wall_seconds
         inner_eval = _finite((result or {}).get("eval_seconds"))
         if inner_eval is not None:
             overhead["eval"] = max(0.0, evaluation.wall_seconds - inner_eval)
+        if (refused := _harness_refusal("eval", evaluation, eval_out / "result.json")) is not None:
+            return finish("infra_error", refused, eval_result=evaluation, eval_seconds=eval_seconds)
         if not evaluation.ok or result is None:
             status = _TRAIN_STATUS.get(evaluation.status, "crashed")
             why = _stage_failure("eval", evaluation)

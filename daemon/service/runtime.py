@@ -23,6 +23,7 @@ from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.ops.statusdata import DaemonFacts, LaneInfo, status_data
 from daemon.ops.statuspage import LiveState, render_status_page
+from daemon.research.cost_model import NightPlan, plan_night
 from daemon.research.lanes import Lane, cluster_lanes, plan_lanes
 from daemon.research.replay import ScoredRunStore, StoredReplayGuard
 from daemon.research.runner import StageRunner
@@ -38,6 +39,8 @@ from sandbox.errors import BackendUnavailable
 from sandbox.gpu import GpuProbe, NoGpuProbe
 from sandbox.labels import owner_id
 from sandbox.spec import Limits
+from trainer.device_check import REQUIRE_ENV
+from trainer.probe_power import FLOOR_ENV
 
 log = get_logger("autoresearch.runtime")
 TRAINER_DIR = Path(__file__).resolve().parents[2] / "trainer"
@@ -148,26 +151,45 @@ def gpu_indexes(probe: GpuProbe) -> dict[str, int]:
         return {}
 
 
-GPU_EVAL_TOKENS = 40 * 2**19  # upstream's evaluation size (~21 M tokens) when GPUs train the gpu preset
+def night_plan(settings: Settings, probe: GpuProbe | None, backend: str = "") -> NightPlan:
+    """The night's eval size, eval timeout and train projection on this machine (daemon.research.cost_model)."""
+    gpu_names = [info.name for info in probe.gpus()] if backend != "slurm" and probe is not None else []
+    cpus = float(settings.slurm.cpus_per_job) if backend == "slurm" else min(
+        settings.sandbox.cpus or float(os.cpu_count() or 1), float(os.cpu_count() or 1))
+    return plan_night(settings, gpu_names, cpus)
 
 
-def sandbox_env(settings: Settings, gpus: int = 0) -> dict[str, str]:
-    env = {
+def check_capacity(plan: NightPlan) -> None:
+    """Refuse (ConfigError, exit 2: systemd does not restart into it) a night that cannot finish in its limits."""
+    for line in plan.lines():
+        log.info("capacity", plan=line)
+    if plan.problems:
+        raise ConfigError("this configuration cannot finish inside its limits: "
+                          + "; ".join(problem for problem, _fix in plan.problems),
+                          hint="; ".join(fix for _problem, fix in plan.problems))
+
+
+def sandbox_env(settings: Settings, plan: NightPlan) -> dict[str, str]:
+    """The stages' environment: budget, compile allowance, preset, the eval size the plan picked, and whether
+    the eval stage must refuse an eval below the probe floor (trainer.probe_power)."""
+    return {
         "AUTORESEARCH_TIME_BUDGET": str(settings.training.time_budget_s),
         "AUTORESEARCH_COMPILE_BUDGET": str(settings.training.compile_budget_s),
         "AUTORESEARCH_PRESET": settings.training.preset,
+        "AUTORESEARCH_EVAL_TOKENS": str(plan.eval.tokens),
+        FLOOR_ENV: "1" if settings.training.probe_floor else "0",
+        # Slurm GPU jobs get their GPU from the GRES, not from a lane's UUID: they require CUDA too.
+        REQUIRE_ENV: "1" if settings.sandbox.backend == "slurm" and "gpu" in settings.slurm.gres else "0",
     }
-    if settings.training.eval_tokens:
-        env["AUTORESEARCH_EVAL_TOKENS"] = str(settings.training.eval_tokens)
-    elif gpus and settings.training.preset in ("auto", "gpu"):
-        env["AUTORESEARCH_EVAL_TOKENS"] = str(GPU_EVAL_TOKENS)  # CPU nights keep the trainer's small default
-    return env
 
 
 def make_runner(settings: Settings, backend: Backend, workspace: Workspace, probe: GpuProbe,
                 store: ScoredRunStore | None = None) -> StageRunner:
-    """The stage runner; with `store`, its replay guard remembers scored runs there (across restarts)."""
+    """The stage runner; with `store`, its replay guard remembers scored runs there (across restarts).
+    Raises ConfigError when the night cannot finish inside its limits (check_capacity)."""
     sandbox, training = settings.sandbox, settings.training
+    plan = night_plan(settings, probe, settings.sandbox.backend)
+    check_capacity(plan)
     host_cpus = float(os.cpu_count() or 1)  # Docker refuses a quota above the host's CPU count
     cpus = min(sandbox.cpus or host_cpus, host_cpus)
     if sandbox.backend == "slurm":  # the node's CPUs, as many as each job asks Slurm for
@@ -176,10 +198,10 @@ def make_runner(settings: Settings, backend: Backend, workspace: Workspace, prob
                   shm_bytes=int(sandbox.shm_gb * 1024**3), tmpfs_bytes=int(sandbox.tmpfs_gb * 1024**3))
     train_limits = Limits(timeout_s=training.time_budget_s + training.compile_budget_s + training.startup_grace_s,
                           **common)  # type: ignore[arg-type]
-    eval_limits = Limits(timeout_s=sandbox.eval_timeout_s, **common)  # type: ignore[arg-type]
+    eval_limits = Limits(timeout_s=plan.eval_timeout_s, **common)  # type: ignore[arg-type]
     return StageRunner(backend, image=sandbox.image, trainer_dir=TRAINER_DIR, data_dir=settings.data_dir,
                        work_dir=workspace.runs_dir, instance=settings.instance_name, train_limits=train_limits,
-                       eval_limits=eval_limits, env=sandbox_env(settings, gpus=len(probe.gpus())), gpu_probe=probe,
+                       eval_limits=eval_limits, env=sandbox_env(settings, plan), gpu_probe=probe,
                        gpu_release_timeout_s=sandbox.gpu_release_timeout_s,
                        compile_cache=workspace.root / "compile-cache",
                        replays=StoredReplayGuard(store) if store is not None else None)

@@ -13,7 +13,8 @@ from daemon.research.workspace import Workspace
 from tests.conftest import scratch_database
 
 # Smoke runs off unless a test is about them: they would add a run per candidate.
-TINY_TRAINING = {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048, "smoke": False}
+# probe_floor off: a 2-row eval checks the code path, not causality (trainer.probe_power).
+TINY_TRAINING = {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048, "probe_floor": False, "smoke": False}
 
 
 @pytest.fixture()

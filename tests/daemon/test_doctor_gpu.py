@@ -51,3 +51,22 @@ def test_doctor_gpu_on_this_machine(run_cli, tmp_path: Path) -> None:
     proc = run_cli("doctor", "--gpu", env={"AUTORESEARCH_METRICS__PORT": "0"})
     assert proc.returncode == 1
     assert "GPU smoke check: not run" in proc.stdout and "no GPU present" in proc.stdout
+
+
+def test_doctor_refuses_a_night_that_cannot_fit_with_exit_2(run_cli, tmp_path: Path) -> None:
+    """`autoresearch doctor` with an eval timeout below the projected eval: FAIL with the numbers, exit 2."""
+    proc = run_cli("doctor", env={"AUTORESEARCH_METRICS__PORT": "0", "AUTORESEARCH_WORKSPACE": str(tmp_path / "ws"),
+                                  "AUTORESEARCH_SANDBOX__EVAL_TIMEOUT_S": "5"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the night on this machine:" in proc.stdout and "over sandbox.eval_timeout_s = 5 s" in proc.stdout
+    assert "fix: set sandbox.eval_timeout_s = 0" in proc.stdout
+
+
+def test_doctor_shows_the_nights_plan(tmp_path: Path) -> None:
+    """On a CPU machine with the defaults the plan is OK and names the eval size, its share and the timeout."""
+    settings = load_settings(None, workspace=tmp_path / "ws")
+    checks = doctor.check_capacity(settings, NoGpuProbe())
+    assert all(check.verdict == doctor.OK for check in checks)
+    text = " ".join(check.detail for check in checks)
+    assert "rows of 1024" in text and "probe power" in text and "(derived)" in text
+    assert doctor.exit_code(checks) == 0

@@ -120,6 +120,7 @@ def _scripted_gpu_lane(settings: Any) -> Iterator[tuple[Runtime, ScriptedGpuProb
     """A runtime with one lane on the scripted GPU, and the real scheduler watching it (polled once)."""
     probe = ScriptedGpuProbe()
     runtime = open_runtime(settings, daemon=False, probe=probe)
+    runtime.runner.require_cuda = False  # a scripted GPU on a CPU machine: its lane's stages run on the CPU
     probe.sandbox_pids = runtime.backend.active_pids
     scheduler = Scheduler(settings.scheduler, SystemClock(), probe, on_window_open=lambda _window: None,
                           own_pids=runtime.backend.active_pids, gpu_uuids=[GPU])

@@ -34,7 +34,7 @@ def _config(tmp_path: Path, workspace: Workspace, data: Path, db_url: str, port:
         f'[database]\nurl = "{db_url}"\n'
         f'[data]\ndir = "{data}"\n'
         f"{sandbox}"
-        '[training]\npreset = "tiny"\ntime_budget_s = 2\neval_tokens = 2048\n'
+        '[training]\npreset = "tiny"\ntime_budget_s = 2\neval_tokens = 2048\nprobe_floor = false\n'
         '[agent]\nprovider = "offline"\n'
         "[judge]\nnoise_runs = 0\n"
         f'[metrics]\nhost = "127.0.0.1"\nport = {port}\n'

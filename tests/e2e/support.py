@@ -52,7 +52,7 @@ def tiny_settings(workspace: Path, database_url: str, data_dir: Path, **sections
         "data": {"dir": data_dir},
         "sandbox": {"backend": "local", "cpus": 2},
         # Smoke runs off unless a test is about them: they would add a run per candidate.
-        "training": {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048, "smoke": False},
+        "training": {"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048, "probe_floor": False, "smoke": False},
         "agent": {"provider": "offline"},
         "judge": {"noise_runs": 0},
         "metrics": {"port": 0},

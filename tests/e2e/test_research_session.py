@@ -47,7 +47,7 @@ def test_session_records_baseline_noise_candidate_and_serves_metrics(
     port = free_port()
     settings = load_settings(
         None, workspace=workspace.root, database={"url": fresh_db}, data={"dir": prepared_data},
-        sandbox={"backend": "local"}, training={"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048},
+        sandbox={"backend": "local"}, training={"preset": "tiny", "time_budget_s": 2, "eval_tokens": 2048, "probe_floor": False},
         agent={"provider": "offline"}, judge={"noise_runs": 1}, metrics={"port": port})
     runtime = open_runtime(settings, daemon=False)
     try:

@@ -120,7 +120,7 @@ def test_stopping_is_sent_when_sigterm_arrives_not_after_the_grace(
     config = tmp_path / "autoresearch.toml"
     config.write_text(
         f'workspace = "{workspace.root}"\n[database]\nurl = "sqlite:///{db}"\n[data]\ndir = "{prepared_data}"\n'
-        '[sandbox]\nbackend = "local"\n[training]\npreset = "tiny"\ntime_budget_s = 120\neval_tokens = 2048\n'
+        '[sandbox]\nbackend = "local"\n[training]\npreset = "tiny"\ntime_budget_s = 120\neval_tokens = 2048\nprobe_floor = false\n'
         '[agent]\nprovider = "offline"\n[judge]\nnoise_runs = 0\n'
         f'[metrics]\nport = {free_port()}\n[scheduler]\ngrace_s = 300\n'
         f'[[scheduler.windows]]\nname = "t"\ncron = "{now.minute} {now.hour} * * *"\nhours = 0.5\n')

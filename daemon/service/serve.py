@@ -20,6 +20,7 @@ from daemon.ops.logs import get_logger
 from daemon.research import ResearchSession
 from daemon.research.stop import StopCondition
 from daemon.service.notify import SystemdNotifier
+from daemon.service.retesting import retest_session, window_reserve
 from daemon.service.runtime import Runtime, open_runtime
 from daemon.service.scheduler import Scheduler, SystemClock, Window
 
@@ -133,10 +134,17 @@ class Service:
         # The daemon adopts the session its crashed predecessor left open, and so ends it.
         record = session.open(orphans=self.orphans, adopt=True)
         self.orphans = ()
+        # A window keeps its last part for the morning re-test (daemon.research.retest); an idle harvest has no end.
+        retest = self.settings.retest.enabled and trigger.window is not None
+        if retest:
+            stop.reserve = window_reserve(runtime, record.id)
         notifier.status(f"session {record.id} running")
         try:
             summary = session.run(stop)
             log.info("session done", session=summary.session_id, reason=summary.stop_reason, status=summary.status)
+            if retest and not stop.signalled():
+                notifier.status(f"session {record.id}: re-testing the night on fresh seeds")
+                retest_session(runtime, summary.session_id, stop)
             if self.settings.report.on_session_end:
                 from daemon.ops.morning import finish_session
 

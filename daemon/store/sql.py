@@ -39,6 +39,7 @@ from daemon.store.records import (
     NoiseFloor,
     SessionRecord,
 )
+from daemon.store.retests import RetestQueries
 from daemon.store.retry import call_with_retry
 from daemon.store.scored_runs import ScoredRunQueries
 from sandbox.sanitize import clean_fields, clean_text
@@ -84,7 +85,7 @@ def _one_line(value: str) -> str:
     return " ".join(value.replace("\t", " ").splitlines()).strip()
 
 
-class Store(LineQueries, ScoredRunQueries):
+class Store(LineQueries, ScoredRunQueries, RetestQueries):
     """The repository API of the daemon: sessions, experiments with leases, noise, agent costs, exports."""
 
     def __init__(self, engine: Engine, *, retry_seconds: float = 120.0) -> None:

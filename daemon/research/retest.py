@@ -149,7 +149,8 @@ def night_result(found: Sequence[Comparison]) -> Comparison | None:
     """The latest night comparison (an on-demand re-test after the window's counts as the newer one)."""
     nights = [c for c in found if c.retest.label == "night"]
     measured = [c for c in nights if c.pairs]
-    return (measured or nights or [None])[-1]
+    chosen = measured or nights
+    return chosen[-1] if chosen else None
 
 
 def keep_results(found: Sequence[Comparison], keeps: Sequence[ExperimentRecord]) -> dict[int, Comparison]:
@@ -168,6 +169,20 @@ def held_ratio(results: dict[int, Comparison]) -> float | None:
     """Share of the re-tested keeps that held (None when none was decided)."""
     decided = [c.held for c in results.values() if c.held is not None]
     return sum(decided) / len(decided) if decided else None
+
+
+def keep_notes(store: Any, session_ids: Sequence[int]) -> dict[int, str]:
+    """What the agent's ledger says of each re-tested keep of these sessions (a research line's nights)."""
+    found = comparisons(store, session_ids)
+    notes: dict[int, str] = {}
+    for session_id in session_ids:
+        for keep_id, result in keep_results(found, kept_changes(store, session_id)).items():
+            if result.held is True:
+                notes[keep_id] = f"held on re-test: {result.line()}"
+            elif result.held is False:
+                notes[keep_id] = (f"DID NOT HOLD on re-test ({result.verdict}): {result.line()}; "
+                                  "its gain may be a fluke, do not build on it without checking")
+    return notes
 
 
 def kept_changes(store: Any, session_id: int) -> list[ExperimentRecord]:

@@ -56,10 +56,13 @@ def publish(runtime: Runtime, session_id: int, found: list[Comparison]) -> None:
         runtime.metrics.keeps_held(ratio)
 
 
-def retest_session(runtime: Runtime, session_id: int, clock: Clock) -> list[Comparison]:
-    """Run the session's re-test within `clock`'s window; [] if it failed (logged)."""
+def retest_session(runtime: Runtime, session_id: int, clock: Clock, *, write_results: bool = True) -> list[Comparison]:
+    """Run the session's re-test within `clock`'s window; [] if it failed (logged). With `write_results`, the
+    workspace's results.tsv is rewritten with the re-test's rows (only for the workspace's current session)."""
     try:
         found = make_retest(runtime).run(session_id, clock)
+        if write_results:
+            runtime.workspace.write_results(runtime.store.results_tsv(session_id))
     except Exception as exc:  # the re-test must not stop the daemon; the report says none ran
         log.error("re-test failed", session=session_id, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         return []

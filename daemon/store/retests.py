@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, TypeVar
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, insert, select, update
+from sqlalchemy import Float, ForeignKey, Integer, String, Text, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -183,6 +183,41 @@ class RetestQueries:
         query = (select(*_RUN_COLUMNS).where(RetestRunRow.retest_id.in_(list(retest_ids)))
                  .order_by(RetestRunRow.id))
         return self._read("retest runs", lambda conn: [RetestRunRecord(**row._asdict()) for row in conn.execute(query)])
+
+    def retest_tsv(self: _Plumbing, session_id: int) -> list[tuple[str, str, str, str, str]]:
+        """The session's re-test runs as results.tsv rows, after the night's (`Store.results_tsv`)."""
+        from daemon.store.models import ExperimentRow
+
+        commit = func.coalesce(func.nullif(ExperimentRow.commit, ""), ExperimentRow.source_sha256)
+        query = (select(*_RETEST_COLUMNS, *[c.label(f"run_{c.key}") for c in _RUN_COLUMNS], commit.label("code"))
+                 .join(RetestRunRow, RetestRunRow.retest_id == RetestRow.id)
+                 .outerjoin(ExperimentRow, ExperimentRow.id == RetestRunRow.experiment_id)
+                 .where(RetestRow.session_id == session_id).order_by(RetestRunRow.id))
+
+        def work(conn: Connection) -> list[tuple[str, str, str, str, str]]:
+            found = []
+            for row in conn.execute(query):
+                data = row._asdict()
+                retest = RetestRecord(**{name: data[name] for name in RetestRecord.__dataclass_fields__})
+                run = RetestRunRecord(**{name: data[f"run_{name}"] for name in RetestRunRecord.__dataclass_fields__})
+                found.append((retest, run, str(data["code"] or "")))
+            return tsv_rows(found)
+
+        return self._read("retest tsv", work)
+
+
+def tsv_rows(runs: Sequence[tuple[RetestRecord, RetestRunRecord, str]]) -> list[tuple[str, str, str, str, str]]:
+    """results.tsv rows of re-test runs (status `retest`; a failed run reads as val_bpb 0, like a crash)."""
+    rows = []
+    for retest, run, commit in runs:
+        side = "start" if run.arm == "a" else "end"
+        if retest.label == "keep":
+            side = "parent" if run.arm == "a" else "keep"
+        value = run.val_bpb if run.status == "measured" and run.val_bpb is not None else 0.0
+        rows.append((commit[:7], f"{value:.6f}", "0.0", "retest",
+                     f"re-test {retest.label} #{retest.id}: {side} (experiment {run.experiment_id}) seed {run.seed}"
+                     + ("" if run.status == "measured" else f" {run.status}")))
+    return rows
 
 
 __all__ = ["ARMS", "RETEST_LABELS", "RETEST_STATUSES", "RetestQueries", "RetestRecord", "RetestRow",

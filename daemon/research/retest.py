@@ -191,11 +191,12 @@ def kept_changes(store: Any, session_id: int) -> list[ExperimentRecord]:
 
 
 def run_seconds(store: Any, session_id: int, budget_s: float) -> float:
-    """About how long one run takes: the median of the session's measured runs, else the budget + a minute."""
+    """About how long one run takes: the median of the session's measured runs (never below the training
+    budget), else the budget + a minute."""
     rows = store.list_experiments(session_id=session_id, limit=100_000)
     spans = [(r.finished_at - r.started_at).total_seconds() for r in rows
              if r.val_bpb is not None and r.started_at is not None and r.finished_at is not None]
-    return statistics.median(spans) if spans else budget_s + EXTRA_RUN_SECONDS
+    return max(statistics.median(spans), budget_s) if spans else budget_s + EXTRA_RUN_SECONDS
 
 
 def reserve_seconds(store: Any, session_id: int, config: RetestConfig, budget_s: float) -> float:

@@ -133,7 +133,7 @@ def test_paired_interval_is_students_t_on_the_differences() -> None:
 
 def test_runs_alternate_a_b_on_fresh_seeds_shared_by_each_pair(store: Store) -> None:
     """The start best and end best run a b a b ..., each pair under one seed no run of the night used."""
-    session_id, ids = night(store, noop_keep=False)
+    session_id, _ = night(store, noop_keep=False)
     first = RETEST_SEED_BASE + session_id * 1000
     finished(store, session_id, "remeasure", GOOD_SOURCE, 1.25, status="measured", seed=first)  # planted clash
     runner = LandscapeRunner()

@@ -199,9 +199,19 @@ def run_seconds(store: Any, session_id: int, budget_s: float) -> float:
     return max(statistics.median(spans), budget_s) if spans else budget_s + EXTRA_RUN_SECONDS
 
 
-def reserve_seconds(store: Any, session_id: int, config: RetestConfig, budget_s: float) -> float:
-    """The time the driver keeps free at the window's end: `reserve_runs` (default 2 k) runs."""
-    return config.reserved_runs() * run_seconds(store, session_id, budget_s) if config.enabled else 0.0
+def reserve_seconds(store: Any, session_id: int, config: RetestConfig, budget_s: float,
+                    cap_s: float | None = None) -> float:
+    """The time the driver keeps free at the window's end: `reserve_runs` (default 2 k) runs, at most `cap_s`.
+
+    Nothing while the night has kept no change (there would be nothing to re-test: research goes on to the end).
+    """
+    if not config.enabled:
+        return 0.0
+    best, baseline = store.best(session_id), store.baseline(session_id)
+    if best is None or baseline is None or best.id == baseline.id:
+        return 0.0
+    reserve = config.reserved_runs() * run_seconds(store, session_id, budget_s)
+    return min(reserve, cap_s) if cap_s is not None else reserve
 
 
 class CachedReserve:

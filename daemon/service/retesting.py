@@ -40,11 +40,15 @@ def make_retest(runtime: Runtime) -> Retest:
                   heartbeat=runtime.heartbeat)
 
 
-def window_reserve(runtime: Runtime, session_id: int) -> Callable[[], float]:
-    """The seconds a window keeps free at its end for the re-test (re-read as the night's runs are timed)."""
+WINDOW_SHARE = 0.5  # the re-test never takes more than this share of a window
+
+
+def window_reserve(runtime: Runtime, session_id: int, window_s: float) -> Callable[[], float]:
+    """The seconds a window keeps free at its end for the re-test (re-read as the night's runs are timed):
+    none before a change is kept, never more than half the window."""
     settings = runtime.settings
     return CachedReserve(lambda: reserve_seconds(runtime.store, session_id, settings.retest,
-                                                 settings.training.time_budget_s))
+                                                 settings.training.time_budget_s, cap_s=WINDOW_SHARE * window_s))
 
 
 def publish(runtime: Runtime, session_id: int, found: list[Comparison]) -> None:

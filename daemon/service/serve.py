@@ -135,9 +135,9 @@ class Service:
         record = session.open(orphans=self.orphans, adopt=True)
         self.orphans = ()
         # A window keeps its last part for the morning re-test (daemon.research.retest); an idle harvest has no end.
-        retest = self.settings.retest.enabled and trigger.window is not None
-        if retest:
-            stop.reserve = window_reserve(runtime, record.id)
+        retest = self.settings.retest.enabled and trigger.window is not None and remaining is not None
+        if retest and remaining is not None:
+            stop.reserve = window_reserve(runtime, record.id, remaining)
         notifier.status(f"session {record.id} running")
         try:
             summary = session.run(stop)

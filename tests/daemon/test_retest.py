@@ -29,6 +29,7 @@ from daemon.research.retest import (
     kept_changes,
     night_result,
     paired,
+    reserve_seconds,
 )
 from daemon.research.stop import StopCondition
 from daemon.store import open_store
@@ -287,3 +288,19 @@ def test_the_stop_condition_keeps_the_reserve_free_of_new_experiments() -> None:
     reason = stop.reason()
     assert reason is not None and reason.startswith("window ended") and "300 s" in reason
     assert stop.time_left() == 300.0 and not stop.kill_due()
+
+
+def test_the_reserve_is_2k_runs_once_a_change_is_kept_and_never_over_its_cap(store: Store) -> None:
+    """No keep: nothing to re-test, no reserve; after a keep 2 k runs (never shorter than the budget), capped."""
+    session = store.create_session("night", "window", "program", {})
+    base = store.create_experiment(session.id, "baseline", BASE_SOURCE)
+    config = RetestConfig(k=3)
+    assert reserve_seconds(store, session.id, config, 300.0) == 0.0
+    store.claim_next(session.id, "night-owner", "lane0", None, 60.0)
+    store.transition(base.id, "running", "evaluating")
+    store.transition(base.id, "evaluating", "kept", val_bpb=1.3)
+    assert reserve_seconds(store, session.id, config, 300.0) == 0.0
+    finished(store, session.id, "candidate", GOOD_SOURCE, 1.25, parent_id=base.id)
+    assert reserve_seconds(store, session.id, config, 300.0) == pytest.approx(6 * 300.0)  # runs took ~0 s here
+    assert reserve_seconds(store, session.id, config, 300.0, cap_s=900.0) == 900.0
+    assert reserve_seconds(store, session.id, RetestConfig(enabled=False), 300.0) == 0.0

@@ -31,9 +31,9 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.judge_sim import new_night  # noqa: E402
-from daemon.config import JudgeConfig  # noqa: E402
-from daemon.research.retest import paired  # noqa: E402
+from bench.judge_sim import new_night
+from daemon.config import JudgeConfig
+from daemon.research.retest import paired
 
 DRAWS = 4000
 COLUMNS = ((3, 0.0), (3, 0.5), (5, 0.0))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.agents.ledger_text import render_ledger
 from daemon.config import JudgeConfig, RetestConfig
 from daemon.ops.retest_report import night_headline, retest_section
 from daemon.research.judge import t_quantile
@@ -275,7 +276,28 @@ def test_the_next_nights_ledger_marks_a_keep_that_did_not_hold(store: Store) -> 
     notes = {change.id: change.retest for change in view.kept}
     assert notes[ids["noop"]].startswith("DID NOT HOLD on re-test")
     assert notes[ids["good"]].startswith("held on re-test")
-    assert comparisons(store, [session_id])
+    text = render_ledger(view, lambda body, _limit: body, 20_000)
+    heads = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("## #")}
+    assert "DID NOT HOLD on re-test" in heads[f"## #{ids['noop']}"]
+    assert "held on re-test" in heads[f"## #{ids['good']}"]
+
+
+def test_the_transfer_check_compares_at_the_longer_budget(store: Store) -> None:
+    """transfer = true: start best vs end best again on the longer-budget runner, recorded at 2 x the budget."""
+    session_id, _ = night(store, noop_keep=False)
+    longer = LandscapeRunner()
+    found = Retest(store=store, runner=LandscapeRunner(), config=RetestConfig(k=2, transfer=True), budget_s=2.0,
+                   transfer_runner=longer).run(session_id, Window())
+    transfer = next(c for c in found if c.retest.label == "transfer")
+    assert transfer.retest.budget_s == 4.0 and transfer.pairs == 2 and transfer.verdict == "held"
+    assert len(longer.calls) == 4
+    assert comparisons(store, [session_id])[-1].retest.label == "transfer"
+
+
+def test_the_cli_refuses_a_k_below_one(run_cli, tmp_path: Path) -> None:
+    """`autoresearch retest --k 0` is a one-line error before anything is opened or run."""
+    done = run_cli("retest", "--k", "0", "--workspace", str(tmp_path / "ws"))
+    assert done.returncode != 0 and "--k must be >= 1, got 0" in done.stderr
 
 
 def test_the_stop_condition_keeps_the_reserve_free_of_new_experiments() -> None:

@@ -21,7 +21,6 @@ from daemon.research.stop import StopCondition
 from daemon.research.workspace import Workspace
 from daemon.service.retesting import retest_session
 from daemon.service.runtime import open_runtime
-from daemon.store import open_store
 from daemon.store.records import ExperimentRecord
 from daemon.store.retests import RetestRunRecord
 from tests.e2e.support import run_session, tiny_settings

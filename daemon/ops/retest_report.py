@@ -68,7 +68,8 @@ def retest_section(store: Any, session_id: int, experiments: Sequence[Experiment
     results = keep_results(found, keeps)
     if keeps:
         ratio = held_ratio(results)
-        lines += ["| keep | parent | Δ when kept (night's run) | re-test Δ ± CI | held | description |", "|---|---|---|---|---|---|"]
+        lines += ["| keep | parent | Δ when kept (night's run) | re-test Δ ± CI | held | description |",
+                  "|---|---|---|---|---|---|"]
         by_id = {e.id: e for e in experiments}
         for keep in keeps:
             parent = by_id.get(keep.parent_id or -1)

@@ -345,7 +345,7 @@ class Retest:
                 why = f"the window ended after {pairs} of {k} pairs"
                 break
             if failures > k:
-                why = f"{failures} runs failed"
+                why = f"runs failed on {failures} seeds"
                 break
             seed, index = self._fresh_seed(session_id)
             measured = 0
@@ -357,10 +357,12 @@ class Retest:
                 if status == "interrupted":
                     why = "a re-test run was interrupted (the daemon was stopping)"
                     break
+                if status != "measured":
+                    break  # this seed can make no pair: the next seed, without spending the other side's run
             if why:
                 break
             pairs += measured == 2
-            failures += 2 - measured
+            failures += measured < 2
         self.store.finish_retest(retest.id, "done" if pairs >= k else "partial", why)
         log.info("re-test finished", session=session_id, label=pairing.label, pairs=pairs, note=why)
 

@@ -326,3 +326,12 @@ def test_the_reserve_is_2k_runs_once_a_change_is_kept_and_never_over_its_cap(sto
     assert reserve_seconds(store, session.id, config, 300.0) == pytest.approx(6 * 300.0)  # runs took ~0 s here
     assert reserve_seconds(store, session.id, config, 300.0, cap_s=900.0) == 900.0
     assert reserve_seconds(store, session.id, RetestConfig(enabled=False), 300.0) == 0.0
+
+
+def test_a_failed_start_side_does_not_spend_the_end_sides_run(store: Store) -> None:
+    """When arm a fails on a seed, arm b is not run on it: the next seed comes at once."""
+    session_id, _ = night(store, noop_keep=False)
+    runner = LandscapeRunner(fail_source=BASE_SOURCE)
+    retest(store, runner, k=2, per_keep=False).run(session_id, Window())
+    assert [source for _, _, source, _ in runner.calls] == [BASE_SOURCE] * 3
+    assert len({seed for _, _, _, seed in runner.calls}) == 3

@@ -82,5 +82,7 @@ def retest_section(store: Any, session_id: int, experiments: Sequence[Experiment
                          f"{_cell(keep.description)} |")
         lines += ["", f"Keeps that held: {sum(1 for c in results.values() if c.held)} of "
                   f"{sum(1 for c in results.values() if c.held is not None)} re-tested"
-                  + (f" ({ratio:.0%})" if ratio is not None else "") + ".", ""]
+                  + (f" ({ratio:.0%})" if ratio is not None else "") + ". `not held`: the interval includes zero, so "
+                  "the gain was not confirmed (with 3 pairs a real 2-sigma gain is confirmed only about half the time, "
+                  "bench/retest_sim.py); `worse`: the interval lies above zero.", ""]
     return lines

@@ -180,8 +180,8 @@ def keep_notes(store: Any, session_ids: Sequence[int]) -> dict[int, str]:
             if result.held is True:
                 notes[keep_id] = f"held on re-test: {result.line()}"
             elif result.held is False:
-                notes[keep_id] = (f"DID NOT HOLD on re-test ({result.verdict}): {result.line()}; "
-                                  "its gain may be a fluke, do not build on it without checking")
+                notes[keep_id] = (f"DID NOT HOLD on re-test ({result.verdict}): {result.line()}; its gain was not "
+                                  "confirmed on fresh seeds and may be a fluke: check it before building on it")
     return notes
 
 

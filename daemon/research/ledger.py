@@ -92,7 +92,7 @@ def build_ledger(store: LedgerStore, session_ids: Sequence[int], current_session
     for session_id in session_ids:
         rows.extend(store.list_experiments(session_id=session_id, limit=100_000))
     return ledger_from_rows(rows, store.noise_floor(current_session), current_session, judge,
-                            nights=len(session_ids), retests=keep_notes(store, session_ids))
+                            nights=len(session_ids), retests=keep_notes(store, session_ids, rows))
 
 
 def ledger_from_rows(rows: Iterable[ExperimentRecord], noise: NoiseFloor, current_session: int,

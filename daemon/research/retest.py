@@ -171,17 +171,20 @@ def held_ratio(results: dict[int, Comparison]) -> float | None:
     return sum(decided) / len(decided) if decided else None
 
 
-def keep_notes(store: Any, session_ids: Sequence[int]) -> dict[int, str]:
-    """What the agent's ledger says of each re-tested keep of these sessions (a research line's nights)."""
+def keep_notes(store: Any, session_ids: Sequence[int], rows: Sequence[ExperimentRecord]) -> dict[int, str]:
+    """What the agent's ledger says of each re-tested keep among `rows` (the research line's nights' runs)."""
     found = comparisons(store, session_ids)
+    if not found:
+        return {}
+    keeps = [r for r in rows if r.status == "kept" and r.kind in KEEP_KINDS and r.parent_id is not None]
     notes: dict[int, str] = {}
-    for session_id in session_ids:
-        for keep_id, result in keep_results(found, kept_changes(store, session_id)).items():
+    if keeps:
+        for keep_id, result in keep_results(found, keeps).items():
             if result.held is True:
                 notes[keep_id] = f"held on re-test: {result.line()}"
             elif result.held is False:
-                notes[keep_id] = (f"DID NOT HOLD on re-test ({result.verdict}): {result.line()}; its gain was not "
-                                  "confirmed on fresh seeds and may be a fluke: check it before building on it")
+                notes[keep_id] = (f"DID NOT HOLD on re-test ({result.verdict}): {result.line()}; its gain was "
+                                  "not confirmed on fresh seeds and may be a fluke: check it before building on it")
     return notes
 
 

@@ -24,6 +24,7 @@ from daemon.research.judge import t_quantile
 from daemon.research.ledger import build_ledger
 from daemon.research.retest import (
     RETEST_SEED_BASE,
+    CachedReserve,
     Retest,
     comparisons,
     keep_results,
@@ -335,3 +336,22 @@ def test_a_failed_start_side_does_not_spend_the_end_sides_run(store: Store) -> N
     retest(store, runner, k=2, per_keep=False).run(session_id, Window())
     assert [source for _, _, source, _ in runner.calls] == [BASE_SOURCE] * 3
     assert len({seed for _, _, _, seed in runner.calls}) == 3
+
+
+def test_the_cached_reserve_rereads_only_after_its_interval_and_survives_a_failed_read() -> None:
+    """The stop condition asks often: the store is read at most every 30 s, and a failed read keeps the last value."""
+    now, answers, reads = [0.0], [120.0, RuntimeError("database away"), 240.0], []
+
+    def compute() -> float:
+        reads.append(now[0])
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    reserve = CachedReserve(compute, every_s=30.0, monotonic=lambda: now[0])
+    assert reserve() == 120.0 and reserve() == 120.0 and reads == [0.0]
+    now[0] = 31.0
+    assert reserve() == 120.0  # the read failed: the last answer stands
+    now[0] = 62.0
+    assert reserve() == 240.0 and reads == [0.0, 31.0, 62.0]

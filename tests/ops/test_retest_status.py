@@ -82,3 +82,18 @@ def test_webhook_text_leads_with_the_night_gain(store: Store, retested: int) -> 
     text = summary_text(SessionSummary(retested, "night", "window ended", "completed", {"kept": 2}, 1.30, 1.29),
                         None, headline)
     assert "window ended. night gain: Δ -0.010000 ± " in text
+
+
+def test_the_retests_numbers_reach_the_metrics(store: Store, retested: int) -> None:
+    """After a re-test the daemon exports its night delta and the share of keeps that held."""
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from daemon.ops.metrics import Metrics
+    from daemon.service.retesting import publish
+
+    metrics = Metrics()
+    publish(SimpleNamespace(metrics=metrics, store=store), retested, comparisons(store, [retested]))  # type: ignore[arg-type]
+    text = generate_latest(metrics.registry).decode()
+    assert "autoresearch_retest_gain_bpb -0.01" in text and "autoresearch_keeps_held_ratio 1.0" in text

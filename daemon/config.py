@@ -288,6 +288,21 @@ class JudgeConfig(_Section):
     max_consecutive_crashes: int = Field(8, ge=1)
 
 
+class RetestConfig(_Section):
+    """The morning proof (`daemon.research.retest`): the night's start best and end best re-run on fresh seeds."""
+
+    enabled: bool = Field(True, description="re-test at the end of each window of the daemon")
+    k: int = Field(3, ge=1, le=50, description="fresh seeds per side (start best and end best run on each)")
+    reserve_runs: int = Field(0, ge=0, description="runs' time reserved at the window's end; 0 = 2 k runs")
+    per_keep: bool = Field(True, description="when time is left, re-test each kept change against its parent")
+    transfer: bool = Field(False, description="also compare start and end best at a longer training budget")
+    transfer_budget_factor: float = Field(2.0, gt=1.0, le=10.0, description="the transfer check's budget multiple")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided level of the paired t interval")
+
+    def reserved_runs(self) -> int:
+        return self.reserve_runs or 2 * self.k
+
+
 class WindowConfig(_Section):
     cron: str = Field(description="crontab expression of the window's start, e.g. '0 22 * * mon-fri'")
     hours: float = Field(gt=0, le=24 * 7)
@@ -388,6 +403,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    retest: RetestConfig = Field(default_factory=RetestConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
 

@@ -90,6 +90,7 @@ class ChangeEntry:
     delta: float | None
     description: str
     diff: str
+    retest: str = ""  # a keep's morning re-test, when one ran: held, or did not hold (daemon.research.retest)
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,8 @@ def _changes(title: str, changes: Sequence[ChangeEntry], fence: Fence, allowance
     used = len(title)
     for change in changes:
         head = (f"## #{change.id}: val_bpb {_number(change.val_bpb, 6)}, delta "
-                f"{'-' if change.delta is None else f'{change.delta:+.6f}'}")
+                f"{'-' if change.delta is None else f'{change.delta:+.6f}'}"
+                + (f" ({change.retest})" if change.retest else ""))
         room = min(MAX_DIFF_CHARS, allowance - used - len(head) - 200)
         if room < 200:
             parts.append(f"({len(changes) - len(parts) + 1} more left out for length)")

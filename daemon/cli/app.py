@@ -41,6 +41,7 @@ HANDLERS = {
     "experiments": "daemon.cli.readout:cmd_experiments",
     "best": "daemon.cli.readout:cmd_best",
     "report": "daemon.cli.readout:cmd_report",
+    "retest": "cmd_retest",
     "reap": "cmd_reap",
     "db": "cmd_db",
     "image": "cmd_image",
@@ -93,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="morning report: markdown + PNG chart (+ results.tsv)")
     p.add_argument("--session", type=int, default=None, help="session id (default: latest)")
     p.add_argument("--out", type=_path, default=None, help="folder for the report (default <workspace>/reports)")
+
+    p = sub.add_parser("retest", help="re-test a session's start best against its end best (and each keep against "
+                       "its parent) on fresh seeds, paired: the night's gain with its interval")
+    p.add_argument("--session", type=int, default=None, help="session id (default: latest)")
+    p.add_argument("--k", type=int, default=None, help="fresh seeds per side (default [retest] k)")
 
     sub.add_parser("reap", help="reconcile leftover sandbox containers carrying our labels")
 

@@ -257,6 +257,38 @@ def _session_or_latest(store: Any, session_id: int | None) -> Any:
 
 
 
+def cmd_retest(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.ops.retest_report import night_headline
+    from daemon.service.retesting import retest_session
+    from daemon.service.runtime import open_runtime
+
+    if args.k is not None:
+        if args.k < 1:
+            raise AutoresearchError(f"--k must be >= 1, got {args.k}", hint="e.g. --k 3")
+        settings.retest.k = args.k
+    runtime = open_runtime(settings, daemon=False, serve_http=False)
+    try:
+        session = _session_or_latest(runtime.store, args.session)
+        print(f"re-testing session {session.id} ({session.tag}): k {settings.retest.k} fresh seeds per side, "
+              f"budget {settings.training.time_budget_s:g} s", flush=True)
+        stop = StopCondition.for_duration(None, settings.scheduler.grace_s)
+        latest = runtime.store.latest_session()
+        with _signals_stop(lambda: stop):
+            found = retest_session(runtime, session.id, stop,
+                                   write_results=latest is not None and latest.id == session.id)
+    finally:
+        runtime.close()
+    if not found:
+        raise AutoresearchError(f"the re-test of session {session.id} failed", hint="see the log lines above")
+    print(render_table(("re-test", "label", "base", "best", "pairs", "delta", "half-width", "verdict", "note"), [
+        (c.retest.id, c.retest.label, c.retest.base_id, c.retest.best_id, c.pairs,
+         "-" if c.delta is None else f"{c.delta:+.6f}", "-" if c.half_width is None else f"{c.half_width:.6f}",
+         c.verdict, c.retest.note) for c in found]))
+    print(night_headline(found, settings.retest.confidence))
+    print(f"report: autoresearch report --session {session.id}")
+    return 0
+
+
 def cmd_notebook(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.cli.notebook import run_notebook
 

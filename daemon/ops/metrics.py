@@ -15,6 +15,7 @@ prometheus_client objects; it calls the methods of one `Metrics` instance:
     metrics.best(0.991)                                             # a new best (also stamps the improvement time)
     metrics.baseline(0.9979); metrics.noise_std(0.0004)
     metrics.consecutive_crashes(0)
+    metrics.retest_gain(-0.004); metrics.keeps_held(0.75)          # after the morning re-test
     metrics.agent_call("anthropic", "claude-sonnet-5-5", "ok", input_tokens=..., output_tokens=...,
                        cache_read_tokens=..., cache_write_tokens=..., cost_usd=0.12, latency_s=41.0)
     metrics.cost(tonight_usd=3.2, cap_usd=20.0)
@@ -173,6 +174,14 @@ class Metrics:
         self.noise_std_bpb = _KnownGauge(f"{p}noise_std_bpb",
                                          "Standard deviation of repeated baseline runs (absent until measured)")
         reg.register(self.noise_std_bpb)
+        self.retest_gain_bpb = _KnownGauge(
+            f"{p}retest_gain_bpb", "The last re-test's end best minus start best, mean over fresh paired seeds "
+            "(negative: the night's gain; absent until a re-test measured it)")
+        self.keeps_held_ratio = _KnownGauge(
+            f"{p}keeps_held_ratio", "Share of the last re-tested session's keeps whose gain held on fresh seeds "
+            "(absent until one was re-tested)")
+        reg.register(self.retest_gain_bpb)
+        reg.register(self.keeps_held_ratio)
         self.lane_info_gauge = Gauge(f"{p}lane_info", "1 per lane, naming its GPU by UUID and NVML index",
                                      ["lane", "gpu_uuid", "gpu_index"], registry=reg)
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds... of the daemon itself
@@ -339,6 +348,12 @@ class Metrics:
 
     def noise_std(self, std_bpb: float) -> None:
         self.noise_std_bpb.set(std_bpb)
+
+    def retest_gain(self, delta_bpb: float) -> None:
+        self.retest_gain_bpb.set(delta_bpb)
+
+    def keeps_held(self, ratio: float) -> None:
+        self.keeps_held_ratio.set(ratio)
 
     def consecutive_crashes(self, count: int) -> None:
         self.consecutive_crashes_gauge.set(count)

@@ -1,7 +1,7 @@
 """When a session of the daemon ends: write its morning report and, optionally, post its summary to a webhook.
 
 Neither may take the daemon down: a failure is logged (warning) and the daemon waits for the next window.
-The webhook gets JSON: `{"text": <one paragraph>, "session_id", "status", "stop_reason", "baseline_val_bpb",
+The webhook gets JSON: `{"text": <one paragraph, opening with the re-test's night gain>, "session_id", "status", "stop_reason", "baseline_val_bpb",
 "best_val_bpb", "report": <path of report.md on the daemon's host>}` (`text` suits Slack/Mattermost hooks).
 """
 
@@ -20,7 +20,8 @@ from daemon.ops.logs import get_logger
 log = get_logger("autoresearch.morning")
 
 
-def summary_text(summary: Any, report: Path | None) -> str:
+def summary_text(summary: Any, report: Path | None, headline: str = "") -> str:
+    """The webhook's paragraph; `headline` is the re-test's night gain line (`retest_report.night_headline`)."""
     best, baseline = summary.best_val_bpb, summary.baseline_val_bpb
     if best is not None and baseline is not None:
         result = f"best val_bpb {best:.6f} vs baseline {baseline:.6f} ({best - baseline:+.6f})"
@@ -30,8 +31,9 @@ def summary_text(summary: Any, report: Path | None) -> str:
         result = "no baseline measured"
     counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items())) or "no experiments"
     where = f" Report: {report}" if report is not None else ""
+    proof = f"{headline}. " if headline else ""
     return (f"autoresearch session {summary.session_id} ({summary.tag}) {summary.status}: {summary.stop_reason}. "
-            f"{result}; {counts}.{where}")
+            f"{proof}{result}; {counts}.{where}")
 
 
 def post_summary(url: str, payload: dict[str, Any], timeout_s: float) -> None:
@@ -47,6 +49,19 @@ def post_summary(url: str, payload: dict[str, Any], timeout_s: float) -> None:
         raise AutoresearchError(f"the report webhook is unreachable ({type(exc).__name__})") from None
 
 
+def _headline(store: Any, session_id: int) -> str:
+    from daemon.ops.retest_report import confidence_of, night_headline
+    from daemon.research.retest import comparisons
+
+    try:
+        session = store.get_session(session_id)
+        confidence = confidence_of(session.config if session is not None else {})
+        return night_headline(comparisons(store, [session_id], confidence), confidence)
+    except Exception as exc:  # the webhook still goes out, without the re-test's line
+        log.warning("re-test headline unavailable", session=session_id, error=str(exc)[:200])
+        return ""
+
+
 def finish_session(store: Any, reports_dir: Path, summary: Any, config: ReportConfig) -> Path | None:
     """Write the session's report (returns report.md's path, or None if that failed) and post the webhook."""
     from daemon.ops.report import write_report
@@ -58,7 +73,8 @@ def finish_session(store: Any, reports_dir: Path, summary: Any, config: ReportCo
     except Exception as exc:  # a full disk or a broken chart must not stop the daemon
         log.warning("morning report failed", session=summary.session_id, error=f"{type(exc).__name__}: {exc}")
     if config.webhook_url is not None:
-        payload = {"text": summary_text(summary, report), "session_id": summary.session_id,
+        payload = {"text": summary_text(summary, report, _headline(store, summary.session_id)),
+                   "session_id": summary.session_id,
                    "status": summary.status, "stop_reason": summary.stop_reason,
                    "baseline_val_bpb": summary.baseline_val_bpb, "best_val_bpb": summary.best_val_bpb,
                    "report": str(report) if report is not None else None}

@@ -1,7 +1,8 @@
 """The morning report: what a night of research found, as markdown + a PNG chart + results.tsv.
 
 `write_report(store, session_id, out_dir)` writes, into `out_dir/session-<id>/`:
-  report.md     experiments by status, best val_bpb (a mean of runs) and its delta vs the baseline, noise,
+  report.md     first the night gain as re-tested on fresh seeds (Δ ± CI) and the keeps that held or not
+                (`daemon.ops.retest_report`); then experiments by status, best val_bpb (a mean of runs) and its delta vs the baseline, noise,
                 GPU hours, agent cost, the kept changes in order (description, delta), why each was kept
                 (the judge's numbers), the closest near-misses, the best diff
   val_bpb.png   val_bpb per experiment: the kept staircase, discarded runs as dots, crashes along the bottom
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from daemon.errors import AutoresearchError
 from daemon.ops.logs import get_logger
+from daemon.ops.retest_report import confidence_of, retest_section
 from daemon.research import archive, measurements
 from daemon.store import TERMINAL_STATUSES, ExperimentRecord, SessionRecord, Store
 
@@ -110,6 +112,7 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
     lines = [
         f"# autoresearch report: session {session.id} ({_cell(session.tag)})",
         "",
+        *retest_section(store, session.id, experiments, confidence_of(session.config)),
         f"- started: {session.started_at:%Y-%m-%d %H:%M %Z}, "
         + (f"ended: {session.ended_at:%Y-%m-%d %H:%M %Z} ({session.status})" if session.ended_at else "still open"),
         f"- trigger: {_cell(session.trigger)}",

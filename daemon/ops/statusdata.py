@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from daemon.ops.retest_report import confidence_of, night_headline
 from daemon.ops.statuspage import LiveState
+from daemon.research.retest import comparisons, held_ratio, keep_results, kept_changes, night_result
 from daemon.service.scheduler import Window
 from daemon.store import ExperimentRecord, Store
 
@@ -66,7 +68,7 @@ def session_data(store: Store, session_id: int | None) -> dict[str, Any]:
     """The session (given, else the latest), its best and baseline: JSON data; `session` None before any."""
     session = store.get_session(session_id) if session_id is not None else store.latest_session()
     if session is None:
-        return {"session": None, "best": None, "baseline": None}
+        return {"session": None, "best": None, "baseline": None, "retest": None}
     best, baseline = store.best(session.id), store.baseline(session.id)
     running = store.list_experiments(session_id=session.id, status=("running", "evaluating"), limit=100)
     return {
@@ -75,6 +77,24 @@ def session_data(store: Store, session_id: int | None) -> dict[str, Any]:
         "best": experiment_data(best) if best is not None else None,
         "baseline": experiment_data(baseline) if baseline is not None else None,
         "running": [experiment_data(r) for r in running],
+        "retest": retest_data(store, session.id, session.config),
+    }
+
+
+def retest_data(store: Store, session_id: int, config: dict[str, Any]) -> dict[str, Any]:
+    """The morning re-test of the session: its night gain (Δ ± half-width on fresh seeds) and the keeps held."""
+    confidence = confidence_of(config)
+    found = comparisons(store, [session_id], confidence)
+    night = night_result(found)
+    results = keep_results(found, kept_changes(store, session_id))
+    return {
+        "headline": night_headline(found, confidence),
+        "night": None if night is None else {
+            "status": night.retest.status, "verdict": night.verdict, "delta_bpb": night.delta,
+            "half_width_bpb": night.half_width, "pairs": night.pairs, "confidence": confidence,
+            "base_id": night.retest.base_id, "best_id": night.retest.best_id, "note": night.retest.note or None},
+        "keeps": {str(keep_id): result.verdict for keep_id, result in results.items()},
+        "keeps_held_ratio": held_ratio(results),
     }
 
 

@@ -217,6 +217,15 @@ pre{background:#f4f4f4;padding:0.8em;overflow-x:auto;font-size:0.85em}
 """
 
 
+def _retest_headline(store: Store, session_id: int, config: dict[str, object]) -> str:
+    """The morning re-test's night gain line (`daemon.ops.retest_report`)."""
+    from daemon.ops.retest_report import confidence_of, night_headline
+    from daemon.research.retest import comparisons
+
+    confidence = confidence_of(config)
+    return night_headline(comparisons(store, [session_id], confidence), confidence)
+
+
 def render_status_page(store: Store, state: LiveState, now: datetime | None = None) -> str:
     """The whole page as one HTML string (refreshes itself every 30 s)."""
     moment = now or datetime.now(timezone.utc)
@@ -241,6 +250,7 @@ def render_status_page(store: Store, state: LiveState, now: datetime | None = No
             f"<span>baseline {_bpb(baseline_bpb)}</span>"
             f"<span>noise std {noise.std:.6f} (n={noise.n})</span>"
             f"<span>experiments {len(experiments)}</span></p>",
+            f'<p id="retest">{_text(_retest_headline(store, session.id, session.config))}</p>',
             chart_svg(val_bpb_series(experiments)),
             "<h2>Experiments (newest first)</h2>",
             _experiments_html(experiments, baseline_bpb),

@@ -14,6 +14,7 @@
 - `archive`      near-misses with their diffs, re-applied onto a new best (search = archive);
 - `lanes`        GPUs to lanes, and the gate that says whether a lane may launch;
 - `stop`         when a session stops launching and when its running experiments are killed;
+- `retest`       the morning proof: start best vs end best (and each keep vs its parent) on fresh paired seeds;
 - `runner`       one experiment through the sandbox: train stage (candidate), eval stage (trusted harness);
 - `replay`       the same source under another seed must not give a bit-identical result;
 - `workspace`    the research workspace: program.md, the baseline train.py, its git repository;

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from daemon.agents import ChangeEntry, CrashEntry, InFlight, LedgerView, RunEntry
 from daemon.config import JudgeConfig
 from daemon.research import archive
+from daemon.research.retest import keep_notes
 from daemon.store.records import ExperimentRecord, NoiseFloor
 
 NEAR_MISSES = 3
@@ -91,16 +92,17 @@ def build_ledger(store: LedgerStore, session_ids: Sequence[int], current_session
     for session_id in session_ids:
         rows.extend(store.list_experiments(session_id=session_id, limit=100_000))
     return ledger_from_rows(rows, store.noise_floor(current_session), current_session, judge,
-                            nights=len(session_ids))
+                            nights=len(session_ids), retests=keep_notes(store, session_ids, rows))
 
 
 def ledger_from_rows(rows: Iterable[ExperimentRecord], noise: NoiseFloor, current_session: int,
-                     judge: JudgeConfig, nights: int = 1) -> LedgerView:
+                     judge: JudgeConfig, nights: int = 1, retests: Mapping[int, str] | None = None) -> LedgerView:
     ordered = sorted(rows, key=lambda row: row.id, reverse=True)  # newest first
     by_id = {row.id: row for row in ordered}
     done = [row for row in ordered if row.status not in WAITING]
     runs = tuple(_run_entry(row, by_id) for row in done)
-    kept = tuple(ChangeEntry(row.id, row.val_bpb, _delta(row, by_id), row.description, row.diff)
+    kept = tuple(ChangeEntry(row.id, row.val_bpb, _delta(row, by_id), row.description, row.diff,
+                             (retests or {}).get(row.id, ""))
                  for row in done if row.status == "kept" and row.kind in ("candidate", "manual") and row.diff)
     crashes = tuple(CrashEntry(row.id, row.status, row.description, row.error, _tail(row.log_tail))
                     for row in done if row.status in FAILED)[:CRASHES]

@@ -1,6 +1,7 @@
 """When a research session stops launching, and when its running experiments must be killed.
 
-One object answers both questions for every lane. Reasons to stop launching: the window ended, a
+One object answers both questions for every lane. Reasons to stop launching: the window ended (or its
+last part, `reserve`, which the driver keeps for the morning re-test: `daemon.research.retest`), a
 signal (SIGTERM/SIGINT), the cost cap, too many crashes in a row, the experiment count, a fatal error.
 Running experiments may finish within `grace_s` after the stop; then (or at once on a second signal)
 they are killed and recorded `interrupted`.
@@ -19,6 +20,7 @@ class StopCondition:
     deadline: float | None = None  # monotonic time the window ends; None = no window end
     grace_s: float = 600.0
     monotonic: Callable[[], float] = time.monotonic
+    reserve: Callable[[], float] | None = None  # seconds before the deadline kept free of new experiments
     _reason: str | None = field(default=None, init=False)
     _kill_at: float | None = field(default=None, init=False)
     _signals: int = field(default=0, init=False)
@@ -68,9 +70,15 @@ class StopCondition:
         with self._lock:
             if self._reason is not None:
                 return self._reason
-        if self.deadline is not None and self.monotonic() >= self.deadline:
-            return "window ended"
+        if self.deadline is not None:
+            reserved = max(self.reserve(), 0.0) if self.reserve is not None else 0.0
+            if self.monotonic() >= self.deadline - reserved:
+                return "window ended" + (f" (its last {reserved:.0f} s are kept for the re-test)" if reserved else "")
         return None
+
+    def time_left(self) -> float | None:
+        """Seconds until the window's end (the deadline itself, not the reserve); None without a window."""
+        return None if self.deadline is None else self.deadline - self.monotonic()
 
     def kill_due(self) -> bool:
         """True once running experiments must be killed (grace over, or a kill was requested)."""

@@ -21,6 +21,7 @@ from daemon.research import ResearchSession
 from daemon.research.stop import StopCondition
 from daemon.service.housekeeping import prune_after_session
 from daemon.service.notify import SystemdNotifier
+from daemon.service.retesting import retest_session, window_reserve
 from daemon.service.runtime import Runtime, open_runtime
 from daemon.service.scheduler import Scheduler, SystemClock, Window
 
@@ -137,6 +138,10 @@ class Service:
         # The daemon adopts the session its crashed predecessor left open, and so ends it.
         record = session.open(orphans=self.orphans, adopt=True)
         self.orphans = ()
+        # A window keeps its last part for the morning re-test (daemon.research.retest); an idle harvest has no end.
+        retest = self.settings.retest.enabled and trigger.window is not None and remaining is not None
+        if retest and remaining is not None:
+            stop.reserve = window_reserve(runtime, record.id, remaining)
         notifier.status(f"session {record.id} running")
         try:
             try:
@@ -146,6 +151,9 @@ class Service:
                 raise
             runtime.metrics.session_ended(summary.status)
             log.info("session done", session=summary.session_id, reason=summary.stop_reason, status=summary.status)
+            if retest and not stop.signalled():
+                notifier.status(f"session {record.id}: re-testing the night on fresh seeds")
+                retest_session(runtime, summary.session_id, stop)
             if self.settings.report.on_session_end:
                 from daemon.ops.morning import finish_session
 

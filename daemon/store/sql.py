@@ -39,6 +39,7 @@ from daemon.store.records import (
     NoiseFloor,
     SessionRecord,
 )
+from daemon.store.retests import RetestQueries
 from daemon.store.retry import call_with_retry
 from daemon.store.scored_runs import ScoredRunQueries
 from sandbox.sanitize import clean_fields, clean_text
@@ -84,7 +85,7 @@ def _one_line(value: str) -> str:
     return " ".join(value.replace("\t", " ").splitlines()).strip()
 
 
-class Store(LineQueries, ScoredRunQueries):
+class Store(LineQueries, ScoredRunQueries, RetestQueries):
     """The repository API of the daemon: sessions, experiments with leases, noise, agent costs, exports."""
 
     def __init__(self, engine: Engine, *, retry_seconds: float = 120.0) -> None:
@@ -563,14 +564,16 @@ class Store(LineQueries, ScoredRunQueries):
     # -- export -----------------------------------------------------------------------------------
 
     def results_tsv(self, session_id: int) -> str:
-        """The session's finished experiments in the original results.tsv format (tab-separated, header first)."""
+        """The session's finished experiments in the original results.tsv format (tab-separated, header first),
+        then its re-test runs (status `retest`: upstream's analysis.ipynb counts and plots only keep/discard/crash
+        rows, and takes its baseline from the first row, so rows after the night's change nothing there)."""
         query = (self._select_experiments()
                  .where(ExperimentRow.session_id == session_id, ExperimentRow.status.in_(TERMINAL_STATUSES))
                  .order_by(ExperimentRow.id))
         records = self._read("results_tsv", lambda conn: self._experiments(conn, query))
         return "".join(_tsv_line(fields) for fields in
                        [("commit", "val_bpb", "memory_gb", "status", "description"),
-                        *(_tsv_fields(r) for r in records)])
+                        *(_tsv_fields(r) for r in records), *self.retest_tsv(session_id)])
 
 
 def _tsv_fields(record: ExperimentRecord) -> tuple[str, str, str, str, str]:

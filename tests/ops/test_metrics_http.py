@@ -22,6 +22,8 @@ CONTRACT_METRICS = {
     "autoresearch_baseline_val_bpb": ("gauge", set()),
     "autoresearch_last_val_bpb": ("gauge", {"lane"}),
     "autoresearch_noise_std_bpb": ("gauge", set()),
+    "autoresearch_retest_gain_bpb": ("gauge", set()),
+    "autoresearch_keeps_held_ratio": ("gauge", set()),
     "autoresearch_experiment_duration_seconds": ("histogram", {"lane"}),
     "autoresearch_stage_duration_seconds": ("histogram", {"stage"}),
     "autoresearch_sandbox_overhead_seconds": ("histogram", {"stage"}),
@@ -77,6 +79,8 @@ def exercised_metrics(monotonic: Callable[[], float] | None = None) -> Metrics:
     metrics.baseline(1.0)
     metrics.noise_std(0.0004)
     metrics.consecutive_crashes(0)
+    metrics.retest_gain(-0.004)
+    metrics.keeps_held(0.5)
     metrics.agent_call("anthropic", "claude-sonnet-5-5", "ok", input_tokens=1200, output_tokens=300,
                        cache_read_tokens=800, cache_write_tokens=100, cost_usd=0.02, latency_s=12.0)
     metrics.cost(0.02)

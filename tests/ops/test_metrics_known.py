@@ -57,3 +57,15 @@ def test_process_collector_exports_this_process() -> None:
     assert "process_cpu_seconds_total" in found
     assert found["process_open_fds"][0][1] >= 3
     assert len(os.listdir("/proc/self/fd")) > 0
+
+
+def test_retest_gauges_are_absent_until_a_retest_then_hold_its_numbers() -> None:
+    """The re-test's gain and held share are not exported as 0 before a re-test, then carry its values."""
+    metrics = Metrics()
+    found = _samples(metrics)
+    assert "autoresearch_retest_gain_bpb" not in found and "autoresearch_keeps_held_ratio" not in found
+    metrics.retest_gain(-0.0042)
+    metrics.keeps_held(2 / 3)
+    found = _samples(metrics)
+    assert found["autoresearch_retest_gain_bpb"] == [({}, -0.0042)]
+    assert found["autoresearch_keeps_held_ratio"] == [({}, 2 / 3)]

@@ -166,6 +166,7 @@ class ProposalContext:
     # The research line's secret fence id (daemon.agents.fences); None: a fresh one per prompt (no caching).
     fence_nonce: str | None = None
     ideas: IdeaMemory | None = None  # every change the line tried (daemon.agents.ideas); None: not checked
+    refused: str = ""  # the last proposal, refused before it ran as a repeat of a tried idea (untrusted)
 
 
 class Agent(Protocol):

@@ -188,9 +188,9 @@ def renamed_key(source: str) -> str:
     """Hash of the normalized source with its module-level UPPER_CASE names renamed in order of definition."""
     tree = ast.parse("\n".join(normalized_lines(source)))
     names: dict[str, str] = {}
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-            node, ast.AnnAssign) else []
+    for statement in tree.body:
+        targets: list[ast.expr] = statement.targets if isinstance(statement, ast.Assign) else [
+            statement.target] if isinstance(statement, ast.AnnAssign) else []
         for target in targets:
             if isinstance(target, ast.Name) and target.id.isupper() and target.id not in names:
                 names[target.id] = f"CONST_{len(names)}"

@@ -194,6 +194,12 @@ def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = No
 
 
 def _task(ctx: ProposalContext, data: Any) -> str:
+    refused = ("# Your previous proposal was not run: it repeats an idea this line already tried\n\n"
+               f"{data(ctx.refused, 3000)}\n\n") if ctx.refused else ""
+    return refused + _ask(ctx, data)
+
+
+def _ask(ctx: ProposalContext, data: Any) -> str:
     crash = ctx.crash
     if crash is not None and crash.smoke:
         return (

@@ -24,6 +24,7 @@ MAX_DIFF_CHARS = 3000
 MAX_CRASH_TAIL_CHARS = 1500
 MAX_ROW_DESCRIPTION = 100
 MAX_ROW_ERROR = 120
+MAX_RETEST = 40
 MAX_IDEA_DESCRIPTION = 70
 # Shares of the budget.
 _SHARES = {"table": 0.45, "kept": 0.2, "near": 0.1, "crashes": 0.1, "ideas": 0.15}
@@ -131,7 +132,7 @@ def _header(view: LedgerView, shown: int, stable: int, fence: Fence) -> str:
 def _row(run: RunEntry, night: int) -> str:
     description = " ".join(run.description.split())[:MAX_ROW_DESCRIPTION]
     error = " ".join(run.error.split())[:MAX_ROW_ERROR]
-    status = run.status + (f" ({run.retest})" if run.retest else "")
+    status = run.status + (f" ({' '.join(run.retest.split())[:MAX_RETEST]})" if run.retest else "")
     cells = [
         str(run.id), str(night) if night else "-", run.kind, status, str(run.runs), _number(run.val_bpb, 6),
         "-" if run.delta is None else f"{run.delta:+.6f}", str(run.num_steps) if run.num_steps is not None else "-",
@@ -179,10 +180,16 @@ def _changes(title: str, changes: Sequence[ChangeEntry], fence: Fence, allowance
         if room < 200:
             parts.append(f"({len(changes) - number} more left out for length)")
             break
-        text = fence(f"{' '.join(change.description.split())[:MAX_ROW_DESCRIPTION]}\n{change.diff}", room)
+        description = " ".join(change.description.split())[:MAX_ROW_DESCRIPTION]
+        text = fence(f"{description}\n{_head(change.diff, room - len(description) - 1)}", room)
         parts.append(f"{head}\n{text}")
         used += len(head) + len(text)
     return "\n".join(parts)
+
+
+def _head(text: str, room: int) -> str:
+    """The first `room` characters of `text` (a diff reads from its start), marked when cut."""
+    return text if len(text) <= room else text[:max(room - 20, 0)] + "\n[... rest cut ...]"
 
 
 def _near(view: LedgerView, fence: Fence, allowance: int) -> str:
@@ -205,8 +212,10 @@ def _crashes(view: LedgerView, fence: Fence, allowance: int) -> str:
         room = min(MAX_CRASH_TAIL_CHARS, allowance - used - 300)
         if room < 200:
             break
-        text = fence(f"{' '.join(crash_entry.description.split())[:MAX_ROW_DESCRIPTION]}\n"
-                     f"error: {crash_entry.error[:300]}\n{crash_entry.output_tail}", room)
+        head = (f"{' '.join(crash_entry.description.split())[:MAX_ROW_DESCRIPTION]}\n"
+                f"error: {' '.join(crash_entry.error.split())[:300]}\n")
+        tail = crash_entry.output_tail[-max(room - len(head), 0):]
+        text = fence(head + tail, room)
         parts.append(f"## #{crash_entry.id} {crash_entry.status}\n{text}")
         used += len(parts[-1])
     return "\n".join(parts) if len(parts) > 1 else ""

@@ -4,7 +4,7 @@ The runs table lists one row per experiment, oldest first (bookkeeping runs fold
 only ever grows at its end. It is cut in two: `LedgerText.stable`, the rows that can no longer change, in
 whole chunks of `CHUNK` rows (with the diffs of the keeps among them), which the prompt puts before a cache
 breakpoint; and `LedgerText.recent`: the counts, the noise and margin, the newest rows, what is in flight,
-the newer kept diffs, the near-misses, the recent failures and the idea memory. So the long-lived prompt
+the newer kept diffs, the near-misses and the recent failures. So the long-lived prompt
 cache covers all but the newest rows, and is rewritten only when a chunk fills (or a morning re-test marks
 an old row). When the table is over its share of the budget, the oldest discarded rows leave first, in
 whole chunks; kept rows always stay, and the idea memory still lists every idea.
@@ -26,8 +26,9 @@ MAX_ROW_DESCRIPTION = 100
 MAX_ROW_ERROR = 120
 MAX_RETEST = 40
 MAX_IDEA_DESCRIPTION = 70
-# Shares of the budget.
-_SHARES = {"table": 0.45, "kept": 0.2, "near": 0.1, "crashes": 0.1, "ideas": 0.15}
+# Shares of the budget (the idea memory's is IDEAS_SHARE, rendered by `render_ideas`).
+_SHARES = {"table": 0.45, "kept": 0.2, "near": 0.1, "crashes": 0.1}
+IDEAS_SHARE = 0.15
 TABLE_HEADER = ("id | night | kind | status | runs | val_bpb | delta | steps | tok/s | MFU | peak MB | train s | "
                 "loss | verdict | description")
 
@@ -44,7 +45,7 @@ def estimate_tokens(text: str) -> int:
     return int(len(text) / CHARS_PER_TOKEN) + 1
 
 
-def render_ledger(view: LedgerView, fence: Fence, budget_tokens: int, ideas: IdeaMemory | None = None) -> LedgerText:
+def render_ledger(view: LedgerView, fence: Fence, budget_tokens: int) -> LedgerText:
     """The ledger text within about `budget_tokens`; `fence(text, limit)` wraps untrusted text as data."""
     budget = int(budget_tokens * CHARS_PER_TOKEN)
     rows = [_row(run, _night_of(view, run)) for run in view.runs]
@@ -76,7 +77,6 @@ def render_ledger(view: LedgerView, fence: Fence, budget_tokens: int, ideas: Ide
                  int(budget * _SHARES["kept"]) - used_kept),
         _near(view, fence, int(budget * _SHARES["near"])),
         _crashes(view, fence, int(budget * _SHARES["crashes"])),
-        render_ideas(ideas, fence, int(budget * _SHARES["ideas"])) if ideas is not None else "",
     ):
         if text:
             parts.append(text)
@@ -235,7 +235,7 @@ def idea_line(idea: Idea, version: int) -> str:
     return f"{what} | {idea.outcome} {effect} ({idea.runs} run{'s' if idea.runs != 1 else ''}) {ids}{tag}"
 
 
-def render_ideas(memory: IdeaMemory, fence: Fence, allowance: int) -> str:
+def render_ideas(memory: IdeaMemory, fence: Fence, budget_tokens: int) -> str:
     """The idea memory in summary: every distinct change tried on the line, newest last, within `allowance`."""
     if not memory.ideas:
         return ""
@@ -247,6 +247,7 @@ def render_ideas(memory: IdeaMemory, fence: Fence, allowance: int) -> str:
              + ")\nA proposal that repeats one of these (the same change up to formatting, comments or renamed "
              "constants, or a value within 10% of one that was refused) is refused before it runs, with the idea "
              "it repeats.")
+    allowance = int(budget_tokens * CHARS_PER_TOKEN * IDEAS_SHARE)
     lines = [idea_line(idea, memory.version) for idea in memory.ideas]
     used = sum(len(line) + 1 for line in lines)
     cut = 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.agents import HistoryItem, ProposalContext, fences
-from daemon.agents.ledger_text import render_ledger
+from daemon.agents.ledger_text import render_ideas, render_ledger
 from daemon.errors import AgentFatal
 
 TOOL_NAME = "propose_experiment"
@@ -176,12 +176,14 @@ def build_prompt(ctx: ProposalContext, prepare_text: str, nonce: str | None = No
     user: list[dict[str, Any]] = []
     night = [_best_so_far(ctx)]
     if ctx.ledger is not None:
-        ledger = render_ledger(ctx.ledger, lambda text, limit: data(text, limit), ledger_tokens, ctx.ideas)
+        ledger = render_ledger(ctx.ledger, lambda text, limit: data(text, limit), ledger_tokens)
         if ledger.stable:
             user.append({"type": "text", "text": ledger.stable, "cache_control": cache})
         night.append(ledger.recent)
     else:
         night.append(_history_table(ctx.history, nonce))
+    if ctx.ideas is not None and ctx.ideas.ideas:
+        night.append(render_ideas(ctx.ideas, lambda text, limit: data(text, limit), ledger_tokens))
     if ctx.notebook.strip():
         night.append("# Your notebook (written by you at earlier proposals; rewrite it with this one)\n\n"
                      + data(ctx.notebook, MAX_NOTEBOOK_CHARS))

@@ -54,6 +54,7 @@ def render_ledger(view: LedgerView, fence: Fence, budget_tokens: int) -> LedgerT
     stable_ids = {view.runs[index].id for index in shown[:stable_count]}
     stable_kept = [change for change in view.kept if change.id in stable_ids]
     stable = ""
+    kept_text = ""
     if stable_count:
         stable = ("# Ledger, part 1: the research line's settled experiments, oldest first (one row per experiment;"
                   " delta = val_bpb minus the parent's recorded value when it ran, negative is better)\n"
@@ -71,7 +72,7 @@ def render_ledger(view: LedgerView, fence: Fence, budget_tokens: int) -> LedgerT
     elif not view.runs:
         parts.append("# Ledger\n\nNo experiments finished yet.")
     newer_kept = [change for change in view.kept if change.id not in stable_ids]
-    used_kept = len(stable) if stable_count else 0
+    used_kept = len(kept_text)
     for text in (
         _changes("# Newer kept changes, oldest first (each diff against the best before it)", newer_kept, fence,
                  int(budget * _SHARES["kept"]) - used_kept),

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from daemon.agents import ChangeEntry, CrashEntry, InFlight, LedgerView, RunEntry
 from daemon.config import JudgeConfig
-from daemon.research import archive
+from daemon.research import archive, measurements
 from daemon.research.ideas import IDEA_KINDS, effect_of
 from daemon.research.measurements import MEASURED
 from daemon.store.records import ExperimentRecord, NoiseFloor
@@ -64,7 +64,8 @@ def verdict_line(verdict: Mapping[str, Any] | None) -> str:
     for key, label in (("improvement", "gain"), ("margin", "needed"), ("t", "t"), ("n", "n")):
         value = verdict.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            parts.append(f"{label} {value:.6f}" if isinstance(value, float) else f"{label} {value}")
+            digits = 2 if key == "t" else 6
+            parts.append(f"{label} {value:.{digits}f}" if isinstance(value, float) else f"{label} {value}")
     return " ".join(part for part in parts if part)
 
 
@@ -117,7 +118,8 @@ def ledger_from_rows(rows: Iterable[ExperimentRecord], noise: NoiseFloor, curren
                                diff=row.diff if row.kind in IDEA_KINDS else "")
                       for row in ordered if row.status in WAITING and row.session_id == current_session)
     sigma = _recorded_sigma(newest_first)
-    noise_n = noise.n
+    # The noise table's runs, else the runs of every source measured more than once (what the judge pools).
+    noise_n = noise.n or sum(len(group) for group in measurements.repeat_groups(ordered) if len(group) > 1)
     if sigma is None and noise.n >= 2:
         sigma = noise.std
     margin, rule = keep_margin(sigma, judge) if sigma is not None else (None, "no noise estimate yet")

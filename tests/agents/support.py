@@ -65,11 +65,12 @@ METRICS = {"training_seconds": 10.0, "total_tokens_m": 2.0, "num_steps": 20, "mf
 
 def run_experiment(store: Any, session_id: int, kind: str, status: str, *, parent: int | None = None,
                    val_bpb: float | None = None, description: str = "", diff: str = "", lane: str = "gpu0",
-                   source: str | None = None, source_hash: str | None = None, **fields: Any) -> Any:
+                   source: str | None = None, source_hash: str | None = None, hypothesis: str = "",
+                   **fields: Any) -> Any:
     """One experiment taken through the store's real transitions to `status` (or left queued/running)."""
     record = store.create_experiment(session_id, kind, source if source is not None else
                                      BASELINE + f"\n# {description} {kind}\n", parent_id=parent,
-                                     description=description, diff=diff,
+                                     description=description, diff=diff, hypothesis=hypothesis,
                                      source_hash=source_hash or f"h{description}{kind}")
     if status == "queued":
         return record

@@ -4,6 +4,8 @@ Three providers share one interface (`Agent.propose`): the Anthropic agent (Mess
 and extended thinking), the OpenAI-compatible agent (Chat Completions with a function tool: OpenAI, vLLM,
 ollama) and the offline agent (AST-level hyperparameter search, no LLM, the embedded default). Every proposal
 has already been applied to the best source and validated (`daemon.agents.edits`) when it is returned.
+Prompt parts: `prompt` (layout, cache breakpoints), `ledger_text` (the ledger and idea memory as text),
+`fences` (untrusted text as data under the line's secret nonce), `ideas` (the idea index and its matching).
 """
 
 from __future__ import annotations

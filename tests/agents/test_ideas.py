@@ -6,16 +6,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from daemon.agents.ideas import IdeaMemory, change_of, renamed_key
+from daemon.agents.offline import OfflineAgent
 from daemon.agents.prompt import build_prompt
 from daemon.agents.tool_input import proposal_from_tool_input
 from daemon.config import JudgeConfig
 from daemon.errors import InvalidProposal
 from daemon.research.ideas import MEASUREMENT_VERSION, idea_memory, memory_from_rows
 from daemon.research.ledger import build_ledger, line_rows
+from daemon.research.work import WorkSource
 from daemon.store import open_store
 from daemon.store.sql import Store
 from tests.agents.support import BASELINE, make_context, run_experiment
@@ -136,3 +139,29 @@ def test_change_ignores_docstrings_and_comments() -> None:
     """A change of comments or docstrings only is no change at all."""
     edited = BASELINE.replace(LR, LR + "  # tuned").replace("Baseline GPT pretraining", "Baseline GPT pre-training")
     assert edited != BASELINE and change_of(BASELINE, edited).empty
+
+
+def test_offline_agent_skips_repeats_of_tried_ideas(store: Store, line: tuple[int, list[int]]) -> None:
+    """The offline agent's first choice, once refused on the line, is not proposed again by a fresh agent."""
+    first = OfflineAgent().propose(make_context(best_source=BASELINE))
+    base = store.baseline(line[1][0])
+    assert base is not None
+    run_experiment(store, line[1][0], "candidate", "discarded", parent=base.id, val_bpb=1.35,
+                   description=first.description, source=first.source)
+    remembered = memory(store, line[1])
+    again = OfflineAgent().propose(make_context(best_source=BASELINE, ideas=remembered))
+    assert again.source != first.source and remembered.match(BASELINE, again.source) is None
+
+
+def test_session_refuses_a_repeat_before_queueing_and_shows_it_next(store: Store, line: tuple[int, list[int]]) -> None:
+    """The session's own check (results that came in after the proposal was written count) refuses a repeat,
+    and the next proposal's prompt shows what was refused and why, fenced."""
+    session = SimpleNamespace(store=store, line_id=line[0])
+    work = WorkSource(session)  # type: ignore[arg-type]
+    with pytest.raises(InvalidProposal, match=r"repeats the idea tried as #\d+ \(a value within 10%"):
+        work.refuse_repeat(BASELINE, with_lr("0.039"), "LR to 0.039")
+    nonce = "d" * 32
+    text = build_prompt(make_context(refused=work.refused, fence_nonce=nonce), "prepare").messages[0]["content"][-1][
+        "text"]
+    assert re.search(rf"not run: it repeats an idea this line already tried\n\n<data-{nonce}>\nLR to 0.039\n", text)
+    work.refuse_repeat(BASELINE, with_lr("0.015"), "LR down")  # a new idea passes

@@ -125,7 +125,7 @@ def _one_step_away(proposed: Sequence[NumberChange], refused: Sequence[NumberCha
     return all(abs(n.new - tried[n.name]) <= STEP * max(abs(tried[n.name]), 1e-12) for n in proposed)
 
 
-@lru_cache(maxsize=2048)
+@lru_cache(maxsize=64)
 def normalized_lines(source: str) -> tuple[str, ...]:
     """The source's lines after `ast.unparse`, docstrings dropped (SyntaxError when it does not parse)."""
     tree = ast.parse(source)
@@ -183,7 +183,7 @@ def _constant(line: str) -> tuple[str, float] | None:
     return node.targets[0].id, float(value)
 
 
-@lru_cache(maxsize=2048)
+@lru_cache(maxsize=64)
 def renamed_key(source: str) -> str:
     """Hash of the normalized source with its module-level UPPER_CASE names renamed in order of definition."""
     tree = ast.parse("\n".join(normalized_lines(source)))

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from daemon.agents.ideas import Idea, IdeaMemory, change_of, renamed_key
+from daemon.agents.ideas import Change, Idea, IdeaMemory, change_of, renamed_key
 from daemon.research import measurements
 from daemon.store.records import ExperimentRecord
 
@@ -54,11 +54,10 @@ def memory_from_rows(rows: Sequence[ExperimentRecord], versions: Mapping[int, in
         parent = by_id.get(row.parent_id) if row.parent_id is not None else None
         if row.kind not in IDEA_KINDS or row.status not in FINISHED or parent is None:
             continue
-        try:
-            change = change_of(parent.source, row.source)
-            renamed = renamed_key(row.source)
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
+        read = _read_change(row, parent)
+        if read is None:
             continue  # an unparsable source never ran
+        change, renamed = read
         effect, runs, parent_runs = effect_of(ordered, row, parent)
         se = sigma * math.sqrt(1 / runs + 1 / parent_runs) if sigma and runs and parent_runs else None
         outcome = (retests or {}).get(row.id) or row.status
@@ -72,6 +71,21 @@ def memory_from_rows(rows: Sequence[ExperimentRecord], versions: Mapping[int, in
         ideas[change.key] = Idea(change, renamed, ids, row.description, outcome, effect, se, runs, version)
     return IdeaMemory(tuple(sorted(ideas.values(), key=lambda idea: idea.experiment_ids[0])),
                       MEASUREMENT_VERSION, nights)
+
+
+# (ids and source hashes of the experiment and its parent) -> its change and renamed key: parsing every source
+# of a long line at each proposal would cost seconds (the key holds no source, so the cache stays small).
+_CHANGES: dict[tuple[int, int, int, int], tuple[Change, str] | None] = {}
+
+
+def _read_change(row: ExperimentRecord, parent: ExperimentRecord) -> tuple[Change, str] | None:
+    key = (row.id, parent.id, hash(row.source), hash(parent.source))
+    if key not in _CHANGES:
+        try:
+            _CHANGES[key] = (change_of(parent.source, row.source), renamed_key(row.source))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            _CHANGES[key] = None
+    return _CHANGES[key]
 
 
 def effect_of(ordered: Sequence[ExperimentRecord], row: ExperimentRecord,

@@ -252,8 +252,26 @@ def render_ideas(memory: IdeaMemory, fence: Fence, budget_tokens: int) -> str:
     lines = [idea_line(idea, memory.version) for idea in memory.ideas]
     used = sum(len(line) + 1 for line in lines)
     cut = 0
-    while used > allowance - len(title) - 200 and cut < len(lines):
+    while used > allowance - len(title) - 200 and cut < len(lines) - 1:  # the newest is always listed
         used -= len(lines[cut]) + 1
         cut += 1
-    note = f"\n({cut} oldest ideas left out for length; they are still checked)" if cut else ""
-    return f"{title}\n{fence(chr(10).join(lines[cut:]), 10**9)}{note}" if cut < len(lines) else f"{title}{note}"
+    shown = "\n".join(lines[cut:])
+    if cut:  # the older ideas in one line per name they changed, so the summary still covers every idea
+        shown = (f"(older: {_summary(memory.ideas[:cut])[:max(allowance // 4, 400)]}; listed one by one: the newest "
+                 f"{len(lines) - cut}; every idea is still checked)\n{shown}")
+    return f"{title}\n{fence(shown, 10**9)}"
+
+
+def _summary(ideas: Sequence[Idea]) -> str:
+    """'NAME xN (values lo..hi, K kept)' per changed name, most tried first."""
+    tried: dict[str, list[Idea]] = {}
+    for idea in ideas:
+        for target in idea.change.targets or ("code",):
+            tried.setdefault(target, []).append(idea)
+    parts = []
+    for name, group in sorted(tried.items(), key=lambda item: -len(item[1])):
+        values = [n.new for idea in group for n in idea.change.numbers if n.name == name]
+        span = f" values {min(values):g}..{max(values):g}" if values else ""
+        kept = sum(1 for idea in group if idea.outcome == "kept")
+        parts.append(f"{name} x{len(group)}{span}, {kept} kept")
+    return "; ".join(parts)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from daemon.agents.ideas import IdeaMemory, change_of, renamed_key
+from daemon.agents.ledger_text import render_ideas
 from daemon.agents.offline import OfflineAgent
 from daemon.agents.prompt import build_prompt
 from daemon.agents.tool_input import proposal_from_tool_input
@@ -165,3 +166,10 @@ def test_session_refuses_a_repeat_before_queueing_and_shows_it_next(store: Store
         "text"]
     assert re.search(rf"not run: it repeats an idea this line already tried\n\n<data-{nonce}>\nLR to 0.039\n", text)
     work.refuse_repeat(BASELINE, with_lr("0.015"), "LR down")  # a new idea passes
+
+
+def test_summary_covers_every_idea_when_the_list_is_cut(store: Store, line: tuple[int, list[int]]) -> None:
+    """With little room, the newest ideas are listed and the older ones summed up per name they changed."""
+    text = render_ideas(memory(store, line[1]), lambda body, _limit: body, 60)
+    assert "older: MATRIX_LR x1 values 0.04..0.04, 0 kept" in text and "every idea is still checked" in text
+    assert "broken rope | crashed" in text

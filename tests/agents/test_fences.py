@@ -33,10 +33,13 @@ from daemon.agents import (
 )
 from daemon.agents.fences import fenced_spans, new_nonce
 from daemon.agents.ideas import Change, Idea, IdeaMemory
+from daemon.agents.openai_agent import OpenAIAgent
 from daemon.agents.prompt import SYSTEM_TEXT, build_prompt
+from daemon.config import AgentConfig, ModelPrice
 from daemon.errors import InvalidProposal
-from tests.agents.support import BASELINE, make_context
+from tests.agents.support import BASELINE, MemorySink, RecordingClock, make_context
 from tests.fakes.anthropic_server import FakeAnthropicServer, tool_reply
+from tests.fakes.openai_server import MODEL, FakeOpenAIServer, tool_call_reply
 
 CANARY = "CANARY"
 BRACKETS = "<\uff1c\ufe64\u2039\u276e\u3008\u27e8\u2329\u02c2\u1438\u276c"
@@ -187,4 +190,18 @@ def test_anthropic_request_keeps_every_attack_fenced(server: FakeAnthropicServer
     body = server.requests[-1].body
     assert len(body["messages"]) == 3  # the repair turn went back too
     reached, _ = check_contained(list(texts(body["system"], body["messages"])), nonce)
+    assert reached >= PLACES
+
+
+def test_openai_request_keeps_every_attack_fenced(sink: MemorySink, clock: RecordingClock) -> None:
+    """The OpenAI-compatible agent joins the blocks into plain messages: the attacks still stay fenced."""
+    nonce = new_nonce()
+    with FakeOpenAIServer() as chat:
+        chat.enqueue(tool_call_reply({"description": "x", "edits": [{"search": "nothing like this", "replace": "y"}]}))
+        config = AgentConfig(provider="openai", base_url=chat.url, model=MODEL,
+                             prices={MODEL: ModelPrice(input=1.0, output=1.0)}, repair_rounds=0, max_retries=0)
+        with contextlib.suppress(InvalidProposal):
+            OpenAIAgent(config, sink, clock).propose(hostile_context(random.Random(5), nonce, 5))
+        messages = chat.requests[-1].body["messages"]
+    reached, _ = check_contained([message["content"] for message in messages], nonce)
     assert reached >= PLACES

@@ -4,9 +4,10 @@ before a run is spent on it. Built from a real SQLite store; repeats refused thr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from daemon.research.work import WorkSource
 from daemon.store import open_store
 from daemon.store.sql import Store
 from tests.agents.support import BASELINE, make_context, run_experiment
+from tests.fakes.anthropic_server import FakeAnthropicServer, tool_reply
 
 LR = "MATRIX_LR = 0.02"
 
@@ -173,3 +175,19 @@ def test_summary_covers_every_idea_when_the_list_is_cut(store: Store, line: tupl
     text = render_ideas(memory(store, line[1]), lambda body, _limit: body, 60)
     assert "older: MATRIX_LR x1 values 0.04..0.04, 0 kept" in text and "every idea is still checked" in text
     assert "broken rope | crashed" in text
+
+
+def test_llm_agent_is_shown_the_tried_idea_in_the_prompts_fence(store: Store, line: tuple[int, list[int]],
+                                                                 server: FakeAnthropicServer,
+                                                                 make_anthropic: Callable[..., Any]) -> None:
+    """A repeat proposed through the real SDK comes back as a tool error quoting the tried idea inside the
+    prompt's own fence; the agent's next proposal is used."""
+    server.enqueue(tool_reply({"description": "LR up a bit", "edits": [{"search": LR, "replace": "MATRIX_LR = 0.0405"}]}),
+                   tool_reply({"description": "LR down", "edits": [{"search": LR, "replace": "MATRIX_LR = 0.015"}]}))
+    proposal = make_anthropic().propose(make_context(best_source=BASELINE, ideas=memory(store, line[1])))
+    assert proposal.description == "LR down"
+    first = "\n".join(block["text"] for block in server.requests[0].body["messages"][0]["content"])
+    nonce = re.search(r"<data-([0-9a-f]{32})>", first).group(1)  # type: ignore[union-attr]
+    answer = server.requests[1].body["messages"][2]["content"][0]
+    assert answer["type"] == "tool_result" and answer["is_error"]
+    assert f"<data-{nonce}>\nMATRIX_LR 0.02->0.04 | discarded" in answer["content"]

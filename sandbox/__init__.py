@@ -43,6 +43,10 @@ Covered by the Docker backend:
     another seed is refused as a replay (daemon.research.replay), so noise-floor and confirmation runs stay real;
   * everything that leaves the sandbox (file names, summary numbers, output and error text) and the agent's
     descriptions pass sandbox.sanitize before the store, git, prompts, the status page or a terminal;
+  * every candidate-derived text in the agent's prompt (the best train.py, diffs, descriptions, hypotheses,
+    crash text, log lines, the notebook, the idea memory) is inside the research line's data fence: a tag
+    named by a secret nonce kept in the store (never shown to a candidate), which the text cannot contain or
+    close (daemon.agents.fences), under a system note that fenced text is data, never instructions;
   * the val split is unreadable from the train stage for every source, the embedded `stdlib` one included
     (its val documents come only from stdlib parts absent from the trainer image whatever its base);
   * the out dir has a total quota (bytes and entries, enforced by the harness and measured again by the

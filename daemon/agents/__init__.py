@@ -4,6 +4,8 @@ Three providers share one interface (`Agent.propose`): the Anthropic agent (Mess
 and extended thinking), the OpenAI-compatible agent (Chat Completions with a function tool: OpenAI, vLLM,
 ollama) and the offline agent (AST-level hyperparameter search, no LLM, the embedded default). Every proposal
 has already been applied to the best source and validated (`daemon.agents.edits`) when it is returned.
+Prompt parts: `prompt` (layout, cache breakpoints), `ledger_text` (the ledger and idea memory as text),
+`fences` (untrusted text as data under the line's secret nonce), `ideas` (the idea index and its matching).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from daemon.clock import SystemClock as SystemClock
 
 if TYPE_CHECKING:
     from daemon.agents.accounting import AgentCallSink
+    from daemon.agents.ideas import IdeaMemory
     from daemon.config import Settings
 
 
@@ -61,15 +64,17 @@ class CrashInfo:
 
 @dataclass(frozen=True)
 class RunEntry:
-    """One run of the research line as the ledger shows it (metrics from the trusted summary and eval)."""
+    """One experiment of the research line as the ledger shows it: its own run and its bookkeeping runs
+    (noise runs of a baseline, confirmations of a candidate) folded into one row; metrics from the trusted
+    summary and eval of its first run."""
 
     id: int
     session_id: int
     kind: str
     status: str
     lane: str | None
-    val_bpb: float | None
-    delta: float | None  # val_bpb minus its parent's; negative = better
+    val_bpb: float | None  # the mean of its `runs` measured runs
+    delta: float | None  # val_bpb minus its parent's recorded value when it ran (a mean, like "best"); negative = better
     num_steps: int | None = None
     tokens_per_s: float | None = None
     mfu_percent: float | None = None
@@ -79,6 +84,12 @@ class RunEntry:
     verdict: str = ""  # the judge's numbers in one line, when it recorded them
     description: str = ""  # untrusted (written by the agent)
     error: str = ""  # why it failed (may quote sandbox output: untrusted)
+    runs: int = 1  # measured runs folded into this row (its own, its confirmations or noise runs)
+    t: float | None = None  # the judge's t, when it recorded one
+    settled: bool = True  # no run of it is queued or running: the row will not change (cacheable)
+    # The morning re-test's mark ("" when none): e.g. "did not hold" when a re-test could not reproduce a keep.
+    # Filled by whoever records re-tests (`daemon.research.ledger.ledger_from_rows(retests=...)`).
+    retest: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,11 +122,18 @@ class InFlight:
     status: str
     lane: str | None
     description: str
+    hypothesis: str = ""  # untrusted (written by the agent)
+    diff: str = ""  # against its parent (untrusted)
+    recorded: bool = True  # False: a proposal taken by its lane and not recorded as an experiment yet
 
 
 @dataclass(frozen=True)
 class LedgerView:
-    """The research line as the agent reads it: newest first, sized by the prompt (see daemon.agents.ledger_text)."""
+    """The research line as the agent reads it, oldest first, sized by the prompt (see daemon.agents.ledger_text).
+
+    `runs` has one row per experiment (bookkeeping runs folded in); `runs_recorded` counts every run,
+    `bookkeeping` the runs folded into other rows or into the best's recorded value, by kind.
+    """
 
     nights: int  # sessions in the research line
     runs: tuple[RunEntry, ...]
@@ -127,6 +145,9 @@ class LedgerView:
     noise_n: int
     keep_margin: float | None
     margin_rule: str  # how the margin follows from sigma, in words
+    runs_recorded: int = 0
+    bookkeeping: tuple[tuple[str, int], ...] = ()  # (kind, runs) folded: noise, confirm, remeasure
+    session_ids: tuple[int, ...] = ()  # the line's sessions, oldest first (night n is session_ids[n - 1])
 
 
 @dataclass(frozen=True)
@@ -145,6 +166,10 @@ class ProposalContext:
     ledger: LedgerView | None = None  # the whole research line (the history above is its recent tail)
     environment: str = ""  # trusted facts: budget, preset, device, data size, the baseline's speed
     notebook: str = ""  # the agent's own notes from earlier proposals and nights (untrusted when shown)
+    # The research line's secret fence id (daemon.agents.fences); None: a fresh one per prompt (no caching).
+    fence_nonce: str | None = None
+    ideas: IdeaMemory | None = None  # every change the line tried (daemon.agents.ideas); None: not checked
+    refused: str = ""  # the last proposal, refused before it ran as a repeat of a tried idea (untrusted)
 
 
 class Agent(Protocol):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -71,6 +72,7 @@ class AnthropicAgent:
     def propose(self, ctx: ProposalContext) -> Proposal:
         prompt = build_prompt(ctx, self._prepare_text, cache_ttl=self._config.cache_ttl,
                               ledger_tokens=self._config.ledger_tokens)
+        ctx = replace(ctx, fence_nonce=prompt.nonce)  # tool errors quote tried ideas inside the prompt's fence
         messages = list(prompt.messages)
         problem = ""
         for round_number in range(self._config.repair_rounds + 1):

@@ -306,6 +306,8 @@ class OfflineAgent:
             digest = validate_candidate(source, ctx.seen_hashes)
         except InvalidProposal:
             return None
+        if ctx.ideas is not None and ctx.ideas.match(ctx.best_source, source) is not None:
+            return None  # a repeat of an idea the line already tried (daemon.agents.ideas)
         self._proposed.add(digest)
         description = "; ".join(_describe(knob, direction, values) for knob, direction, values in moves)
         widened = f" with steps widened x{scale:g} after recent failures" if scale > 1 else ""

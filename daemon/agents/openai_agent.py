@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from typing import Any
 
 import openai
@@ -68,6 +69,7 @@ class OpenAIAgent:
 
     def propose(self, ctx: ProposalContext) -> Proposal:
         prompt = build_prompt(ctx, self._prepare_text, ledger_tokens=self._config.ledger_tokens)
+        ctx = replace(ctx, fence_nonce=prompt.nonce)  # tool errors quote tried ideas inside the prompt's fence
         system = "\n\n".join(block["text"] for block in prompt.system)
         user = "\n\n".join(block["text"] for block in prompt.messages[0]["content"])
         messages: list[dict[str, Any]] = [{"role": "system", "content": system}, {"role": "user", "content": user}]

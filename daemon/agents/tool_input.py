@@ -5,6 +5,8 @@ its retries: daemon.agents.api_calls).
   built on the best (with an archived near-miss re-applied for a `combine:<id>` base), or `InvalidProposal`
   naming what the model must fix;
 - `parse_tool_input(raw)` / `parse_notes(raw)`: its fields;
+- `refuse_repeat(ctx, source)`: `InvalidProposal` showing the tried idea a candidate repeats (the line's
+  idea memory, daemon.agents.ideas), before any run is spent on it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from daemon.agents import Edit, Proposal, ProposalContext
 from daemon.agents.combine import candidate_source, combine_diff, parse_base
 from daemon.agents.edits import validate_candidate
+from daemon.agents.fences import fence, new_nonce
+from daemon.agents.ledger_text import idea_line
 from daemon.agents.prompt import TOOL_NAME
 from daemon.errors import InvalidProposal
 
@@ -26,8 +30,21 @@ def proposal_from_tool_input(raw: object, ctx: ProposalContext) -> Proposal:
     source = candidate_source(ctx.best_source, edits,
                               combine_diff(ctx, combine_with) if combine_with is not None else None)
     validate_candidate(source, ctx.seen_hashes)
+    refuse_repeat(ctx, source)
     return Proposal(description=description, hypothesis=hypothesis, edits=edits, source=source,
                     notes=parse_notes(raw), combine_with=combine_with)
+
+
+def refuse_repeat(ctx: ProposalContext, source: str) -> None:
+    """Raise `InvalidProposal` when `source` repeats an idea of the line's memory, showing that idea (fenced)."""
+    if ctx.ideas is None:
+        return
+    found = ctx.ideas.match(ctx.best_source, source)
+    if found is not None:
+        shown = fence(idea_line(found.idea, ctx.ideas.version) + "\n" + found.idea.change.text(),
+                      ctx.fence_nonce or new_nonce(), 2000)
+        raise InvalidProposal(f"this candidate repeats an idea already tried on this research line ({found.why}); "
+                              f"it was not run. The tried idea:\n{shown}\nPropose a different change.")
 
 
 def parse_tool_input(raw: object) -> tuple[str, str, tuple[Edit, ...]]:

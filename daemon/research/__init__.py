@@ -19,6 +19,8 @@
 - `replay`       the same source under another seed must not give a bit-identical result;
 - `workspace`    the research workspace: program.md, the baseline train.py, its git repository;
 - `corpus_check` the corpus-size rule of a GPU run (refuse data a night would read many times over);
+- `ideas`        the line's idea memory: every change tried on any night, its outcome, effect and
+                 measurement version; repeats refused before a run is spent;
 - `ledger`, `line`, `environment`, `smoke`: the agent's ledger and notebook, research lines, the run's
                  environment facts, the smoke run.
 

@@ -2,6 +2,12 @@
 
 A `Prepared` proposal remembers the best it was made against, so the session can rebase it when another
 lane has kept a new best meanwhile.
+
+With pipelining, the next proposal is written while the lane's last one trains, and may be asked for
+before the last one is even recorded as an experiment. The proposal taken last is therefore added to the
+next proposal's context until the store lists it: in the ledger's in-flight work (its description,
+hypothesis and diff, so the agent does not repeat a direction whose result is not known yet) and in the
+sources the next proposal must differ from.
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from daemon.agents import Agent, CrashInfo, Proposal, ProposalContext
+from daemon.agents import Agent, CrashInfo, InFlight, Proposal, ProposalContext
+from daemon.agents.edits import normalized_hash
 from daemon.research.archive import unified_diff
 from daemon.research.smoke import SmokeTest
 from daemon.research.stop import StopCondition
@@ -44,9 +51,13 @@ class Proposer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"propose-{lane}")
         self._pending: deque[Future[Prepared]] = deque()
         self._lock = threading.Lock()
+        self._lane = lane
+        self._taken: Prepared | None = None  # the proposal the lane took last (maybe not recorded yet)
 
     def _ask(self, crash: CrashInfo | None) -> Prepared:
-        ctx = self._context(crash)
+        with self._lock:
+            taken = self._taken
+        ctx = with_taken(self._context(crash), taken, self._lane)
         proposal = self._agent.propose(ctx)
         if self._smoke is not None:  # seconds at tiny shapes first; failures go back to the agent
             proposal = self._smoke.vet(self._agent, ctx, proposal, unified_diff)
@@ -83,7 +94,10 @@ class Proposer:
             stop.wait(0.2)
         with self._lock:
             self._pending.popleft()
-        return future.result()
+        prepared = future.result()
+        with self._lock:
+            self._taken = prepared
+        return prepared
 
     def close(self) -> None:
         with self._lock:
@@ -91,3 +105,18 @@ class Proposer:
                 future.cancel()
             self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def with_taken(ctx: ProposalContext, taken: Prepared | None, lane: str) -> ProposalContext:
+    """`ctx` with the proposal its lane took last, when the store does not list it yet (see the module docstring)."""
+    if taken is None or ctx.ledger is None:
+        return ctx
+    proposal = taken.proposal
+    listed = {item.description for item in ctx.ledger.in_flight} | {run.description for run in ctx.ledger.runs}
+    if proposal.description in listed:
+        return ctx
+    item = InFlight(0, "candidate", "taken", lane, proposal.description, hypothesis=proposal.hypothesis,
+                    diff=unified_diff(taken.base_source, proposal.source) if taken.base_source else "",
+                    recorded=False)
+    return replace(ctx, ledger=replace(ctx.ledger, in_flight=(*ctx.ledger.in_flight, item)),
+                   seen_hashes=ctx.seen_hashes | {normalized_hash(proposal.source)})

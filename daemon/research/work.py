@@ -9,7 +9,9 @@
 - `near_miss_move`: under `judge.search = archive`, every few candidates a near-miss re-tried on the best
   (`daemon.research.archive`), with both parents recorded;
 - `find_leftovers` / `carry_leftover`: candidates of earlier sessions that a stop cut short, redone here;
-- `context`: what the agent is shown (the `ProposalContext`: ledger, notebook, environment, history).
+- `context`: what the agent is shown (the `ProposalContext`: ledger, idea memory, notebook, environment,
+  history, the line's fence nonce); a proposal that repeats a tried idea (`daemon.research.ideas`) is
+  refused before it is queued and shown to the agent at its next proposal.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from daemon.ops.logs import get_logger
 from daemon.research import archive, measurements, planner
 from daemon.research.archive import unified_diff
 from daemon.research.environment import describe_environment, visible_gpus
+from daemon.research.ideas import idea_memory
 from daemon.research.lanes import Lane
-from daemon.research.ledger import build_ledger
+from daemon.research.ledger import ledger_from_rows, line_rows
 from daemon.research.line import (
     line_seen_hashes,
     line_start,
@@ -38,6 +41,7 @@ from daemon.research.line import (
     record_notes,
 )
 from daemon.research.proposer import Prepared, Proposer
+from daemon.research.retest import keep_notes
 from daemon.research.running import MAX_ATTEMPTS, baseline_failure
 from daemon.research.stop import StopCondition
 from daemon.store.records import ExperimentRecord
@@ -56,6 +60,7 @@ class WorkSource:
 
     def __init__(self, session: ResearchSession) -> None:
         self.session = session
+        self.refused = ""  # the last proposal refused as a repeat of a tried idea, shown at the next proposal
 
     def next_experiment(self, lane: Lane, stop: StopCondition) -> ExperimentRecord | None:
         """Queued work first, then what the planner says (`daemon.research.planner`)."""
@@ -249,12 +254,26 @@ class WorkSource:
                     log.info("proposal rebased onto the new best", lane=lane.name, best=best.id,
                              made_against=prepared.parent_id)
                 source_hash = validate_candidate(source, self.session.store.seen_hashes(self.session.session_id))
+                self.refuse_repeat(best.source, source, prepared.proposal.description)
             except InvalidProposal as exc:
                 self.count_invalid(f"proposal refused, asking again: {exc}")
                 continue
             self.session._invalid_streak = 0
             return prepared, source, best, source_hash
         return None
+
+    def refuse_repeat(self, best_source: str, source: str, description: str) -> None:
+        """`InvalidProposal` when the candidate repeats an idea of the line (checked again here: results that
+        arrived since the proposal was written count)."""
+        sessions = self.session.store.line_sessions(self.session.line_id)
+        memory = idea_memory(self.session.store, line_rows(self.session.store, sessions), len(sessions))
+        found = memory.match(best_source, source)
+        if found is None:
+            return
+        ids = ", ".join(f"#{eid}" for eid in found.idea.experiment_ids)
+        self.refused = (f"{description}\nrepeats the idea tried as {ids} ({found.why}): {found.idea.description}\n"
+                        f"{found.idea.change.text()}")
+        raise InvalidProposal(f"repeats the idea tried as {ids} ({found.why})")
 
     def combined(self, best: ExperimentRecord, prepared: Prepared) -> str:
         """The source of a combine: the best, the edits, the archived near-miss's change (or `InvalidProposal`)."""
@@ -292,14 +311,21 @@ class WorkSource:
         known = {row.id: row for row in rows}
         history = tuple(HistoryItem(r.id, r.status, r.val_bpb, self.delta(r, known), r.description)
                         for r in rows)
+        sessions = self.session.store.line_sessions(self.session.line_id)
+        line = line_rows(self.session.store, sessions)
+        retests = keep_notes(self.session.store, sessions, line)  # the morning re-tests' marks of the line's keeps
+        ledger = ledger_from_rows(line, self.session.store.noise_floor(self.session.session_id), self.session.session_id,
+                                  self.session.settings.judge, nights=len(sessions), session_ids=tuple(sessions),
+                                  retests=retests)
+        refused, self.refused = self.refused, ""
         return ProposalContext(
             session_id=self.session.session_id, program_md=self.session._program_md, best_source=best_source,
             best_id=best.id if best is not None else None, best_val_bpb=best_val,
             baseline_val_bpb=baseline.val_bpb if baseline is not None else None, history=history,
             seen_hashes=line_seen_hashes(self.session.store, self.session.line_id), crash=crash,
-            cost_since=self.session.cost_since,
-            ledger=build_ledger(self.session.store, self.session.store.line_sessions(self.session.line_id), self.session.session_id,
-                                self.session.settings.judge),
+            cost_since=self.session.cost_since, ledger=ledger,
+            ideas=idea_memory(self.session.store, line, len(sessions), retests=retests),
+            fence_nonce=self.session.store.line_nonce(self.session.line_id), refused=refused,
             notebook=notebook_text(self.session.store, self.session.line_id),
             environment=describe_environment(self.session.settings, self.session.lanes, baseline, visible_gpus(self.session.runner)),
         )

@@ -6,12 +6,19 @@ line (the newest one), starts from the line's best and reads the line's ledger a
 train.py with an empty notebook. The notebook is versioned: every write (the agent's, with each
 proposal, or a researcher's edit) is a new entry, and the newest entry is the notebook. Smoke runs (a
 candidate's seconds-long check before its full run) are recorded per session for the ledger and the report.
+
+Each line has a secret fence id (`line_nonce`): the nonce of the data fences in the agent's prompt
+(daemon.agents.fences), made at random the first time it is asked for, never shown to a candidate.
+Each experiment of the line is tagged with the measurement version it was measured under
+(`tag_measurement_version`, read by the idea memory, daemon.research.ideas): what val_bpb means changes
+when the eval or the training clock does.
 """
 
 from __future__ import annotations
 
+import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -35,6 +42,16 @@ class ResearchLineRow(Base):
     request_id: Mapped[str] = mapped_column(String(36), unique=True)
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime]
+    prompt_nonce: Mapped[str | None] = mapped_column(String(64))
+
+
+class IdeaMemoryRow(Base):
+    """The measurement version an experiment was measured under (migration 0006_idea_memory)."""
+
+    __tablename__ = "idea_memory"
+
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True)
+    measurement_version: Mapped[int] = mapped_column(Integer)
 
 
 class SessionLineRow(Base):
@@ -159,6 +176,51 @@ class LineQueries:
         return self._read("sessions of line", lambda conn: [int(value) for value in conn.scalars(
             select(SessionLineRow.session_id).where(SessionLineRow.line_id == line_id)
             .order_by(SessionLineRow.session_id))])
+
+    def line_nonce(self: _Plumbing, line_id: int) -> str:
+        """The line's secret fence id: made once (random), the same for every later proposal and night."""
+
+        def work(conn: Connection, _retried: bool) -> str:
+            conn.execute(update(ResearchLineRow).where(ResearchLineRow.id == line_id,
+                                                       ResearchLineRow.prompt_nonce.is_(None))
+                         .values(prompt_nonce=secrets.token_hex(16)))
+            nonce = conn.scalar(select(ResearchLineRow.prompt_nonce).where(ResearchLineRow.id == line_id))
+            if nonce is None:
+                raise StoreError(f"research line {line_id} does not exist")
+            return str(nonce)
+
+        return self._write("line nonce", work)
+
+    def tag_measurement_version(self: _Plumbing, experiment_ids: Iterable[int], version: int) -> None:
+        """Tag the experiments not tagged yet with `version` (a tag, once written, stays)."""
+        wanted = sorted(set(experiment_ids))
+        if not wanted:
+            return
+
+        def work(conn: Connection, _retried: bool) -> None:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                known = set(conn.scalars(select(IdeaMemoryRow.experiment_id)
+                                         .where(IdeaMemoryRow.experiment_id.in_(chunk))))
+                rows = [{"experiment_id": eid, "measurement_version": version} for eid in chunk if eid not in known]
+                if rows:
+                    conn.execute(insert(IdeaMemoryRow), rows)
+
+        self._write("tag measurement version", work)
+
+    def measurement_versions(self: _Plumbing, experiment_ids: Iterable[int]) -> dict[int, int]:
+        """experiment id -> the measurement version it is tagged with (untagged ids are left out)."""
+        wanted = sorted(set(experiment_ids))
+
+        def work(conn: Connection) -> dict[int, int]:
+            found: dict[int, int] = {}
+            for start in range(0, len(wanted), 500):
+                query = select(IdeaMemoryRow.experiment_id, IdeaMemoryRow.measurement_version).where(
+                    IdeaMemoryRow.experiment_id.in_(wanted[start:start + 500]))
+                found.update({int(eid): int(version) for eid, version in conn.execute(query)})
+            return found
+
+        return self._read("measurement versions", work)
 
     def write_notebook(self: _Plumbing, line_id: int, text: str, author: str, *, session_id: int | None = None,
                        experiment_id: int | None = None) -> NotebookEntry:

@@ -145,11 +145,38 @@ class Store(LineQueries, ScoredRunQueries, RetestQueries):
 
     def upgrade(self) -> None:
         """Migrate the schema to head; raises `SchemaTooNew` for a database migrated by a newer program."""
-        self._write("schema upgrade", lambda conn, _retried: migrate.upgrade(conn))
+        self._migrate("schema upgrade", migrate.upgrade)
 
     def downgrade(self, revision: str) -> None:
         """Migrate the schema down to `revision` (a rollback before installing an older program)."""
-        self._write("schema downgrade", lambda conn, _retried: migrate.downgrade(conn, revision))
+        self._migrate("schema downgrade", lambda conn: migrate.downgrade(conn, revision))
+
+    def _migrate(self, what: str, work: Callable[[Connection], None]) -> None:
+        """Run a migration in one transaction. SQLite alters a table by rebuilding it (Alembic's batch mode):
+        with foreign keys on, dropping the old copy would cascade-delete every row that refers to it, so on
+        SQLite the keys are off for the migration (a PRAGMA only takes effect outside a transaction) and the
+        result is checked with `PRAGMA foreign_key_check` before the commit."""
+        if self._engine.dialect.name != "sqlite":
+            self._write(what, lambda conn, _retried: work(conn))
+            return
+
+        def attempt(_retried: bool) -> None:
+            with self._writer.connect() as conn:
+                raw = conn.connection.dbapi_connection
+                assert raw is not None
+                raw.execute("PRAGMA foreign_keys = OFF")
+                try:
+                    with conn.begin():
+                        work(conn)
+                        broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                        if broken:
+                            raise StoreError(f"{what}: {len(broken)} rows would lose their references "
+                                             f"(first: {tuple(broken[0])}); nothing was changed",
+                                             hint="report this: a migration would break the data")
+                finally:
+                    raw.execute("PRAGMA foreign_keys = ON")
+
+        self._guarded(what, attempt)
 
     # -- row conversion -----------------------------------------------------------------------
 

@@ -56,3 +56,31 @@ def make_context(**overrides: Any) -> ProposalContext:
     }
     fields.update(overrides)
     return ProposalContext(**fields)
+
+
+LOG = "step 00010 (50.0%) | loss 3.2100 | 1.0 s\nstep 00020 (100.0%) | loss 2.9876 | 2.0 s\n---\n"
+METRICS = {"training_seconds": 10.0, "total_tokens_m": 2.0, "num_steps": 20, "mfu_percent": 12.5,
+           "peak_vram_mb": 3000.0, "log_tail": LOG}
+
+
+def run_experiment(store: Any, session_id: int, kind: str, status: str, *, parent: int | None = None,
+                   val_bpb: float | None = None, description: str = "", diff: str = "", lane: str = "gpu0",
+                   source: str | None = None, source_hash: str | None = None, hypothesis: str = "",
+                   **fields: Any) -> Any:
+    """One experiment taken through the store's real transitions to `status` (or left queued/running)."""
+    record = store.create_experiment(session_id, kind, source if source is not None else
+                                     BASELINE + f"\n# {description} {kind}\n", parent_id=parent,
+                                     description=description, diff=diff, hypothesis=hypothesis,
+                                     source_hash=source_hash or f"h{description}{kind}")
+    if status == "queued":
+        return record
+    claimed = store.claim_next(session_id, "test", lane, None, 60)
+    assert claimed is not None and claimed.id == record.id
+    if status == "running":
+        return claimed
+    values = {**METRICS, **fields}
+    if val_bpb is not None:
+        values["val_bpb"] = val_bpb
+        store.transition(record.id, "running", "evaluating")
+        return store.transition(record.id, "evaluating", status, **values)
+    return store.transition(record.id, "running", status, **values)

@@ -277,7 +277,7 @@ def test_injection_in_traceback_stays_fenced(server: FakeAnthropicServer, make_a
     server.enqueue(tool_reply(GOOD_INPUT))
     make_anthropic().propose(make_context(crash=crash))
     text = "\n".join(block["text"] for block in server.requests[0].body["messages"][0]["content"])
-    opening = re.search(r"<data-([0-9a-f]{16})>", text)
+    opening = re.search(r"<data-([0-9a-f]{32})>", text)
     assert opening is not None
     nonce = opening.group(1)
     fenced = re.findall(rf"<data-{nonce}>\n(.*?)\n</data-{nonce}>", text, flags=re.S)

@@ -93,7 +93,7 @@ def test_near_miss_that_no_longer_applies_is_refused() -> None:
 
 def test_ledger_lists_the_ids_to_combine() -> None:
     """The ledger text names the near-miss ids the agent may combine and how."""
-    text = render_ledger(_ledger(NEAR), lambda body, _limit: body, 12000)
+    text = render_ledger(_ledger(NEAR), lambda body, _limit: body, 12000).recent
     assert f'set base to "combine:<id>"; the ids you may combine: {NEAR_ID}.' in text
 
 

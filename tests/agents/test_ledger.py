@@ -70,9 +70,9 @@ def night(store: Store) -> int:
 
 
 def test_every_finished_run_with_its_metrics(store: Store, night: int) -> None:
-    """Each finished run is listed newest first with status, val_bpb, delta and its summary metrics."""
+    """Each finished experiment is listed oldest first with status, val_bpb, delta and its summary metrics."""
     view = build_ledger(store, [night], night, JudgeConfig())
-    assert [run.status for run in view.runs] == ["crashed", "discarded", "discarded", "kept", "kept"]
+    assert [run.status for run in view.runs] == ["kept", "kept", "discarded", "discarded", "crashed"]
     kept = next(run for run in view.runs if run.description == "raise MATRIX_LR")
     assert kept.delta == pytest.approx(-0.05)
     assert kept.tokens_per_s == pytest.approx(200_000.0)
@@ -127,7 +127,7 @@ def test_untrusted_text_stays_fenced(store: Store) -> None:
 
 
 def test_ledger_fits_its_token_budget_keeping_every_kept_run(store: Store) -> None:
-    """With hundreds of runs the ledger stays near its budget; newest runs first, all kept ones listed."""
+    """With hundreds of runs the ledger stays near its budget; the newest rows and every kept one are listed."""
     session = store.create_session("long", "once", "program", {})
     parent = run(store, session.id, "baseline", "kept", val_bpb=2.0, description="baseline")
     kept_ids = []
@@ -139,11 +139,12 @@ def test_ledger_fits_its_token_budget_keeping_every_kept_run(store: Store) -> No
             parent = row
             kept_ids.append(row.id)
     view = build_ledger(store, [session.id], session.id, JudgeConfig())
-    text = build_prompt(make_context(ledger=view), "prepare", ledger_tokens=3000).messages[0]["content"][1]["text"]
+    blocks = build_prompt(make_context(ledger=view), "prepare", ledger_tokens=3000).messages[0]["content"]
+    text = "\n".join(block["text"] for block in blocks if "current best train.py" not in block["text"])
     assert estimate_tokens(text) < 3000 * 1.15
-    assert "idea number 299" in text and "older runs left out" in text
+    assert "idea number 299" in text and "older discarded or failed rows left out" in text
     for kept_id in kept_ids:
-        assert re.search(rf"^{kept_id} \| candidate \| kept", text, flags=re.M)
+        assert re.search(rf"^{kept_id} \| 1 \| candidate \| kept", text, flags=re.M)
 
 
 def test_final_loss_is_the_last_printed() -> None:

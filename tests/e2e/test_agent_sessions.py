@@ -103,7 +103,7 @@ def test_crashed_candidate_is_fixed_by_the_agent_through_the_real_sdk(crash_fix_
 def test_fix_request_carries_the_fenced_crash_output(crash_fix_session: CrashFixSession) -> None:
     """Only the fix request reports the crash, with the crash output fenced as data."""
     crashed = next(r for r in crash_fix_session.rows if r.kind == "candidate")
-    prompts = [request.body["messages"][0]["content"][1]["text"] for request in crash_fix_session.requests]
+    prompts = [request.body["messages"][0]["content"][-1]["text"] for request in crash_fix_session.requests]
     assert [f"ended `crashed` (experiment {crashed.id})" in prompt for prompt in prompts] == [
         False, False, True, False]
     fenced = re.search(r"The last lines of its output:\n<data-([0-9a-f]+)>\n(.*?)\n</data-\1>", prompts[2],
@@ -182,8 +182,9 @@ def test_second_night_continues_the_first_nights_line_with_its_notebook(
     assert fake_api.rejections == []
     night2_prompt = _prompt_text(fake_api.requests[2])
     assert notes in night2_prompt and "NEVER-STORED" not in night2_prompt
-    assert "Ledger of this research line (2 nights" in night2_prompt
-    assert re.search(rf"^{rows1[1].id} \| candidate \| \w+ \| [0-9.]+ .*print less often", night2_prompt, re.M)
+    assert "The ledger in numbers (2 nights)" in night2_prompt
+    assert re.search(rf"^{rows1[1].id} \| 1 \| candidate \| \w+ \| \d+ \| [0-9.]+ .*print less often", night2_prompt,
+                     re.M)
     assert "# Environment" in fake_api.requests[2].body["system"][-1]["text"]
 
 

@@ -4,7 +4,7 @@
 arm b: the best, each pair under one seed). Re-test runs are not experiments (daemon.store.retests).
 
 Revision ID: 0007_retest
-Revises: 0005_scored_runs (the lead re-chains it onto the head when merging)
+Revises: 0006_idea_memory (the lead re-chains it onto the head when merging)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007_retest"
-down_revision = "0005_scored_runs"
+down_revision = "0006_idea_memory"
 branch_labels = None
 depends_on = None
 

@@ -299,6 +299,7 @@ def _score_checkpoint(model: ModelProcess, checkpoint: Path, window: np.ndarray,
                             f"scoring shape (sequence length {seq_len}) ({exc}): "
                             "export at trainer.prepare.scoring_seq_len() with trainer.prepare.export_checkpoint") from None
     timings["check"], clock = time.monotonic() - clock, time.monotonic()
+    checked_bytes = model.host_bytes  # the figure is of the scoring calls (probe twins included), not the checks
     try:
         val_bpb, probe = score_window(model, window, token_bytes, vocab_size, device)
     except DataError:
@@ -307,7 +308,7 @@ def _score_checkpoint(model: ModelProcess, checkpoint: Path, window: np.ndarray,
         raise DataError(f"the checkpoint failed while scoring ({type(exc).__name__}: {str(exc)[:200]})") from None
     timings["score+probe"] = time.monotonic() - clock
     transport = {"transport": model.transport, "transport_note": "; ".join(model.transport_notes),
-                 "host_bytes_per_token": round(model.host_bytes / max(rows * seq_len, 1), 1)}
+                 "host_bytes_per_token": round((model.host_bytes - checked_bytes) / max(rows * seq_len, 1), 2)}
     if probe != "passed":
         return {"status": "invalid", "probe": probe, "num_params": num_params,
                 "error": f"causality probe failed: {probe}", **transport}

@@ -64,12 +64,16 @@ def _split_ready(work: Path, data: Path, checkpoint: str) -> tuple[Path, Path, s
     the AUTORESEARCH_PRIVSEP value; otherwise the inputs as they are and no split."""
     if os.geteuid() != 0:
         return data / "val", Path(checkpoint), ""
-    probe = subprocess.run([sys.executable, "-c", f"import torch, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
-                            "import trainer.inference"], user=MODEL_UID, group=MODEL_UID, extra_groups=[],
-                           cwd="/", capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        print(f"[check] NO EVAL SPLIT: uid {MODEL_UID} cannot run {sys.executable} with this tree "
-              f"({probe.stderr.strip().splitlines()[-1:]}); scoring as one uid", flush=True)
+    try:
+        probe = subprocess.run([sys.executable, "-c", f"import torch, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
+                                "import trainer.inference"], user=MODEL_UID, group=MODEL_UID, extra_groups=[],
+                               cwd="/", capture_output=True, text=True, check=False)
+        why = probe.stderr.strip().splitlines()[-1:] if probe.returncode else []
+    except OSError as exc:
+        why = [str(exc)]
+    if why:
+        print(f"[check] NO EVAL SPLIT: uid {MODEL_UID} cannot run {sys.executable} with this tree ({why[0]}); "
+              "scoring as one uid", flush=True)
         return data / "val", Path(checkpoint), ""
     shared = work / "split"
     shutil.copytree(data / "val", shared / "val")

@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on CPU: the code path only")
     args = parser.parse_args()
     if args.cpu_dry_run:
-        args.preset, args.seconds, args.warm_seconds, args.eval_tokens, args.drift_batches = "tiny", 4, 4, 16384, 1
+        args.preset, args.seconds, args.warm_seconds, args.eval_tokens, args.drift_batches = "tiny", 20, 20, 16384, 1
     cuda = torch.cuda.is_available() and not args.cpu_dry_run
     if not cuda and not args.cpu_dry_run:
         sys.exit("no CUDA device: run with --cpu-dry-run for the code path on CPU")

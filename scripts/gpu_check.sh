@@ -13,7 +13,7 @@
 # The lent machine's torch (2.11) is not the image's pin: this check proves nothing about that build, nor about
 # the hardened container (read-only root, uid 1001, Docker's NVIDIA runtime): `doctor --gpu` checks those.
 # Usage: bash scripts/gpu_check.sh [--cpu-dry-run] [DATA_DIR]      (env: PYTHON, GPU_SECONDS, CHECK_TIMEOUT)
-#   --cpu-dry-run: the same steps at tiny sizes on CPU (tiny preset, 4 s budgets, 16k eval tokens, memfd both
+#   --cpu-dry-run: the same steps at tiny sizes on CPU (tiny preset, 20 s budgets, 16k eval tokens, memfd both
 #   columns): proves the script end to end without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -96,7 +96,8 @@ def _eval(label: str, transport: str, val: Path, checkpoint: Path, privsep: str,
                         stage_env, log)
     result = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
     if code != 0 or result.get("status") != "ok":
-        return {"error": f"eval exited {code}: {result.get('error', 'see ' + str(log))}"[:200], "stage_s": wall}
+        return {"status": "failed", "error": f"eval exited {code}: {result.get('error') or 'see ' + str(log)}"[:200],
+                "stage_s": wall}
     return {**result, "stage_s": wall}
 
 
@@ -130,7 +131,7 @@ def _projection(train: dict[str, Any], evaluation: dict[str, Any], seconds: floa
     """(eval seconds scaled to `production` tokens, runs per GPU-hour at `budget`): the train stage's measured
     wall minus its measured training seconds plus the budget, then the eval's load/check part plus its
     score+probe part scaled linearly by production / scored tokens."""
-    if "error" in evaluation:
+    if evaluation.get("status") != "ok":
         return float("nan"), float("nan")
     scored = max(int(evaluation["eval_rows"]) * int(evaluation["seq_len"]), 1)
     scaled = float(evaluation["stage_s"]) * max(production / scored, 1.0)
@@ -187,7 +188,8 @@ def main() -> None:
           f"data {args.data} (stdlib corpus: val_bpb measures the code path, not pretraining quality)")
     print(f"torch {torch.__version__} | CUDA {torch.version.cuda} | device "
           f"{torch.cuda.get_device_name() if cuda else 'cpu'} | eval split: "
-          f"{'two uids ' + privsep if privsep else 'same uid (not root)'} | image pins another torch: "
+          f"{'two uids ' + privsep if privsep else 'ONE uid (not root, or the model uid cannot run this Python)'}"
+          " | the image pins another torch: "
           "this run proves nothing about that build")
     rows: list[tuple[str, Any, Any]] = []
     for key, name in (("warmup_seconds", "compile cold s"),):
@@ -200,7 +202,7 @@ def main() -> None:
              ("steps (warm)", warm.get("num_steps"), warm.get("num_steps")),
              ("peak memory MB", warm.get("peak_vram_mb"), warm.get("peak_vram_mb"))]
     old, new = evals["old (memfd)"], evals["new (auto)"]
-    rows += [("transport", old.get("transport", old.get("error")), new.get("transport", new.get("error"))),
+    rows += [("transport", old.get("transport") or old.get("error"), new.get("transport") or new.get("error")),
              ("scored tokens", _scored(old), _scored(new)),
              ("eval stage s (measured)", old.get("stage_s"), new.get("stage_s")),
              ("host bytes/scored token", old.get("host_bytes_per_token"), new.get("host_bytes_per_token")),
@@ -218,7 +220,7 @@ def main() -> None:
     if not drift <= tolerance:
         sys.exit(f"FAIL: an honest model drifts {drift:.3g} between twin passes, above the tolerance "
                  f"{tolerance:g}: raise trainer.eval_stage.{'GPU' if cuda else 'CPU'}_PROBE_TOLERANCE from this figure")
-    if any("error" in e for e in evals.values()):
+    if any(e.get("status") != "ok" for e in evals.values()):
         sys.exit("FAIL: an eval did not score (see above)")
 
 

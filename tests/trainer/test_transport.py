@@ -141,3 +141,26 @@ def test_device_transport_round_trip(prepared_data: Path, tmp_path: Path) -> Non
         got = model(tokens)
         assert got.device.type == "cuda" and torch.allclose(got, expected, atol=1e-2)
         assert model.host_bytes < 100  # one request, one reply
+
+
+def test_a_process_that_refuses_every_transport_is_a_clean_error(tmp_path: Path) -> None:
+    """A model process that answers every offer with transport_error (hostile text included) ends the load with a
+    DataError naming each refusal, cleaned and bounded; the scorer offers each kind once and never hangs."""
+    from trainer.layout import DataError
+
+    script = tmp_path / "refuser.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, socket, sys
+        channel = socket.socket(fileno=int(sys.argv[sys.argv.index("--socket-fd") + 1]))
+        while True:
+            message, fds, _, _ = socket.recv_fds(channel, 65536, 3)
+            if not message:
+                break
+            for fd in fds:
+                os.close(fd)
+            channel.send(json.dumps({"transport_error": "no\\x1b[2J" + "x" * 5000}).encode())
+    """))
+    with ModelProcess(None, [sys.executable, str(script)]) as model, pytest.raises(DataError) as caught:
+        model.load(_checkpoint(tmp_path), 2, 4, 3, ("memfd", "memfd"))
+    text = str(caught.value)
+    assert text.startswith("no transport") and text.count("memfd: no?[2J") == 2 and len(text) < 1000

@@ -129,12 +129,13 @@ def _drift(checkpoint: str, data: Path, device: torch.device, batches: int, seq_
 def _projection(train: dict[str, Any], evaluation: dict[str, Any], seconds: float, budget: float,
                 production: int) -> tuple[float, float]:
     """(eval seconds scaled to `production` tokens, runs per GPU-hour at `budget`): the train stage's measured
-    wall minus its measured training seconds plus the budget, then the eval's load/check part plus its
-    score+probe part scaled linearly by production / scored tokens."""
+    wall minus its measured training seconds plus the budget, then the eval stage's wall with its score+probe
+    part scaled linearly by production / scored tokens (start-up, load and the shape check are paid once)."""
     if evaluation.get("status") != "ok":
         return float("nan"), float("nan")
     scored = max(int(evaluation["eval_rows"]) * int(evaluation["seq_len"]), 1)
-    scaled = float(evaluation["stage_s"]) * max(production / scored, 1.0)
+    scoring = float(evaluation.get("timings", {}).get("score+probe", evaluation["stage_s"]))
+    scaled = float(evaluation["stage_s"]) + scoring * (max(production / scored, 1.0) - 1.0)
     train_stage = float(train["stage_s"]) - float(train.get("training_seconds", seconds)) + budget
     return scaled, 3600.0 / (train_stage + scaled)
 
@@ -230,7 +231,7 @@ def _scored(evaluation: dict[str, Any]) -> Any:
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:>18.4g}"
+        return f"{value:>18,.1f}" if abs(value) >= 1000 else f"{value:>18.4g}"
     return f"{'-' if value is None else str(value)[:17]:>18}"
 
 

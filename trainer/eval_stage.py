@@ -236,6 +236,7 @@ def _evaluate(model: ModelProcess, checkpoint: Path, data_dir: Path, out_dir: Pa
     except DataError as exc:
         result["error"] = str(exc)
     result["eval_seconds"] = round(time.monotonic() - started, 3)
+    result["timings"] = {name: round(seconds, 3) for name, seconds in timings.items()}
     write_json(out_dir / "result.json", result)
     outcome = f"val_bpb {result['val_bpb']:.6f}" if result["status"] == "ok" else f"invalid: {result['error']}"
     print(f"eval stage done in {result['eval_seconds']:.1f} s on {device} "

@@ -11,8 +11,11 @@ before the next call. Three kinds, named in result.json's "transport":
   POSIX file descriptor handle, cuMemExportToShareableHandle); the model process imports the descriptor
   (cuMemImportFromShareableHandle, cuMemMap, cuMemSetAccess) and sees the same device pages. Nothing but the
   socket's control messages crosses the host. The descriptor travels by SCM_RIGHTS, which needs no ptrace
-  rights between the two uids (torch's own CUDA IPC of expandable segments fetches the peer's descriptor with
-  pidfd_getfd(2), which needs PTRACE_MODE_ATTACH_REALCREDS over the peer: two uids do not have it).
+  rights between the two uids. Torch's own sharing of expandable segments does not: its importer
+  (ExpandableSegment::fromShared in c10/cuda/CUDACachingAllocator.cpp, read for this) takes the exporter's
+  descriptors with pidfd_open + pidfd_getfd(2), which needs PTRACE_MODE_ATTACH_REALCREDS over the exporter,
+  i.e. the same uid or CAP_SYS_PTRACE: two uids do not have it. Torch's default CUDA tensor sharing
+  (cudaIpcGetMemHandle, legacy CUDA IPC) was not checked for ptrace needs and is not used here.
   Needs the CUDA driver's Python bindings (`cuda.bindings.driver`, wheel cuda-bindings).
   UNVERIFIED ON HARDWARE: written from the driver API's documentation; no GPU has run it yet
   (tests/trainer/test_transport.py::test_device_transport_round_trip runs where CUDA exists).
@@ -302,6 +305,8 @@ class ModelBuffers:
             sizes = [int(size) for size in init["sizes"]]
             try:
                 self._mappings = [DeviceMapping.open(fd, size, index) for fd, size in zip(fds, sizes, strict=True)]
+                for fd in fds:  # the imported handles hold the memory now
+                    os.close(fd)
                 self.inputs = self._mappings[0].tensor((rows, seq_len), INPUT_DTYPE)
                 self.logits = self._mappings[1].tensor((rows, seq_len, vocab), LOGIT_DTYPE)
             except Exception:

@@ -305,13 +305,13 @@ class ModelBuffers:
             sizes = [int(size) for size in init["sizes"]]
             try:
                 self._mappings = [DeviceMapping.open(fd, size, index) for fd, size in zip(fds, sizes, strict=True)]
-                for fd in fds:  # the imported handles hold the memory now
-                    os.close(fd)
                 self.inputs = self._mappings[0].tensor((rows, seq_len), INPUT_DTYPE)
                 self.logits = self._mappings[1].tensor((rows, seq_len, vocab), LOGIT_DTYPE)
             except Exception:
                 self.close()
                 raise
+            for fd in fds:  # the imported handles hold the memory now
+                os.close(fd)
         else:
             raise TransportError(f"unknown transport {str(kind)[:40]!r}")
 

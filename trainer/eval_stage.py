@@ -46,7 +46,7 @@ from trainer.transport import KINDS
 
 # Probe tolerance, absolute, in nats of log-probability at a checked position.
 # CPU: the twin passes run the same fp32 kernels on the same shapes, so an honest program's checked rows come
-# out bit for bit equal (drift 0, measured by tests/trainer and bench/eval_probe.py); 1e-3 leaves room for
+# out bit for bit equal (drift 0, measured by tests/trainer and bench/eval_transport.py); 1e-3 leaves room for
 # nothing a peek could use (a peek that moves a target's log-probability by less than 1e-3 nats gains at
 # most 1e-3 / ln 2 / bytes-per-token bits per byte).
 CPU_PROBE_TOLERANCE = 1e-3
@@ -56,7 +56,7 @@ CPU_PROBE_TOLERANCE = 1e-3
 # GPU): the expected drift is 0, as on CPU (and 0 under CPU bf16 autocast, tests/trainer/test_eval_precision.py).
 # The one bound that matters is that the tolerance stays far below bf16's step near |15| (0.0625), the size of
 # one rounding flip of a logit: 1e-3 keeps it 60x below. scripts/gpu_check.sh measures the twin drift of an
-# honest model at this precision (bench/eval_transport.py --drift) and fails when it exceeds this value.
+# honest model at this precision (bench/eval_transport.py) and fails when it exceeds this value.
 GPU_PROBE_TOLERANCE = 1e-3
 SCORE_CHUNK_ROWS = 4          # rows per logsumexp chunk: bounds the scorer's temporaries to (4, T, V) floats
 FULL_ROW_SHARE = 4            # one probe row in this many (on average) keeps all its tokens: last position checked

@@ -121,7 +121,8 @@ def probe_drift(scored: torch.Tensor, probed: torch.Tensor, order: torch.Tensor,
         if k == 0:
             continue
         o = int(order[i])
-        difference = (probed[i, :k] - scored[o, :k]) - (probed_lse[i, :k] - scored_lse[o, :k])[:, None]
+        difference = probed[i, :k] - scored[o, :k]
+        difference -= (probed_lse[i, :k] - scored_lse[o, :k])[:, None]
         drifts[i] = difference.abs_().amax()  # NaN stays NaN
     for i, drift in enumerate(drifts.tolist()):
         k = ks[i]

@@ -46,14 +46,14 @@ def transports(vocab: int) -> None:
 
 
 def projections(tokens: int, vocab: int) -> None:
-    bf16 = Scheme("device", "bf16", "lean")
+    tf32 = Scheme("device", "tf32", "lean")
     print(f"\n2. eval of {tokens:,} tokens at the gpu preset (seq 2048, vocab {vocab}), seconds")
     print(f"   {'device':<8} {'old memfd/fp32':>15} {'new device/tf32':>16} {'new device/bf16':>16}   "
           "new tf32 parts: forward / transfer / scorer / calls / fixed")
     for name, device in DEVICES.items():
         old = project_eval(tokens, device, OLD_GPU_SCHEME, "gpu", vocab, 2048)
-        new = project_eval(tokens, device, NEW_GPU_SCHEME, "gpu", vocab, 2048)
-        fast = project_eval(tokens, device, bf16, "gpu", vocab, 2048)
+        new = project_eval(tokens, device, tf32, "gpu", vocab, 2048)
+        fast = project_eval(tokens, device, NEW_GPU_SCHEME, "gpu", vocab, 2048)  # what the scorer runs
         parts = " / ".join(f"{value:.1f}" for value in new.parts.values())
         print(f"   {name:<8} {old.seconds:>15.1f} {new.seconds:>16.1f} {fast.seconds:>16.1f}   {parts}")
     for cores in (2, 16):

@@ -14,7 +14,8 @@ Covered by the Docker backend:
     as MODEL_UID 1001, then drops itself to SANDBOX_UID 1000 for good (trainer.privsep), and only then reads
     the VAL split and opens its out dir, both mounted under PRIVATE_DIR (/scorer), a mode-0700 tmpfs of uid
     1000. The model process gets a sealed in-memory copy of the validated checkpoint and, per batch, only the
-    input rows (never their last target) through shared memory; it cannot read the split, the scorer's memory,
+    input rows (never their last target) through buffers the scorer owns (host shared memory, or on CUDA device
+    memory shared by a VMM descriptor, trainer.transport); it cannot read the split, the scorer's memory,
     environment or descriptors, signal the scorer, write the out dir or regain root (a red-team test runs hostile
     code in its place and checks each). The scorer keeps the targets, the probe randomness and the sums, copies
     each answer before the next call, and bounds and cleans whatever the process says; a dead, silent or lying
@@ -74,8 +75,10 @@ Not covered:
 - Faked results, what remains: (1) a model process that escaped torch (a kernel or deserializer bug) can
   remember the rows it was given and answer a probe twin consistently with its earlier answer, so within-row
   peeking would pass the probe; it still never sees a row's last target, other rows' text beyond what it is
-  handed, or the result. On a GPU the logits cross from the model process to the scorer through host shared
-  memory (a device-to-host and a host-to-device copy per forward pass); that path has run on CPU only here.
+  handed, or the result. On a GPU the logits stay in device memory the scorer allocated and shared by a
+  descriptor over the socket (no ptrace rights needed between the uids); that path has not run on hardware yet,
+  and where it cannot be set up the eval falls back to pinned host memory and says so in result.json.
+  Every batch is probed (no sampling), so no detection probability for sampled probing applies.
   The local backend cannot switch uids: there the model process is a separate process of the same uid. (2) The train
   harness stays root (with the five capabilities of a split stage) to keep its kill and its clock: a bug in
   the harness would be a bug with those capabilities; the candidate never runs with them. (3) Time before

@@ -55,6 +55,16 @@ TORCH_VERSION = "2.13.0"
 PYPI_INDEX = "https://pypi.org/simple"
 # Besides torch: numpy (memmapped tokens), tiktoken (the tokenizer), tokenizers (BPE training on the host side).
 EXTRA_REQUIREMENTS = ("numpy", "tiktoken", "tokenizers")
+# The CUDA variant also takes the CUDA driver's Python bindings (the eval's device transport, trainer.transport),
+# of the CUDA major that torch's wheels carry: 12 from a cu12x index, 13 from PyPI's default build.
+
+
+def requirements(variant: str, torch_index: str = PYPI_INDEX) -> tuple[str, ...]:
+    """What the image installs besides torch."""
+    if variant != "cuda":
+        return EXTRA_REQUIREMENTS
+    major = "12" if "/cu12" in torch_index else "13"
+    return (*EXTRA_REQUIREMENTS, f"cuda-bindings>={major},<{int(major) + 1}")
 PYTHON_VERSION = "3.11"
 # Wheels for Debian bookworm (glibc 2.36) on x86_64: pip takes only the exact tags it is given.
 PLATFORMS = (*(f"manylinux_2_{minor}_x86_64" for minor in range(36, 16, -1)), "manylinux2014_x86_64",
@@ -123,7 +133,7 @@ def plan_image(variant: Variant = "cpu", base: Base = "debootstrap", torch_index
     index = validate_index(torch_index)
     torch_source = _torch_cpu_wheel().name if variant == "cpu" else index
     base_inputs = (DEBIAN_SUITE, DEBIAN_MIRROR, *DEBIAN_PACKAGES) if base == "debootstrap" else (PUBLIC_BASE,)
-    inputs = _digest(variant, base, *base_inputs, TORCH_VERSION, torch_source, *EXTRA_REQUIREMENTS,
+    inputs = _digest(variant, base, *base_inputs, TORCH_VERSION, torch_source, *requirements(variant, index),
                      *PLATFORMS, DOCKERFILE.read_text())
     name = "offline" if variant == "cpu" else "cuda"
     suffix = "" if base == "debootstrap" else "-public"
@@ -261,13 +271,13 @@ def _pip_download_cmd(plan: ImagePlan, target: Path) -> list[str]:
         cmd += ["--index-url", plan.torch_index]
         if plan.torch_index != PYPI_INDEX:
             cmd += ["--extra-index-url", PYPI_INDEX]
-    return [*cmd, f"torch=={TORCH_VERSION}", *EXTRA_REQUIREMENTS]
+    return [*cmd, f"torch=={TORCH_VERSION}", *requirements(plan.variant, plan.torch_index)]
 
 
 def wheel_folder(plan: ImagePlan) -> Path:
     """The host cache folder of the plan's wheels (one per torch source and requirement set)."""
     key = _digest(plan.variant, plan.torch_index if plan.variant == "cuda" else _torch_cpu_wheel().name,
-                  TORCH_VERSION, *EXTRA_REQUIREMENTS, *PLATFORMS)
+                  TORCH_VERSION, *requirements(plan.variant, plan.torch_index), *PLATFORMS)
     return cache_dir() / "wheels" / f"{plan.variant}-{key}"
 
 
@@ -282,7 +292,8 @@ def download_wheels(plan: ImagePlan, progress: Progress = print) -> Path:
         wheel = _torch_cpu_wheel()
         if not (target / wheel.name).exists():
             shutil.copy2(wheel, target / wheel.name)
-    progress(f"[image] pip download torch=={TORCH_VERSION} ({plan.variant}) and {', '.join(EXTRA_REQUIREMENTS)} "
+    progress(f"[image] pip download torch=={TORCH_VERSION} ({plan.variant}) and "
+             f"{', '.join(requirements(plan.variant, plan.torch_index))} "
              f"into {target}" + (f" from {plan.torch_index}" if plan.variant == "cuda" else ""))
     started = time.monotonic()
     proc = subprocess.Popen(_pip_download_cmd(plan, target), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -363,7 +374,7 @@ def ensure_image(plan: ImagePlan, tag: str | None = None, progress: Progress = p
                     _build(client, context, plan.tag, {
                         "BASE_IMAGE": base, "TORCH_VERSION": TORCH_VERSION, "TORCH_CUDA": torch_cuda_of(wheels),
                         "VARIANT": plan.variant, "IMAGE_BASE": plan.base, "INPUTS": plan.inputs,
-                        "EXTRAS": " ".join(EXTRA_REQUIREMENTS)}, progress)
+                        "EXTRAS": " ".join(requirements(plan.variant, plan.torch_index))}, progress)
                 size = client.images.get(plan.tag).attrs.get("Size", 0) / 1e9
                 progress(f"[image] built {plan.tag}: {size:.2f} GB in {time.monotonic() - started:.0f} s")
             image = client.images.get(plan.tag)

@@ -71,9 +71,9 @@ PURE_ATEN_OPS = _ops(
     "any.dim", "all.default", "all.dim", "topk.default", "sort.default",
     # matmul, attention, convolution
     "linear.default", "matmul.default", "mm.default", "bmm.default", "addmm.default", "baddbmm.default",
+    # Only the generic attention op: its backend variants (flash/efficient/cudnn, `_for_cpu`) have kernels for one
+    # device only, and a checkpoint must move between CPU and CUDA (export_checkpoint writes the generic one).
     "einsum.default", "outer.default", "dot.default", "scaled_dot_product_attention.default",
-    "_scaled_dot_product_flash_attention_for_cpu.default", "_scaled_dot_product_efficient_attention.default",
-    "_scaled_dot_product_flash_attention.default", "_scaled_dot_product_cudnn_attention.default",
     "conv1d.default", "conv2d.default", "convolution.default", "embedding.default",
     # shapes, views and copies (functional)
     "view.default", "view.dtype", "reshape.default", "_unsafe_view.default", "transpose.int", "permute.default",

@@ -43,9 +43,29 @@ from trainer.prepare import (
 )
 from trainer.privsep import PRIVSEP_ENV, become, stage_identities
 from trainer.probe_power import EXIT_PROBE_POWER, probe_power_verdict
+from trainer.transport import KINDS
 
-PROBE_TOLERANCE = 1e-3        # absolute, in nats of log-probability: exact on CPU, slack for GPU kernels
+# Probe tolerance, absolute, in nats of log-probability at a checked position.
+# CPU: the twin passes run the same fp32 kernels on the same shapes, so an honest program's checked rows come
+# out bit for bit equal (drift 0, measured by tests/trainer and bench/eval_transport.py); 1e-3 leaves room for
+# nothing a peek could use (a peek that moves a target's log-probability by less than 1e-3 nats gains at
+# most 1e-3 / ln 2 / bytes-per-token bits per byte).
+CPU_PROBE_TOLERANCE = 1e-3
+# CUDA (bf16 autocast, TF32, fp32 logits): derived, NOT YET MEASURED. Both twins have the same batch shape,
+# so cuBLAS and the SDPA kernels take the same algorithms, and a row's outputs do not depend on the other
+# rows' values (no reduction runs across rows; cuBLAS is bitwise reproducible for one configuration on one
+# GPU): the expected drift is 0, as on CPU (and 0 under CPU bf16 autocast, tests/trainer/test_eval_precision.py).
+# The one bound that matters is that the tolerance stays far below bf16's step near |15| (0.0625), the size of
+# one rounding flip of a logit: 1e-3 keeps it 60x below. scripts/gpu_check.sh measures the twin drift of an
+# honest model at this precision (bench/eval_transport.py) and fails when it exceeds this value.
+GPU_PROBE_TOLERANCE = 1e-3
+SCORE_CHUNK_ROWS = 4          # rows per logsumexp chunk: bounds the scorer's temporaries to (4, T, V) floats
 FULL_ROW_SHARE = 4            # one probe row in this many (on average) keeps all its tokens: last position checked
+TRANSPORT_ENV = "AUTORESEARCH_EVAL_TRANSPORT"  # force one transport (benches: memfd on CUDA is the old path)
+
+
+def probe_tolerance(device: torch.device) -> float:
+    return GPU_PROBE_TOLERANCE if device.type == "cuda" else CPU_PROBE_TOLERANCE
 
 
 def _random_ints(count: int, high: int) -> torch.Tensor:
@@ -74,21 +94,46 @@ def probe_batch(batch: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, tor
     return probe, order, cuts
 
 
-def probe_drift(scored: torch.Tensor, probed: torch.Tensor, order: torch.Tensor, cuts: torch.Tensor) -> str:
-    """'passed', or how the probe's log-probabilities at checked positions differ from the scoring pass."""
+def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the vocabulary, (B, T), computed SCORE_CHUNK_ROWS rows at a time: no (B, T, V) temporary."""
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    for start in range(0, len(logits), SCORE_CHUNK_ROWS):
+        out[start:start + SCORE_CHUNK_ROWS] = torch.logsumexp(logits[start:start + SCORE_CHUNK_ROWS], dim=-1)
+    return out
+
+
+def target_nats(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) per position: logsumexp minus the target's logit (no log-softmax tensor)."""
+    return lse - logits.gather(-1, targets[..., None]).squeeze(-1)
+
+
+def probe_drift(scored: torch.Tensor, probed: torch.Tensor, order: torch.Tensor, cuts: torch.Tensor,
+                tolerance: float = CPU_PROBE_TOLERANCE, scored_lse: torch.Tensor | None = None,
+                probed_lse: torch.Tensor | None = None) -> str:
+    """'passed', or how the probe's log-probabilities at checked positions differ from the scoring pass.
+    `scored`/`probed` are logits; the whole vocabulary's log-probabilities (logit - logsumexp) are compared at
+    every checked position, one row at a time, on the logits' device, with one host sync for the batch."""
     rows, seq_len, _ = scored.shape
-    for i in range(rows):  # row by row: a (T, V) difference at a time keeps the memory of one row
-        k = int(cuts[i])
+    scored_lse = row_logsumexp(scored) if scored_lse is None else scored_lse
+    probed_lse = row_logsumexp(probed) if probed_lse is None else probed_lse
+    drifts = torch.zeros(rows, dtype=torch.float32, device=scored.device)
+    ks = cuts.tolist()
+    for i, k in enumerate(ks):  # row by row: a (k, V) difference at a time keeps the memory of one row
         if k == 0:
             continue
-        difference = probed[i, :k] - scored[int(order[i]), :k]
-        drift = difference.abs_().amax().item()
-        if not drift <= PROBE_TOLERANCE:  # NaN fails too
-            if k == seq_len:
-                return (f"log-probabilities of a row changed by {drift:.3g} when only the other rows of the batch "
-                        f"and their order changed (batch of {rows})")
-            return (f"log-probabilities at positions <= {k - 1} changed by {drift:.3g} when only tokens after "
-                    f"{k - 1} in the row or the other rows of the batch changed (batch of {rows})")
+        o = int(order[i])
+        difference = probed[i, :k] - scored[o, :k]
+        difference -= (probed_lse[i, :k] - scored_lse[o, :k])[:, None]
+        drifts[i] = difference.abs_().amax()  # NaN stays NaN
+    for i, drift in enumerate(drifts.tolist()):
+        k = ks[i]
+        if k == 0 or drift <= tolerance:  # NaN fails
+            continue
+        if k == seq_len:
+            return (f"log-probabilities of a row changed by {drift:.3g} when only the other rows of the batch "
+                    f"and their order changed (batch of {rows})")
+        return (f"log-probabilities at positions <= {k - 1} changed by {drift:.3g} when only tokens after "
+                f"{k - 1} in the row or the other rows of the batch changed (batch of {rows})")
     return "passed"
 
 
@@ -97,9 +142,11 @@ def score_window(model: Callable[[torch.Tensor], torch.Tensor], window: np.ndarr
     """(val_bpb, probe verdict) for the window's rows (eval_token_window), scored in batches of EVAL_BATCH_SIZE
     rows in a random order.
     Every scoring batch gets a probe twin (probe_batch) of the same shape and dtype through the same call,
-    and the two run in a random order; the first drift beyond PROBE_TOLERANCE ends the scoring."""
+    and the two run in a random order; the first drift beyond the device's probe tolerance ends the scoring.
+    Each answer is consumed on `device` (its logsumexp, its targets' nats, the probe) before the next batch."""
     inputs, targets = row_pairs(window)
     rows = len(inputs)
+    tolerance = probe_tolerance(device)
     token_bytes = token_bytes.to(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
@@ -109,15 +156,17 @@ def score_window(model: Callable[[torch.Tensor], torch.Tensor], window: np.ndarr
         x, y = inputs[picked].to(device), targets[picked].to(device)
         probe, order, cuts = probe_batch(x, vocab_size)
         if _random_ints(1, 2).item():
-            scored = torch.log_softmax(model(x).float(), dim=-1)
-            probed = torch.log_softmax(model(probe).float(), dim=-1)
+            scored = model(x).float()
+            probed = model(probe).float()
         else:
-            probed = torch.log_softmax(model(probe).float(), dim=-1)
-            scored = torch.log_softmax(model(x).float(), dim=-1)
-        if (verdict := probe_drift(scored, probed, order, cuts)) != "passed":
+            probed = model(probe).float()
+            scored = model(x).float()
+        scored_lse = row_logsumexp(scored)
+        verdict = probe_drift(scored, probed, order, cuts, tolerance, scored_lse, row_logsumexp(probed))
+        if verdict != "passed":
             return math.nan, verdict
         del probed
-        nats = -scored.gather(-1, y[..., None]).squeeze(-1)
+        nats = target_nats(scored, scored_lse, y)
         nbytes = token_bytes[y]
         total_nats += torch.where(nbytes > 0, nats, torch.zeros_like(nats)).sum(dtype=torch.float64)
         total_bytes += nbytes.sum()
@@ -161,6 +210,7 @@ def _evaluate(model: ModelProcess, checkpoint: Path, data_dir: Path, out_dir: Pa
     try:
         max_tokens = eval_tokens_setting()
         seq_len = scoring_seq_len(os.environ.get("AUTORESEARCH_PRESET", ""), device.type == "cuda")
+        transport_order(device)  # a malformed setting is a usage error, before any data is read
     except ValueError as exc:
         print(str(exc), flush=True)
         return EXIT_USAGE
@@ -182,7 +232,8 @@ def _evaluate(model: ModelProcess, checkpoint: Path, data_dir: Path, out_dir: Pa
     result: dict[str, Any] = {"status": "invalid", "val_bpb": None, "eval_seconds": 0.0, "probe": "not run",
                               "checkpoint_sha256": _checkpoint_sha256(checkpoint),
                               "data_sha256": data_sha256, "vocab_size": encoding.n_vocab, "seq_len": seq_len,
-                              "eval_rows": len(window), "num_params": 0, "error": "",
+                              "eval_rows": len(window), "num_params": 0, "error": "", "transport": "",
+                              "host_bytes_per_token": None,
                               "model_process": "own uid" if os.environ.get(PRIVSEP_ENV) else "same uid"}
     result.update(power.record())
     timings: dict[str, float] = {"data": time.monotonic() - started}
@@ -192,6 +243,7 @@ def _evaluate(model: ModelProcess, checkpoint: Path, data_dir: Path, out_dir: Pa
     except DataError as exc:
         result["error"] = str(exc)
     result["eval_seconds"] = round(time.monotonic() - started, 3)
+    result["timings"] = {name: round(seconds, 3) for name, seconds in timings.items()}
     write_json(out_dir / "result.json", result)
     outcome = f"val_bpb {result['val_bpb']:.6f}" if result["status"] == "ok" else f"invalid: {result['error']}"
     print(f"eval stage done in {result['eval_seconds']:.1f} s on {device} "
@@ -207,7 +259,18 @@ def _checkpoint_sha256(checkpoint: Path) -> str:
         return ""
 
 
-def _load(model: ModelProcess, checkpoint: Path, seq_len: int, vocab_size: int) -> int:
+def transport_order(device: torch.device, env: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The transports to offer the model process, best first: device memory on CUDA (pinned host memory when
+    that cannot be set up), host shared memory on CPU; AUTORESEARCH_EVAL_TRANSPORT forces one."""
+    forced = (os.environ if env is None else env).get(TRANSPORT_ENV, "").strip()
+    if forced:
+        if forced not in KINDS:
+            raise ValueError(f"{TRANSPORT_ENV}={forced!r} is not a transport: use one of {', '.join(KINDS)}")
+        return (forced,)
+    return ("device", "pinned-host") if device.type == "cuda" else ("memfd",)
+
+
+def _load(model: ModelProcess, checkpoint: Path, seq_len: int, vocab_size: int, device: torch.device) -> int:
     """Validate the checkpoint here (trusted), then have the model process load it; its parameter count."""
     if not checkpoint.is_file():
         raise DataError(f"checkpoint {checkpoint} is missing: the train stage must write {CHECKPOINT_NAME}")
@@ -216,7 +279,10 @@ def _load(model: ModelProcess, checkpoint: Path, seq_len: int, vocab_size: int) 
     except UnsafeCheckpoint as exc:
         raise DataError(f"checkpoint {checkpoint} is refused as unsafe: {exc}; save it with "
                         "trainer.prepare.export_checkpoint") from None
-    return model.load(checkpoint, EVAL_BATCH_SIZE, seq_len, vocab_size)
+    params = model.load(checkpoint, EVAL_BATCH_SIZE, seq_len, vocab_size, transport_order(device), device)
+    for note in model.transport_notes:  # a CUDA eval that fell back to host memory says so, loudly
+        print(f"warning: transport {note}", flush=True)
+    return params
 
 
 def _score_checkpoint(model: ModelProcess, checkpoint: Path, window: np.ndarray, vocab_size: int,
@@ -225,7 +291,7 @@ def _score_checkpoint(model: ModelProcess, checkpoint: Path, window: np.ndarray,
     Adds the seconds of each step to `timings`."""
     clock = time.monotonic()
     rows, seq_len = len(window), window.shape[1] - 1
-    num_params = _load(model, checkpoint, seq_len, vocab_size)
+    num_params = _load(model, checkpoint, seq_len, vocab_size, device)
     timings["load"], clock = time.monotonic() - clock, time.monotonic()
     first = torch.as_tensor(window[0, :-1], dtype=torch.int64)[None].to(device)
     # Token 0 exists in every vocabulary, so a model for another vocabulary still runs and shows its size.
@@ -241,6 +307,7 @@ def _score_checkpoint(model: ModelProcess, checkpoint: Path, window: np.ndarray,
                             f"scoring shape (sequence length {seq_len}) ({exc}): "
                             "export at trainer.prepare.scoring_seq_len() with trainer.prepare.export_checkpoint") from None
     timings["check"], clock = time.monotonic() - clock, time.monotonic()
+    checked_bytes = model.host_bytes  # the figure is of the scoring calls (probe twins included), not the checks
     try:
         val_bpb, probe = score_window(model, window, token_bytes, vocab_size, device)
     except DataError:
@@ -248,9 +315,12 @@ def _score_checkpoint(model: ModelProcess, checkpoint: Path, window: np.ndarray,
     except Exception as exc:  # the graph failed on a batch shape it accepted before (e.g. the remainder)
         raise DataError(f"the checkpoint failed while scoring ({type(exc).__name__}: {str(exc)[:200]})") from None
     timings["score+probe"] = time.monotonic() - clock
+    transport = {"transport": model.transport, "transport_note": "; ".join(model.transport_notes),
+                 "host_bytes_per_token": round((model.host_bytes - checked_bytes) / max(rows * seq_len, 1), 2)}
     if probe != "passed":
         return {"status": "invalid", "probe": probe, "num_params": num_params,
-                "error": f"causality probe failed: {probe}"}
+                "error": f"causality probe failed: {probe}", **transport}
     if not math.isfinite(val_bpb):
-        return {"status": "invalid", "probe": probe, "num_params": num_params, "error": f"val_bpb is {val_bpb}"}
-    return {"status": "ok", "val_bpb": val_bpb, "probe": probe, "num_params": num_params}
+        return {"status": "invalid", "probe": probe, "num_params": num_params, "error": f"val_bpb is {val_bpb}",
+                **transport}
+    return {"status": "ok", "val_bpb": val_bpb, "probe": probe, "num_params": num_params, **transport}

@@ -2,9 +2,11 @@
 
 The scorer starts the process before it reads anything (so that it inherits nothing: it is a fresh
 interpreter, under the model uid when trainer.privsep says so), then hands it a sealed copy of the validated
-checkpoint and two shared-memory buffers. A call copies a batch in, waits (bounded) for the answer and
-returns a private copy of the logits on the caller's device: what the process writes into shared memory
-after it answered cannot change a result the scorer already holds. Whatever the process says is cleaned
+checkpoint and two buffers of a transport (trainer.transport: host shared memory, or device memory on CUDA).
+A call copies a batch in, waits (bounded) for the answer and returns a private copy of the logits on the
+caller's device: what the process writes into the buffer after it answered cannot change a result the scorer
+already holds. `host_bytes` counts what the calls moved through host memory: the transport's inputs and logits
+plus the control messages both ways. Whatever the process says is cleaned
 and bounded here; a silent, dead or lying process makes the checkpoint unusable (DataError), never the
 scorer crash. The process sees only the input rows it is given, never their last target token.
 """
@@ -25,12 +27,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from trainer.inference import MAX_MESSAGE, shared_tensor
+from trainer.inference import MAX_MESSAGE
 from trainer.layout import DataError
 from trainer.privsep import Identities
+from trainer.transport import ScorerTransport, TransportError, memfd, scorer_transport
 
 LOAD_SECONDS = 600.0    # load + move to the device: weights are capped at 8 GiB by trainer.checkpoint_check
 CALL_SECONDS = 600.0    # one forward pass of one batch
@@ -49,15 +51,9 @@ def clean_reason(raw: object) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)[:REASON_CHARS]
 
 
-def _memfd(name: str, size: int) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, max(size, 1))
-    return fd
-
-
 def _sealed_copy(path: Path) -> int:
     """A read-only, sealed in-memory copy of `path` (what the scorer validated is what the process loads)."""
-    fd = _memfd("checkpoint", path.stat().st_size)
+    fd = memfd("checkpoint", path.stat().st_size)
     with open(path, "rb") as source, os.fdopen(os.dup(fd), "wb") as target:
         shutil.copyfileobj(source, target, 1 << 20)
     seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE  # type: ignore[attr-defined]
@@ -83,41 +79,85 @@ class ModelProcess:
             pass_fds=(theirs.fileno(),), env=env, cwd="/", stdin=subprocess.DEVNULL, start_new_session=True,
             **model_id)  # type: ignore[call-overload]
         theirs.close()
-        self._inputs: torch.Tensor | None = None
-        self._logits: torch.Tensor | None = None
+        self._transport: ScorerTransport | None = None
+        self._shape = (0, 0)
+        self._control_bytes = 0
         self.device = ""
+        self.calls = 0
+        self.transport_notes: list[str] = []
 
-    def load(self, checkpoint: Path, max_rows: int, seq_len: int, vocab_size: int) -> int:
-        """Hand the checkpoint and the buffers over; the parameter count the process reports (informational)."""
-        fds = [_sealed_copy(checkpoint), _memfd("inputs", max_rows * seq_len * 8),
-               _memfd("logits", max_rows * seq_len * vocab_size * 4)]
+    @property
+    def transport(self) -> str:
+        """The transport the process loaded with ('' before load)."""
+        return self._transport.name if self._transport is not None else ""
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes the calls so far moved through host memory: inputs and logits (the transport's count) and
+        the control messages both ways. Loading (checkpoint, init) is not counted."""
+        data = self._transport.host_bytes if self._transport is not None else 0
+        return data + self._control_bytes
+
+    def load(self, checkpoint: Path, max_rows: int, seq_len: int, vocab_size: int,
+             transports: Sequence[str] = ("memfd",), device: torch.device | None = None) -> int:
+        """Hand the checkpoint and the buffers of the first transport in `transports` that both sides can set up
+        (each one refused is noted in `transport_notes`); the parameter count the process reports."""
+        device = torch.device("cpu") if device is None else device
+        for kind in transports:
+            try:
+                transport = scorer_transport(kind, device)
+                reply = self._offer(transport, checkpoint, max_rows, seq_len, vocab_size)
+            except TransportError as exc:
+                self.transport_notes.append(f"{kind}: {clean_reason(str(exc))}")
+                continue
+            if "transport_error" in reply:
+                transport.close()
+                self.transport_notes.append(f"{kind}: {clean_reason(reply['transport_error'])}")
+                continue
+            if "error" in reply:
+                transport.close()
+                raise DataError(clean_reason(reply["error"]))
+            self._transport, self._shape = transport, (max_rows, seq_len)
+            self._control_bytes = 0  # the count is of calls: loading is not in it
+            self.device = clean_reason(reply.get("device", ""))[:40]
+            if transport.note:
+                self.transport_notes.append(f"{kind}: {clean_reason(transport.note)}")
+            params = reply.get("num_params")
+            return params if isinstance(params, int) and 0 <= params < 10**13 else 0
+        raise DataError(f"no transport between the scorer and the model process could be set up "
+                        f"({'; '.join(self.transport_notes)})")
+
+    def _offer(self, transport: ScorerTransport, checkpoint: Path, max_rows: int, seq_len: int,
+               vocab_size: int) -> dict[str, Any]:
+        """Send `init` with a sealed copy of the checkpoint and the transport's descriptors; the reply."""
+        buffer_fds, fields = transport.allocate(max_rows, seq_len, vocab_size)
+        fds = [_sealed_copy(checkpoint), *buffer_fds]
         try:
-            self._inputs = shared_tensor(fds[1], (max_rows, seq_len), np.int64)
-            self._logits = shared_tensor(fds[2], (max_rows, seq_len, vocab_size), np.float32)
-            init = {"max_rows": max_rows, "seq_len": seq_len, "vocab_size": vocab_size}
+            init = {"max_rows": max_rows, "seq_len": seq_len, "vocab_size": vocab_size, **fields}
             socket.send_fds(self._channel, [json.dumps(init).encode()], fds)
+        except BaseException:
+            transport.close()
+            raise
         finally:
             for fd in fds:
                 os.close(fd)
-        reply = self._receive(LOAD_SECONDS, "loading the checkpoint")
-        if "error" in reply:
-            raise DataError(clean_reason(reply["error"]))
-        self.device = clean_reason(reply.get("device", ""))[:40]
-        params = reply.get("num_params")
-        return params if isinstance(params, int) and 0 <= params < 10**13 else 0
+        return self._receive(LOAD_SECONDS, "loading the checkpoint")
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        assert self._inputs is not None and self._logits is not None, "load() first"
+        transport = self._transport
+        assert transport is not None, "load() first"
         rows, seq_len = tokens.shape
-        if rows > self._inputs.shape[0] or seq_len != self._inputs.shape[1]:
-            raise ValueError(f"batch of shape {tuple(tokens.shape)} does not fit the shared buffer "
-                             f"{tuple(self._inputs.shape)}")
-        self._inputs[:rows].copy_(tokens)
-        self._channel.send(json.dumps({"rows": rows}).encode())
+        if rows > self._shape[0] or seq_len != self._shape[1]:
+            raise ValueError(f"batch of shape {tuple(tokens.shape)} does not fit the shared buffer {self._shape}")
+        transport.put(tokens)
+        request = json.dumps({"rows": rows}).encode()
+        self._channel.send(request)
+        self._control_bytes += len(request)
+        self.calls += 1
         reply = self._receive(CALL_SECONDS, f"a forward pass on {rows} rows")
         if "error" in reply:
             raise ModelCallError(clean_reason(reply["error"]), reply.get("shape"))
-        return self._logits[:rows].to(tokens.device, copy=True)
+        return transport.take(rows, tokens.device)
 
     def _receive(self, seconds: float, doing: str) -> dict[str, Any]:
         deadline = time.monotonic() + seconds
@@ -136,6 +176,7 @@ class ModelProcess:
             message = b""
         if not message:
             raise DataError(f"the model process exited while {doing} ({self._exit_text()})")
+        self._control_bytes += len(message)
         try:
             reply = json.loads(message)
         except ValueError:
@@ -157,6 +198,8 @@ class ModelProcess:
     def close(self) -> None:
         """Close the socket (the process exits on it); the container's end takes a process that does not."""
         self._channel.close()
+        if self._transport is not None:
+            self._transport.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._process.wait(EXIT_SECONDS)
         if self._process.returncode is None:

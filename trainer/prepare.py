@@ -17,6 +17,7 @@ Slurm install has no torch at all (it never trains): the host side needs none.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import json
 import math
@@ -584,10 +585,57 @@ def load_tokens(split_dir: str | Path) -> np.ndarray:
     return tokens
 
 
+PACKING_BUFFER_DOCS = 1000  # documents the best-fit packer chooses from (as upstream's dataloader)
+
+
+class DocumentPacker:
+    """Rows of `width` tokens, each starting at a document's BOS and filled with whole documents by best fit
+    (as upstream's training dataloader): the longest buffered document that fits the room left goes in; when
+    none fits, the shortest one is cropped to fill the row exactly (its tail is dropped). Documents are visited
+    in a seeded random order per epoch; `epoch` counts completed passes."""
+
+    def __init__(self, tokens: np.ndarray, bos: int, width: int, seed: int = 0) -> None:
+        self.tokens, self.width = tokens, width
+        starts = np.concatenate([np.flatnonzero(np.asarray(tokens[i:i + _BOS_SCAN_BLOCK]) == bos) + i
+                                 for i in range(0, len(tokens), _BOS_SCAN_BLOCK)] or [np.empty(0, np.int64)])
+        if len(starts) == 0:
+            raise DataError("the train split holds no BOS token: prepare the data again")
+        self.starts = starts.astype(np.int64)
+        self.lengths = np.diff(np.append(self.starts, len(tokens)))
+        self.buffer_docs = min(PACKING_BUFFER_DOCS, max(1, len(self.starts) // 4))  # small splits: still an epoch
+        self.generator = np.random.default_rng(seed)
+        self.epoch, self._order, self._cursor = 0, self.generator.permutation(len(self.starts)), 0
+        self._buffer: list[tuple[int, int]] = []  # (length, document), sorted
+
+    def _refill(self) -> None:
+        while len(self._buffer) < self.buffer_docs:
+            if self._cursor == len(self._order):
+                self.epoch += 1
+                self._order, self._cursor = self.generator.permutation(len(self.starts)), 0
+            document = int(self._order[self._cursor])
+            self._cursor += 1
+            bisect.insort(self._buffer, (int(self.lengths[document]), document))
+
+    def row(self) -> np.ndarray:
+        """The next row, int64 (width,)."""
+        pieces, room = [], self.width
+        while room > 0:
+            self._refill()
+            fit = bisect.bisect_right(self._buffer, (room, len(self.starts))) - 1
+            length, document = self._buffer.pop(max(fit, 0))  # fit < 0: none fits, crop the shortest
+            take = min(length, room)
+            start = int(self.starts[document])
+            pieces.append(np.asarray(self.tokens[start:start + take], dtype=np.int64))
+            room -= take
+        return np.concatenate(pieces)
+
+
 class TokenLoader:
     """Training batches (x, y) of shape (batch_size, seq_len) from a split's token file.
 
-    The stream is cut into rows of seq_len + 1 tokens, visited in a seeded random order per epoch.
+    When the split names a BOS token (every prepared split does), each row of seq_len + 1 tokens starts at a
+    document's BOS and is packed with whole documents by best fit (DocumentPacker), like the eval's rows and
+    upstream's dataloader. Otherwise the stream is cut into rows visited in a seeded random order per epoch.
     On CUDA, rows are staged in pinned memory and copied asynchronously."""
 
     def __init__(self, split_dir: str | Path, batch_size: int, seq_len: int, device: str | torch.device = "cpu",
@@ -600,16 +648,29 @@ class TokenLoader:
             raise DataError(f"the split has {len(self.tokens)} tokens, fewer than one batch of "
                             f"{batch_size}×{seq_len}: use a smaller batch or prepare more data")
         self.generator = np.random.default_rng(seed)
-        self.epoch, self._order, self._cursor = 0, self.generator.permutation(self.num_rows), 0
+        self._epoch, self._order, self._cursor = 0, self.generator.permutation(self.num_rows), 0
+        bos = read_split_meta(split_dir).get("bos_id")
+        packs = isinstance(bos, int) and not isinstance(bos, bool)
+        self.packer = DocumentPacker(self.tokens, bos, seq_len + 1, seed) if packs else None
         self._pinned = self.device.type == "cuda"
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def epoch(self) -> int:
+        return self.packer.epoch if self.packer is not None else self._epoch
+
+    def _stream_rows(self) -> np.ndarray:
         if self._cursor + self.batch_size > self.num_rows:
-            self.epoch += 1
+            self._epoch += 1
             self._order, self._cursor = self.generator.permutation(self.num_rows), 0
         starts = self._order[self._cursor:self._cursor + self.batch_size] * self.seq_len
         self._cursor += self.batch_size
-        rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        return np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.packer is not None:
+            rows = np.stack([self.packer.row() for _ in range(self.batch_size)])
+        else:
+            rows = self._stream_rows()
         batch = torch.from_numpy(rows)
         if self._pinned:
             batch = batch.pin_memory()

@@ -156,8 +156,8 @@ class Scheme:
 
 
 OLD_GPU_SCHEME = Scheme("memfd", "fp32", "log_softmax")   # today: logits through host shared memory
-NEW_GPU_SCHEME = Scheme("device", "tf32", "lean")         # issue 20 items 1-3 (gpu-transport)
-CPU_SCHEME = Scheme("memfd", "fp32", "log_softmax")
+NEW_GPU_SCHEME = Scheme("device", "bf16", "lean")         # trainer.transport + bf16 autocast (as train.py trains)
+CPU_SCHEME = Scheme("memfd", "fp32", "lean")
 
 
 @dataclass(frozen=True)

@@ -135,3 +135,12 @@ def test_image_torch_matches_the_test_environment() -> None:
     low = tuple(int(p) for p in spec.group(1).split("."))
     high = tuple(int(p) for p in spec.group(2).split("."))
     assert low <= as_tuple < high
+
+
+def test_cuda_image_takes_driver_bindings_of_torchs_cuda_major() -> None:
+    """The CUDA variant adds cuda-bindings of the CUDA major its torch index carries; the CPU variant does not."""
+    from sandbox.images import EXTRA_REQUIREMENTS, PYPI_INDEX, requirements
+
+    assert requirements("cpu") == EXTRA_REQUIREMENTS
+    assert requirements("cuda", PYPI_INDEX)[-1] == "cuda-bindings>=13,<14"
+    assert requirements("cuda", "https://download.pytorch.org/whl/cu128")[-1] == "cuda-bindings>=12,<13"

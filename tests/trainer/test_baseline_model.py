@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,3 +133,27 @@ def test_compiled_muon_step_equals_the_eager_one() -> None:
             opt.step()
     for p, q in zip(compiled, eager, strict=True):
         assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_bf16_embeddings_train_under_autocast_and_export_in_fp32(tmp_path: Path) -> None:
+    """With token and value embeddings cast to bf16 (the CUDA setting), a step under autocast updates them in
+    bf16 with the fused AdamW, and the export holds fp32 weights only."""
+    from trainer.prepare import export_checkpoint, load_checkpoint
+
+    model = _model(depth=2, seq_len=64)
+    model.cast_embeddings(torch.bfloat16)
+    assert model.wte.weight.dtype == torch.bfloat16
+    assert all(e.weight.dtype == torch.bfloat16 for e in model.value_embeds.values())
+    optimizers = train.build_optimizers(model, torch.device("cpu"))
+    before = model.wte.weight.detach().clone()
+    tokens = torch.randint(0, 128, (2, 65))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    assert model.wte.weight.dtype == torch.bfloat16 and not torch.equal(model.wte.weight, before)
+    model.use_flex_attention(False)
+    program = load_checkpoint(export_checkpoint(model.float(), tmp_path, seq_len=64))
+    assert {tensor.dtype for tensor in program.state_dict.values()} == {torch.float32}
+

@@ -153,6 +153,37 @@ def test_loader_batches_are_shifted_windows(prepared_data: Path) -> None:
     x, y = loader.next_batch()
     assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
-    stream = torch.from_numpy(load_tokens(prepared_data / "train").astype(np.int64))
-    start = int(loader._order[0]) * 32
-    assert torch.equal(x[0], stream[start:start + 32])
+
+
+def _pieces(row: np.ndarray, stream: np.ndarray, starts: set[int], bos: int) -> list[int]:
+    """The stream offsets of the documents a packed row is made of (each piece opens with its BOS)."""
+    offsets, position = [], 0
+    while position < len(row):
+        following = np.flatnonzero(row[position + 1:] == bos)
+        end = position + 1 + int(following[0]) if len(following) else len(row)
+        piece = row[position:end]
+        matches = [s for s in starts if np.array_equal(stream[s:s + len(piece)], piece)]
+        assert matches, "a row holds tokens that are not a document's opening"
+        offsets.append(matches[0])
+        position = end
+    return offsets
+
+
+def test_training_rows_start_at_a_bos_and_hold_whole_documents_by_best_fit(prepared_data: Path) -> None:
+    """Every training row opens with BOS and is made of document openings from the train stream; only a row's
+    last piece may be cropped, and no document appears twice within the epoch."""
+    stream = load_tokens(prepared_data / "train")
+    bos = int(json.loads((prepared_data / "train" / "meta.json").read_text())["bos_id"])
+    starts = {int(s) for s in np.flatnonzero(np.asarray(stream) == bos)}
+    lengths = dict(zip(sorted(starts), np.diff([*sorted(starts), len(stream)]), strict=True))
+    loader = TokenLoader(prepared_data / "train", batch_size=8, seq_len=256, seed=3)
+    seen: list[int] = []
+    for _ in range(3):
+        x, y = loader.next_batch()
+        rows = torch.cat([x, y[:, -1:]], dim=1).numpy()
+        for row in rows:
+            assert row[0] == bos
+            offsets = _pieces(row, np.asarray(stream), starts, bos)
+            assert all(lengths[offset] <= 257 for offset in offsets[:-1])  # whole documents, but the last
+            seen.extend(offsets)
+    assert loader.epoch == 0 and len(seen) == len(set(seen))

@@ -38,6 +38,7 @@ PRIVSEP_ENV = "AUTORESEARCH_PRIVSEP"  # read by trainer.privsep
 # candidate's processes, taking the out dir for itself (chown) and reading the candidate's work dir whatever the
 # candidate did to its permissions.
 SPLIT_CAPABILITIES = ("SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER", "CHOWN")
+WORK_INODES = 10_000  # files and folders in the work tmpfs (as the harness's entry quota)
 # How often a waiting run checks its Cancel; the wait itself returns at once when the container exits.
 POLL_SECONDS = 0.5
 KILL_WAIT_SECONDS = 30.0
@@ -112,7 +113,8 @@ def _identities(spec: RunSpec) -> dict[str, Any]:
     if spec.limits.work_bytes > 0:
         # The untrusted side's only writable folder that outlives a process: a tmpfs whose size is its quota
         # (unlinked-but-open files included), charged to the container's memory (container_config adds it).
-        tmpfs[WORK_DIR] = f"rw,noexec,nosuid,nodev,size={spec.limits.work_bytes},mode=0700,uid={MODEL_UID},gid={MODEL_UID}"
+        tmpfs[WORK_DIR] = (f"rw,noexec,nosuid,nodev,size={spec.limits.work_bytes},nr_inodes={WORK_INODES},mode=0700,"
+                           f"uid={MODEL_UID},gid={MODEL_UID}")
         environment[WORK_ENV] = WORK_DIR
     return {"user": "0:0", "cap_add": list(SPLIT_CAPABILITIES), "tmpfs": tmpfs, "environment": environment}
 

@@ -64,6 +64,7 @@ EXIT_OUT_QUOTA = 6
 OUT_QUOTA_BYTES = 16 * 1024**3 # the out dir in total (each file is also capped by the sandbox's fsize limit)
 OUT_QUOTA_ENTRIES = 10_000
 QUOTA_POLL_SECONDS = 0.5
+WORK_FULL_BYTES = 1024**2      # a work dir with less free is full (the candidate's failure is then its quota's)
 OUTPUT_TAIL_BYTES = 64 * 1024  # of the candidate's output kept for the summary block
 DRAIN_SECONDS = 2.0            # reading what is still in the pipe after the candidate exited
 POLL_SECONDS = 0.1
@@ -241,10 +242,11 @@ def fix_checkpoint(work_dir: Path, out_dir: Path) -> bool:
         source_fd = os.open(work_dir / CHECKPOINT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
+    if not stat.S_ISREG(os.fstat(source_fd).st_mode):
+        os.close(source_fd)
+        return False
     tmp = out_dir / f".{CHECKPOINT_NAME}.{secrets.token_hex(8)}"
     with os.fdopen(source_fd, "rb") as source:
-        if not stat.S_ISREG(os.fstat(source_fd).st_mode):
-            return False
         try:
             target_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             with os.fdopen(target_fd, "wb") as copy:
@@ -256,6 +258,18 @@ def fix_checkpoint(work_dir: Path, out_dir: Path) -> bool:
                 os.unlink(tmp)
             return False
     return True
+
+
+def work_dir_full(work_dir: Path) -> str:
+    """Why the candidate's work dir (a tmpfs whose size is its quota) is full, or '' (it is not, or not a mount)."""
+    try:
+        info = os.statvfs(work_dir)
+    except OSError:
+        return ""
+    if (info.f_blocks and info.f_bavail * info.f_frsize < WORK_FULL_BYTES) or (info.f_files and info.f_favail == 0):
+        return (f"the candidate filled its work dir, {info.f_blocks * info.f_frsize} bytes and {info.f_files} "
+                "entries (its quota, enforced by the kernel; files unlinked while open count)")
+    return ""
 
 
 def _hand_over(checkpoint: Path) -> None:
@@ -328,6 +342,9 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
         # The stage ends when the candidate PROCESS exits (or at the deadline), not when its output pipe closes.
         end = _wait(child, candidate_out, _out_quota(os.environ), hard_deadline)
         ended = time.monotonic()
+        if work_dir is not None and end.returncode not in (None, 0) and not end.quota_problem:
+            # A failure with the quota full is the quota's; measured before the kill frees files held open.
+            end.quota_problem = work_dir_full(work_dir)
     finally:
         # Every process of the candidate dies before anything else: nothing it left runs beside what follows.
         kill_problem = _end_candidate(child, identities)

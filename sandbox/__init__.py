@@ -29,21 +29,30 @@ Covered by the Docker backend:
     unpredictable point, column 0 and the last position included) run in a random order through the same
     call; log-probabilities that the cut must not affect may drift 1e-3 nats at most, else `invalid`. A peek
     at a fraction f of positions escapes with probability about (1 - 3f/4) per scored row;
-  * the harness owns time (marker lines split start-up/compile, training and export by its clock; a clean run
-    over budget exits 5 and is `timeout`), and the daemon bounds the train container's wall time from outside.
-    The train container is split too: the candidate runs as MODEL_UID 1001 under the harness, which stays the
-    container's root with only SETUID, SETGID, KILL, DAC_OVERRIDE and FOWNER, so the candidate cannot signal
-    it, read or patch its memory (its clock, its exit status), or keep its report (train.json, written over
-    whatever the candidate left there, in a sticky out dir the candidate writes through its group);
+  * the harness owns time with one clock (issue #21, trainer.clock): every second from its spawn of the
+    candidate counts, and every candidate gets the same compile allowance + budget + a 2% slack (>= 1 s); a
+    candidate still running then is killed and `timeout`, whatever lines it printed, so no candidate gets
+    more wall-clock of computation than another (training during start-up or after an early export line only
+    spends the same allowance). At its exit or deadline every process of its uid dies first (a helper with
+    that uid calls kill(-1, SIGKILL) until /proc shows none: setsid and double forks included; the pids limit
+    bounds the fork race), then the checkpoint is copied into the harness's out dir: nothing of the candidate
+    runs while the harness cleans up, and the clean-up's length decides nothing. The daemon bounds the train
+    container's wall time from outside. The train container is split too: the candidate runs as MODEL_UID 1001
+    under the harness, which stays the container's root with only SETUID, SETGID, KILL, DAC_OVERRIDE, FOWNER
+    and CHOWN, so the candidate cannot signal it, read or patch its memory (its clock, its exit status), or
+    touch its report (the out dir is root's, mode 0755, from before the spawn);
   * a scored result bit-identical (checkpoint SHA-256 or exact val_bpb) to the same source's run under
     another seed is refused as a replay (daemon.research.replay), so noise-floor and confirmation runs stay real;
   * everything that leaves the sandbox (file names, summary numbers, output and error text) and the agent's
     descriptions pass sandbox.sanitize before the store, git, prompts, the status page or a terminal;
   * the val split is unreadable from the train stage for every source, the embedded `stdlib` one included
     (its val documents come only from stdlib parts absent from the trainer image whatever its base);
-  * the out dir has a total quota (bytes and entries, enforced by the harness and measured again by the
-    daemon) on top of the per-file size limit, and clean-up survives any permissions the sandbox left
-    (remove_tree, then a purge container running as the sandbox uid).
+  * disk: the train stage's candidate writes only tmpfs mounts (its work dir /work, sized from the checkpoint's
+    cap and the out quota, with 10 000 inodes; /tmp; /dev/shm), whose sizes the kernel enforces, files unlinked
+    while open included, and which are charged to the container's memory limit (the work dir's size is added
+    to it). The host disk gets only the checkpoint the harness copies out and its reports. The harness also
+    polls the total quota (bytes and entries; the daemon measures the out dir again), and clean-up survives
+    any permissions the sandbox left (remove_tree, then a purge container running as the sandbox uid).
 - Network: `network_mode=none` (no interface but loopback: no egress, no DNS, no bridge gateway).
 - Host filesystem: read-only root, data/trainer/candidate mounted read-only, only the per-run out dir
   writable; out files are read back with O_NOFOLLOW and size caps (symlinks and special files refused).
@@ -64,9 +73,9 @@ Not covered:
   memory (a device-to-host and a host-to-device copy per forward pass); that path has run on CPU only here.
   The local backend cannot switch uids: there the model process is a separate process of the same uid. (2) The train
   harness stays root (with the five capabilities of a split stage) to keep its kill and its clock: a bug in
-  the harness would be a bug with those capabilities; the candidate never runs with them. (3) Time before
-  the start line (start-up/compilation) is capped, not verified: a candidate may train during it, up to the
-  compile budget + 30 s. (4) A peek at very few positions can escape the probe with the probability above.
+  the harness would be a bug with those capabilities; the candidate never runs with them. (3) The compile
+  allowance is shared time, not verified compile time: a candidate that compiles less than the baseline may
+  train longer, within the same wall-clock every candidate gets. (4) A peek at very few positions can escape the probe with the probability above.
   (5) The val split's files never reach the train container, and for the embedded `stdlib` source the val
   documents come only from a val pool that the trainer image deletes from every Python it holds, whatever its
   base (primary: idlelib, tkinter, turtledemo, the regression tests; fallback for hosts without them:
@@ -88,7 +97,9 @@ must be writable by the daemon's user only, and whoever administers Slurm or the
 
 The local backend is a development fallback: separate session, network and PID namespaces where the
 kernel allows (a warning says plainly when it does not), rlimits, kill of the whole namespace at the
-limit. It has no mount namespace (the candidate can read whatever the daemon's user can, including the
+limit. It has one uid and no uid-wide kill: a process the candidate detached (setsid) lives until the stage's
+namespace dies, after the harness's clean-up; and no kernel quota: the candidate writes the host out dir
+directly (files unlinked while open escape the harness's quota). It has no mount namespace (the candidate can read whatever the daemon's user can, including the
 VAL split if it knows the path), and RLIMIT_NPROC does not bind root: never run it on a shared server.
 """
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,13 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 BUDGET, COMPILE = 10.0, 20.0          # the stage's hard deadline: 20 + 10 + max(1, 2% of 10) = 31 s after the spawn
 QUOTA = 48 * 1024**2                  # the candidate's work dir (its tmpfs) holds this much
+# Candidates that overrun the deadline by construction run on the tight clock; those whose point is not time
+# (and the honest baseline, on a loaded machine) get a roomy compile allowance: the same rules, more seconds.
+ROOMY_COMPILE = 400.0
 CLOCK_ENV = {"AUTORESEARCH_TIME_BUDGET": f"{BUDGET:g}", "AUTORESEARCH_COMPILE_BUDGET": f"{COMPILE:g}",
              "AUTORESEARCH_PRESET": "tiny", "AUTORESEARCH_EVAL_TOKENS": "8192", "AUTORESEARCH_OUT_QUOTA": str(QUOTA)}
+ROOMY_ENV = {**CLOCK_ENV, "AUTORESEARCH_COMPILE_BUDGET": f"{ROOMY_COMPILE:g}"}
+ROOMY_LIMITS = replace(TRAIN_LIMITS, timeout_s=ROOMY_COMPILE + BUDGET + 120)
 
 HEADER = f'''
 import hashlib, os, sys, time
@@ -137,27 +143,29 @@ announce_training_start()
 compute_until(COMPILE + 1 + 1.05 * BUDGET + 2.5)
 '''
 
-CASES = {"before_start_line": BEFORE_START_LINE, "in_export_window": IN_EXPORT_WINDOW,
-         "after_the_exit": AFTER_THE_EXIT, "unlinked_detached": UNLINKED_DETACHED,
-         "unlinked_fallocate": UNLINKED_FALLOCATE, "tolerance": TOLERANCE}
+CASES = {"before_start_line": ("tight", BEFORE_START_LINE), "in_export_window": ("tight", IN_EXPORT_WINDOW),
+         "tolerance": ("tight", TOLERANCE), "after_the_exit": ("roomy", AFTER_THE_EXIT),
+         "unlinked_detached": ("roomy", UNLINKED_DETACHED), "unlinked_fallocate": ("roomy", UNLINKED_FALLOCATE)}
 
 
 @pytest.fixture(scope="module")
-def clock_runner(trainer_image: str, prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        StageRunner]:
+def clock_runners(trainer_image: str, prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        dict[str, StageRunner]]:
     backend = DockerBackend(INSTANCE)
-    yield StageRunner(backend, image=trainer_image, trainer_dir=REPO_ROOT / "trainer", data_dir=prepared_data,
-                      work_dir=tmp_path_factory.mktemp("redteam-clock"), instance=INSTANCE,
-                      train_limits=TRAIN_LIMITS, eval_limits=EVAL_LIMITS, env=CLOCK_ENV)
+    runners = {kind: StageRunner(backend, image=trainer_image, trainer_dir=REPO_ROOT / "trainer", data_dir=prepared_data,
+                                 work_dir=tmp_path_factory.mktemp(f"redteam-clock-{kind}"), instance=INSTANCE,
+                                 train_limits=limits, eval_limits=EVAL_LIMITS, env=env)
+               for kind, env, limits in (("tight", CLOCK_ENV, TRAIN_LIMITS), ("roomy", ROOMY_ENV, ROOMY_LIMITS))}
+    yield runners
     backend.close()
 
 
 @pytest.fixture(scope="module")
-def outcomes(clock_runner: StageRunner, baseline_source: str) -> dict[str, StageOutcome]:
-    sources = {**CASES, "honest_baseline": baseline_source}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(clock_runner.run, 9700 + i, 1, source, 0)
-                   for i, (name, source) in enumerate(sorted(sources.items()))}
+def outcomes(clock_runners: dict[str, StageRunner], baseline_source: str) -> dict[str, StageOutcome]:
+    sources = {**CASES, "honest_baseline": ("roomy", baseline_source)}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(clock_runners[kind].run, 9700 + i, 1, source, 0)
+                   for i, (name, (kind, source)) in enumerate(sorted(sources.items()))}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -177,7 +185,8 @@ def _held_bytes(outcome: StageOutcome) -> int:
 
 
 def test_honest_baseline_is_scored_within_its_deadline(outcomes: dict[str, StageOutcome]) -> None:
-    """The shipped train.py, on the same clock, is `ok`: it trains at most the budget and ends before the deadline."""
+    """The shipped train.py, on the same clock, is `ok`: it trains at most the budget and ends before the deadline
+    (a roomy compile allowance: on a loaded machine its imports alone may take longer than the tight one)."""
     outcome = outcomes["honest_baseline"]
     assert outcome.status == "ok" and outcome.val_bpb is not None, (outcome.error, outcome.log_tail[-800:])
     assert 0 < outcome.summary["training_seconds"] <= BUDGET

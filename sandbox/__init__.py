@@ -55,7 +55,7 @@ Covered by the Docker backend:
     any permissions the sandbox left (remove_tree, then a purge container running as the sandbox uid).
 - Network: `network_mode=none` (no interface but loopback: no egress, no DNS, no bridge gateway).
 - Host filesystem: read-only root, data/trainer/candidate mounted read-only, only the per-run out dir
-  writable; out files are read back with O_NOFOLLOW and size caps (symlinks and special files refused).
+  writable (in the train stage by the harness alone: the candidate writes only tmpfs); out files are read back with O_NOFOLLOW and size caps (symlinks and special files refused).
 - Privilege: untrusted code (the candidate, the eval stage's model process) runs as uid 1001 with no
   capability at all and no-new-privileges; the trusted parts are the train harness (root with only the five
   capabilities above) and the scorer (uid 1000, none). A plain RunSpec (not split) runs as uid 1000.

@@ -39,6 +39,8 @@ HEADER = f'''
 import hashlib, os, sys, time
 from pathlib import Path
 BORN = time.monotonic()
+import torch  # start-up: under the old rules, before the start line, in the start-up allowance
+from trainer.layout import announce_training_start
 BUDGET, COMPILE = {BUDGET}, {COMPILE}
 out = Path(os.environ["AUTORESEARCH_OUT_DIR"])
 
@@ -48,8 +50,7 @@ def compute_until(t):  # "training": the CPU busy until `t` seconds after this s
         x = (x * 31 + 7) % 1000003
     return x
 
-def export(seed, folder=out):
-    import torch
+def export(seed, folder=out):  # prints the export line first
     from trainer.prepare import export_checkpoint, read_split_meta
     torch.manual_seed(seed)
     vocab = int(read_split_meta(os.environ["AUTORESEARCH_DATA_DIR"])["vocab_size"])
@@ -61,7 +62,6 @@ def export(seed, folder=out):
 # Class 1: trains through the start-up allowance (the old one: compile budget + 30 s), then announces the start
 # and trains the full budget.
 BEFORE_START_LINE = HEADER + '''
-from trainer.layout import announce_training_start
 compute_until(COMPILE + BUDGET / 2)
 announce_training_start()
 compute_until(COMPILE + 1.5 * BUDGET)
@@ -70,7 +70,6 @@ export(0)
 # Class 2: announces the export early, then keeps training with its output swallowed (no later export line is
 # seen) inside the old 60 s export allowance, and exports the longer-trained model.
 IN_EXPORT_WINDOW = HEADER + '''
-from trainer.layout import announce_training_start
 announce_training_start()
 compute_until(0.9 * BUDGET)
 export(0)
@@ -84,6 +83,7 @@ export(1)
 # Class 3: the watched process exports and exits; a double-forked process in a session of its own plants
 # folders that slow the harness's clean-up, waits for the exit and swaps in another checkpoint.
 AFTER_THE_EXIT = HEADER + '''
+announce_training_start()
 path = export(0)
 print("EXPORTED", hashlib.sha256(path.read_bytes()).hexdigest(), flush=True)
 parent, (ready_r, ready_w) = os.getpid(), os.pipe()
@@ -103,6 +103,7 @@ os.read(ready_r, 1)
 # Class 4: disk in files unlinked while held open, the quota walk cannot see them. One candidate writes through
 # a detached process that outlives the exit, another reserves the space with fallocate in the watched process.
 UNLINKED_DETACHED = HEADER + '''
+announce_training_start()
 export(0)
 ready_r, ready_w = os.pipe()
 if os.fork() == 0:
@@ -120,6 +121,7 @@ if os.fork() == 0:
 print("HELD", int(os.read(ready_r, 32)), flush=True)
 '''
 UNLINKED_FALLOCATE = HEADER + '''
+announce_training_start()
 export(0)
 fd = os.open(out / "hidden", os.O_WRONLY | os.O_CREAT, 0o600)
 os.unlink(out / "hidden")
@@ -136,11 +138,10 @@ time.sleep(2)
 # Class 7: the old tolerance (5% + 3 s past the budget) used as budget: trains from the (old) start line, placed
 # at the end of the compile allowance, to within the tolerance, with a checkpoint exported up front.
 TOLERANCE = HEADER + '''
-from trainer.layout import announce_training_start
 export(0)
 compute_until(COMPILE + 1)
 announce_training_start()
-compute_until(COMPILE + 1 + 1.05 * BUDGET + 2.5)
+compute_until(COMPILE + 1 + 1.05 * BUDGET + 1.5)
 '''
 
 CASES = {"before_start_line": ("tight", BEFORE_START_LINE), "in_export_window": ("tight", IN_EXPORT_WINDOW),
@@ -204,7 +205,7 @@ def test_training_in_the_export_window_is_over_budget(outcomes: dict[str, StageO
 
 
 def test_the_old_tolerance_is_not_budget(outcomes: dict[str, StageOutcome]) -> None:
-    """Class 7: computing to budget + 5% + 2.5 s past the compile allowance is past the 2% slack: never scored."""
+    """Class 7: computing to budget + 5% + 1.5 s past the compile allowance is past the 2% slack: never scored."""
     _over_budget(outcomes["tolerance"])
 
 

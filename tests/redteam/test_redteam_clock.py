@@ -80,9 +80,11 @@ os.dup2(devnull, 2)
 compute_until(0.9 * BUDGET + 30)
 export(1)
 '''
-# Class 3: the watched process exports and exits; a double-forked process in a session of its own plants
-# folders that slow the harness's clean-up, waits for the exit and swaps in another checkpoint.
+# Class 3: the watched process plants folders that slow the harness's clean-up (in start-up), exports and exits; a
+# double-forked process in a session of its own, silent, waits for the exit, trains on and swaps in its checkpoint.
 AFTER_THE_EXIT = HEADER + '''
+for i in range(100000):  # in the private compile cache, which the harness removes after the exit
+    os.makedirs(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], f"d{i // 1000}", str(i)), exist_ok=True)
 announce_training_start()
 path = export(0)
 print("EXPORTED", hashlib.sha256(path.read_bytes()).hexdigest(), flush=True)
@@ -90,11 +92,13 @@ parent, (ready_r, ready_w) = os.getpid(), os.pipe()
 if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
-        for i in range(30000):  # in the private compile cache, which the harness removes after the exit
-            os.makedirs(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], f"d{i // 100}", str(i)), exist_ok=True)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         os.write(ready_w, b"1")
         while os.path.exists(f"/proc/{parent}"):
             time.sleep(0.01)
+        compute_until(time.monotonic() - BORN + 2)  # training after the exit
         os.replace(export(1, out / "later"), out / "model.pt2")
         compute_until(600)
     os._exit(0)
@@ -228,6 +232,6 @@ def test_unlinked_files_count_against_the_quota(outcomes: dict[str, StageOutcome
 
 
 def test_no_clock_container_is_left(outcomes: dict[str, StageOutcome]) -> None:
-    """Every container of these runs was removed."""
+    """Every container of these runs was removed (other red-team modules may be running beside this one)."""
     assert len(outcomes) == len(CASES) + 1
-    assert our_containers() == []
+    assert [c for c in our_containers() if c.name.startswith(f"autoresearch-{INSTANCE}-97")] == []  # type: ignore[attr-defined]

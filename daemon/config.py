@@ -113,7 +113,9 @@ class DataConfig(_Section):
 
 
 class SandboxConfig(_Section):
-    backend: Literal["auto", "docker", "local", "slurm"] = "auto"
+    backend: Literal["auto", "docker", "local", "slurm"] = Field(
+        "auto", description="docker or slurm for real runs; local is a development backend (one uid, no mount "
+                            "namespace: no uid-wide kill of the candidate, no kernel-enforced disk quota)")
     image: str = "autoresearch-trainer:latest"
     memory_gb: float = Field(16.0, gt=0)
     cpus: float = Field(0.0, ge=0, description="CPU quota per run; 0 = every CPU of the host (capped at that)")
@@ -165,9 +167,12 @@ class SlurmConfig(_Section):
 
 class TrainingConfig(_Section):
     time_budget_s: float = Field(300.0, gt=0, description="training wall-clock budget per experiment")
-    compile_budget_s: float = Field(120.0, ge=0, description="bounded warm-up (torch.compile) outside the budget")
+    compile_budget_s: float = Field(120.0, ge=0, description="allowance for imports, compilation and export, on the "
+                                    "same clock as the budget: a train stage may take compile_budget_s + "
+                                    "time_budget_s + 2% from its start")
     preset: Literal["auto", "gpu", "cpu", "tiny"] = "auto"
-    startup_grace_s: float = Field(120.0, ge=0, description="imports, data loading, checkpoint save")
+    startup_grace_s: float = Field(120.0, ge=0, description="the train container's outer limit past compile + budget "
+                                                            "(the harness's own start, copies and clean-up)")
     eval_tokens: int = Field(0, ge=0, description="target tokens scored by the eval stage; 0 = sized by the daemon "
                              "(daemon/research/cost_model.py: <= 10% of the budget, never below the probe floor)")
     probe_floor: bool = Field(True, description="refuse evals too small for the causality probe to catch a 1% "

@@ -34,12 +34,18 @@ Covered by the Docker backend:
     under the floor of 612 rows (f = 1% caught with probability >= 0.99): it enlarges the eval, refuses an
     explicit smaller one at start-up, and the eval stage refuses (exit 18, infra_error) when the val split
     yields fewer rows. Smoke evals are below the floor and are not a trust check;
-  * the harness owns time (marker lines split start-up/compile, training and export by its clock; a clean run
-    over budget exits 5 and is `timeout`), and the daemon bounds the train container's wall time from outside.
-    The train container is split too: the candidate runs as MODEL_UID 1001 under the harness, which stays the
-    container's root with only SETUID, SETGID, KILL, DAC_OVERRIDE and FOWNER, so the candidate cannot signal
-    it, read or patch its memory (its clock, its exit status), or keep its report (train.json, written over
-    whatever the candidate left there, in a sticky out dir the candidate writes through its group);
+  * the harness owns time with one clock (issue #21, trainer.clock): every second from its spawn of the
+    candidate counts, and every candidate gets the same compile allowance + budget + a 2% slack (>= 1 s); a
+    candidate still running then is killed and `timeout`, whatever lines it printed, so no candidate gets
+    more wall-clock of computation than another (training during start-up or after an early export line only
+    spends the same allowance). At its exit or deadline every process of its uid dies first (a helper with
+    that uid calls kill(-1, SIGKILL) until /proc shows none: setsid and double forks included; the pids limit
+    bounds the fork race), then the checkpoint is copied into the harness's out dir: nothing of the candidate
+    runs while the harness cleans up, and the clean-up's length decides nothing. The daemon bounds the train
+    container's wall time from outside. The train container is split too: the candidate runs as MODEL_UID 1001
+    under the harness, which stays the container's root with only SETUID, SETGID, KILL, DAC_OVERRIDE, FOWNER
+    and CHOWN, so the candidate cannot signal it, read or patch its memory (its clock, its exit status), or
+    touch its report (the out dir is root's, mode 0755, from before the spawn);
   * a scored result bit-identical (checkpoint SHA-256 or exact val_bpb) to the same source's run under
     another seed is refused as a replay (daemon.research.replay), so noise-floor and confirmation runs stay real;
   * everything that leaves the sandbox (file names, summary numbers, output and error text) and the agent's
@@ -50,9 +56,12 @@ Covered by the Docker backend:
     close (daemon.agents.fences), under a system note that fenced text is data, never instructions;
   * the val split is unreadable from the train stage for every source, the embedded `stdlib` one included
     (its val documents come only from stdlib parts absent from the trainer image whatever its base);
-  * the out dir has a total quota (bytes and entries, enforced by the harness and measured again by the
-    daemon) on top of the per-file size limit, and clean-up survives any permissions the sandbox left
-    (remove_tree, then a purge container running as the sandbox uid);
+  * disk: the train stage's candidate writes only tmpfs mounts (its work dir /work, sized from the checkpoint's
+    cap and the out quota, with 10 000 inodes; /tmp; /dev/shm), whose sizes the kernel enforces, files unlinked
+    while open included, and which are charged to the container's memory limit (the work dir's size is added
+    to it). The host disk gets only the checkpoint the harness copies out and its reports. The harness also
+    polls the total quota (bytes and entries; the daemon measures the out dir again), and clean-up survives
+    any permissions the sandbox left (remove_tree, then a purge container running as the sandbox uid).
   * no shape of tree a candidate leaves can end the session: every walk over one (out files, out dir size,
     removal, purge container, compile-cache copy, harness clean-up, local TMPDIR, Slurm job folders) is
     sandbox.treewalk / trainer.treewalk: a loop over folder descriptors (no recursion, no path longer than a
@@ -61,7 +70,7 @@ Covered by the Docker backend:
     removes (any depth goes, checked against moves on the way back up).
 - Network: `network_mode=none` (no interface but loopback: no egress, no DNS, no bridge gateway).
 - Host filesystem: read-only root, data/trainer/candidate mounted read-only, only the per-run out dir
-  writable; out files are read back with O_NOFOLLOW and size caps (symlinks and special files refused).
+  writable (in the train stage by the harness alone: the candidate writes only tmpfs); out files are read back with O_NOFOLLOW and size caps (symlinks and special files refused).
 - Privilege: untrusted code (the candidate, the eval stage's model process) runs as uid 1001 with no
   capability at all and no-new-privileges; the trusted parts are the train harness (root with only the five
   capabilities above) and the scorer (uid 1000, none). A plain RunSpec (not split) runs as uid 1000.
@@ -81,9 +90,9 @@ Not covered:
   Every batch is probed (no sampling), so no detection probability for sampled probing applies.
   The local backend cannot switch uids: there the model process is a separate process of the same uid. (2) The train
   harness stays root (with the five capabilities of a split stage) to keep its kill and its clock: a bug in
-  the harness would be a bug with those capabilities; the candidate never runs with them. (3) Time before
-  the start line (start-up/compilation) is capped, not verified: a candidate may train during it, up to the
-  compile budget + 30 s. (4) A peek at very few positions can escape the probe with the probability above: at
+  the harness would be a bug with those capabilities; the candidate never runs with them. (3) The compile
+  allowance is shared time, not verified compile time: a candidate that compiles less than the baseline may
+  train longer, within the same wall-clock every candidate gets. (4) A peek at very few positions can escape the probe with the probability above: at
   the floor a 1% look-ahead survives one eval with probability <= 1%, a 0.1% one with about 63%.
   (5) The val split's files never reach the train container, and for the embedded `stdlib` source the val
   documents come only from a val pool that the trainer image deletes from every Python it holds, whatever its
@@ -114,7 +123,9 @@ must be writable by the daemon's user only, and whoever administers Slurm or the
 
 The local backend is a development fallback: separate session, network and PID namespaces where the
 kernel allows (a warning says plainly when it does not), rlimits, kill of the whole namespace at the
-limit. It has no mount namespace (the candidate can read whatever the daemon's user can, including the
+limit. It has one uid and no uid-wide kill: a process the candidate detached (setsid) lives until the stage's
+namespace dies, after the harness's clean-up; and no kernel quota: the candidate writes the host out dir
+directly (files unlinked while open escape the harness's quota). It has no mount namespace (the candidate can read whatever the daemon's user can, including the
 VAL split if it knows the path), and RLIMIT_NPROC does not bind root: never run it on a shared server.
 """
 

@@ -23,6 +23,8 @@ from sandbox.spec import (
     MODEL_UID,
     PRIVATE_DIR,
     SANDBOX_UID,
+    WORK_DIR,
+    WORK_ENV,
     Cancel,
     RunResult,
     RunSpec,
@@ -34,8 +36,10 @@ from sandbox.tail import sanitize_tail
 SANDBOX_USER = f"{SANDBOX_UID}:{SANDBOX_UID}"
 PRIVSEP_ENV = "AUTORESEARCH_PRIVSEP"  # read by trainer.privsep
 # What a split stage's root starts with: switching uids, and for the train stage's harness, killing the
-# candidate's processes and writing/reading the out dir whatever the candidate did to its permissions.
-SPLIT_CAPABILITIES = ("SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER")
+# candidate's processes, taking the out dir for itself (chown) and reading the candidate's work dir whatever the
+# candidate did to its permissions.
+SPLIT_CAPABILITIES = ("SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER", "CHOWN")
+WORK_INODES = 10_000  # files and folders in the work tmpfs (as the harness's entry quota)
 # How often a waiting run checks its Cancel; the wait itself returns at once when the container exits.
 POLL_SECONDS = 0.5
 KILL_WAIT_SECONDS = 30.0
@@ -105,9 +109,15 @@ def _identities(spec: RunSpec) -> dict[str, Any]:
     it (the val split, the scorer's out dir) are out of MODEL_UID's reach whatever their own permissions."""
     if not spec.split_identities:
         return {"user": SANDBOX_USER, "cap_add": [], "tmpfs": {}, "environment": {}}
-    return {"user": "0:0", "cap_add": list(SPLIT_CAPABILITIES),
-            "tmpfs": {PRIVATE_DIR: f"rw,noexec,nosuid,nodev,size=1m,mode=0700,uid={SANDBOX_UID},gid={SANDBOX_UID}"},
-            "environment": {PRIVSEP_ENV: f"{SANDBOX_UID}:{MODEL_UID}"}}
+    tmpfs = {PRIVATE_DIR: f"rw,noexec,nosuid,nodev,size=1m,mode=0700,uid={SANDBOX_UID},gid={SANDBOX_UID}"}
+    environment = {PRIVSEP_ENV: f"{SANDBOX_UID}:{MODEL_UID}"}
+    if spec.limits.work_bytes > 0:
+        # The untrusted side's only writable folder that outlives a process: a tmpfs whose size is its quota
+        # (unlinked-but-open files included), charged to the container's memory (container_config adds it).
+        tmpfs[WORK_DIR] = (f"rw,noexec,nosuid,nodev,size={spec.limits.work_bytes},nr_inodes={WORK_INODES},mode=0700,"
+                           f"uid={MODEL_UID},gid={MODEL_UID}")
+        environment[WORK_ENV] = WORK_DIR
+    return {"user": "0:0", "cap_add": list(SPLIT_CAPABILITIES), "tmpfs": tmpfs, "environment": environment}
 
 
 def container_config(spec: RunSpec, instance: str) -> dict[str, Any]:
@@ -127,6 +137,8 @@ def container_config(spec: RunSpec, instance: str) -> dict[str, Any]:
         # Exactly this GPU, by UUID: never count=-1 ("all").
         device_requests.append(DeviceRequest(driver="nvidia", device_ids=[spec.gpu_uuid], capabilities=[["gpu"]]))
     identities = _identities(spec)
+    # tmpfs pages are charged to the memory cgroup: the work tmpfs comes on top of the run's own memory.
+    memory = limits.memory_bytes + (limits.work_bytes if WORK_DIR in identities["tmpfs"] else 0)
     run_labels = {**spec.labels, L.INSTANCE: spec.labels.get(L.INSTANCE, instance),
                   L.DEADLINE: L.deadline_label(limits.timeout_s, L.DEADLINE_MARGIN_S)}
     return {
@@ -151,8 +163,8 @@ def container_config(spec: RunSpec, instance: str) -> dict[str, Any]:
         "cap_add": identities["cap_add"],
         "security_opt": ["no-new-privileges"],
         "pids_limit": limits.pids,
-        "mem_limit": limits.memory_bytes,
-        "memswap_limit": limits.memory_bytes,
+        "mem_limit": memory,
+        "memswap_limit": memory,
         "nano_cpus": int(limits.cpus * 1e9),
         "shm_size": limits.shm_bytes,
         "ulimits": [

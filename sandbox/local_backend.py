@@ -5,6 +5,8 @@ no network (a fresh, empty network namespace), its own PID namespace (killing it
 it started, even ones that called setsid), and rlimits on address space, processes, file size and
 open files. Where the kernel refuses namespaces the run still happens, with a plain warning that the
 candidate has network access. There is no mount namespace: paths are rewritten (see contracts.md).
+It is a development backend: with one uid and no mount namespace it has neither the Docker backend's uid-wide kill
+at the end of a train stage nor its kernel-enforced disk quota (DEVELOPMENT_WARNING, printed when it is opened).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ TRAINER_TARGET = "/opt/autoresearch/trainer"
 OOM_SEARCH_LINES = 5
 OOM_ALLOCATOR_MESSAGE = "can't allocate memory"  # torch's CPU allocator under RLIMIT_AS
 _NAMESPACE_FLAGS = ("--net", "--pid", "--fork", "--kill-child")
+DEVELOPMENT_WARNING = (
+    "sandbox: the local backend is a development backend: one uid and no mount namespace, so a process the "
+    "candidate detaches outlives its exit until the stage ends, its out dir is host disk with no kernel quota "
+    "(files unlinked while open escape the quota), and it can read what your user can. Use docker or slurm for "
+    "real runs.")
 
 
 def _probe_unshare() -> tuple[str, ...] | None:
@@ -110,6 +117,7 @@ class LocalBackend:
         self.network_isolated = self.unshare_prefix is not None
         self._running: set[subprocess.Popen[bytes]] = set()
         self._running_lock = threading.Lock()
+        print(DEVELOPMENT_WARNING, file=sys.stderr, flush=True)
         if not self.network_isolated:
             warnings.warn(
                 "local sandbox: this kernel refuses network/PID namespaces (unshare); candidates run WITH "

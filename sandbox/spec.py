@@ -37,6 +37,10 @@ SANDBOX_UID = 1000   # the trusted side (and every stage's only uid otherwise)
 MODEL_UID = 1001     # the untrusted side of a split stage: no entry to PRIVATE_DIR
 PRIVATE_DIR = "/scorer"  # a mode-0700 tmpfs owned by SANDBOX_UID in a split stage: mount what the untrusted side must not reach under it
 OUT_TARGETS = ("/out", f"{PRIVATE_DIR}/out")  # where a stage's writable out dir is mounted
+# A split train stage with Limits.work_bytes: the candidate writes this tmpfs of that size (its kernel-enforced
+# quota, charged to the container's memory) instead of the out dir, which becomes the trusted side's alone.
+WORK_DIR = "/work"
+WORK_ENV = "AUTORESEARCH_WORK_DIR"  # read by trainer.layout: where the work tmpfs is mounted
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Limits:
     tmpfs_bytes: int = 2 * 1024**3
     output_tail_bytes: int = 64 * 1024
     out_file_max_bytes: int = 2 * 1024**3
+    work_bytes: int = 0  # > 0: a split stage's untrusted side writes a tmpfs of this size (WORK_DIR), on top of memory
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,21 @@
     python3 -m trainer.harness eval --checkpoint /checkpoint/model.pt2 --data /data --out /out
 
 train runs the candidate in a child process in its own session (with AUTORESEARCH_DATA_DIR /
-AUTORESEARCH_OUT_DIR set), waits for that process to exit, kills whatever it left behind, measures its wall
-time itself and writes train.json. eval (trainer.eval_stage) loads the exported checkpoint (no candidate
-code runs), probes it for causality, computes val_bpb with prepare.py's code and writes result.json.
+AUTORESEARCH_OUT_DIR set), waits for that process to exit or for the stage's deadline, kills every process of the
+candidate, fixes its checkpoint, measures its wall time itself and writes train.json. eval (trainer.eval_stage)
+loads the exported checkpoint (no candidate code runs), probes it for causality, computes val_bpb with prepare.py's
+code and writes result.json.
 Under the sandbox (AUTORESEARCH_PRIVSEP, trainer.privsep) the candidate runs as its own uid while this harness
 stays the container's root, so the candidate can neither signal it nor touch its memory, its clock or its
-report. The numbers a candidate prints are informational only. This module imports no torch: the train stage
+report; the candidate writes a kernel-sized tmpfs (AUTORESEARCH_WORK_DIR, its quota) and the out dir is the
+harness's alone: once every process of the candidate's uid is dead, the harness copies the checkpoint there.
+The numbers a candidate prints are informational only. This module imports no torch: the train stage
 does not need it, and the candidate pays for its own import.
-The harness owns time: it splits the candidate's run at the marker lines (trainer.layout) by its own
-clock and a clean run over budget exits 5 (the daemon records `timeout`, never a score).
+The harness owns time (trainer.clock): one clock from the spawn, a hard deadline at compile allowance + budget +
+slack; a candidate still running then is killed and the stage exits 5 (the daemon records `timeout`, never a score).
 Exit codes: 0 ok (eval: result.json written, even for `invalid`), 3 wrong split visible,
 2 bad arguments, 4 no checkpoint after a clean train run, 5 over budget, 6 out dir over its total quota
-(the candidate is killed when it passes it), 1 eval crashed; train otherwise passes the candidate's own
+(the candidate is killed when it passes it), 1 eval crashed or a candidate process outlived its kills; train otherwise passes the candidate's own
 exit status on.
 """
 
@@ -26,9 +29,11 @@ import codecs
 import contextlib
 import gc
 import json
+import math
 import os
 import secrets
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -42,19 +47,25 @@ from types import FrameType
 from typing import IO, Any
 
 from trainer import compile_cache, treewalk
+from trainer.clock import DEADLINE_ENV, TimeRules
 from trainer.device_check import EXIT_NO_CUDA, stage_start
-from trainer.layout import CHECKPOINT_NAME, EXPORT_STARTS, TRAINING_STARTS, DataError, read_split_meta
-from trainer.privsep import PRIVSEP_ENV, stage_identities
+from trainer.layout import CHECKPOINT_NAME, WORK_ENV, DataError, read_split_meta
+from trainer.privsep import (
+    KILL_ATTEMPTS,
+    PRIVSEP_ENV,
+    Identities,
+    become_subreaper,
+    kill_uid,
+    reap_orphans,
+    stage_identities,
+)
 
 EXIT_CRASH, EXIT_USAGE, EXIT_WRONG_SPLIT, EXIT_NO_CHECKPOINT, EXIT_OVER_BUDGET = 1, 2, 3, 4, 5
-BUDGET_TOLERANCE = 0.05        # training may run this fraction past its budget,
-BUDGET_SLACK_SECONDS = 3.0     # plus this (the last step and the summary after the stop rule fired)
-STARTUP_SECONDS = 30.0         # imports, data and model set-up, on top of the compile budget
-EXPORT_SECONDS = 60.0          # from the export line to the exit
 EXIT_OUT_QUOTA = 6
 OUT_QUOTA_BYTES = 16 * 1024**3 # the out dir in total (each file is also capped by the sandbox's fsize limit)
 OUT_QUOTA_ENTRIES = 10_000
 QUOTA_POLL_SECONDS = 0.5
+WORK_FULL_BYTES = 1024**2      # a work dir with less free is full (the candidate's failure is then its quota's)
 OUTPUT_TAIL_BYTES = 64 * 1024  # of the candidate's output kept for the summary block
 DRAIN_SECONDS = 2.0            # reading what is still in the pipe after the candidate exited
 POLL_SECONDS = 0.1
@@ -107,49 +118,6 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # train stage
 
-@dataclass(frozen=True)
-class TimeRules:
-    """The harness's budget, read from the environment the daemon set (never from the candidate).
-
-    The candidate's run is split by the harness's own clock at the first TRAINING_STARTS line and the last
-    EXPORT_STARTS line: start-up and compilation (capped at the compile budget plus a start-up
-    allowance), training (the budget plus BUDGET_TOLERANCE and BUDGET_SLACK_SECONDS), export (EXPORT_SECONDS). Without
-    a start line, training is counted from the launch; without an export line, up to the exit."""
-
-    budget_s: float
-    compile_s: float
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> TimeRules | None:
-        raw = env.get("AUTORESEARCH_TIME_BUDGET", "").strip()
-        if not raw:
-            return None  # a bare developer run: nothing to enforce
-        try:
-            budget, compile_budget = float(raw), float(env.get("AUTORESEARCH_COMPILE_BUDGET", "120") or "120")
-        except ValueError:
-            raise ValueError(f"AUTORESEARCH_TIME_BUDGET/COMPILE_BUDGET are not numbers ({raw!r})") from None
-        if not (0 < budget < 1e6 and 0 <= compile_budget < 1e6):
-            raise ValueError(f"AUTORESEARCH_TIME_BUDGET={raw!r} is not a positive number of seconds")
-        return cls(budget, compile_budget)
-
-    def verdict(self, phases: dict[str, float]) -> str:
-        """'' when the phases fit the budget, else why not (one line)."""
-        limits = {"startup": self.compile_s + STARTUP_SECONDS, "training": self.budget_s * (1 + BUDGET_TOLERANCE) + BUDGET_SLACK_SECONDS,
-                  "export": EXPORT_SECONDS}
-        for phase, limit in limits.items():
-            if phases.get(phase, 0.0) > limit:
-                return (f"{phase} took {phases[phase]:.1f} s by the harness's clock, over its {limit:.1f} s allowance "
-                        f"(budget {self.budget_s:g} s, compile budget {self.compile_s:g} s)")
-        return ""
-
-
-def split_phases(launched: float, started: float | None, export: float | None, ended: float) -> dict[str, float]:
-    """Seconds of start-up, training and export from the harness's timestamps of the marker lines."""
-    begin = started if started is not None else launched
-    stop = export if export is not None and export >= begin else ended
-    return {"startup": round(begin - launched, 3), "training": round(stop - begin, 3), "export": round(ended - stop, 3)}
-
-
 class OutputRelay(threading.Thread):
     """Copies the candidate's output to ours and keeps its last OUTPUT_TAIL_BYTES.
 
@@ -162,20 +130,6 @@ class OutputRelay(threading.Thread):
         self.tail = bytearray()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop_at: float | None = None
-        self._line = bytearray()
-        self.marks: dict[str, float] = {}  # marker line -> when the harness first read it
-
-    def _note_markers(self, chunk: bytes) -> None:
-        now = time.monotonic()
-        self._line += chunk
-        *lines, rest = bytes(self._line).split(b"\n")
-        self._line = bytearray(rest[-4096:])
-        for line in lines:
-            text = line.strip().decode("utf-8", errors="replace")
-            if text == TRAINING_STARTS and not self.marks:
-                self.marks[TRAINING_STARTS] = now
-            elif text == EXPORT_STARTS:  # the last one: an early export does not end the training clock
-                self.marks[EXPORT_STARTS] = now
 
     def run(self) -> None:
         while True:
@@ -187,7 +141,6 @@ class OutputRelay(threading.Thread):
             chunk = os.read(self.fd, 65536)
             if not chunk:
                 return
-            self._note_markers(chunk)
             self.tail += chunk
             del self.tail[:-OUTPUT_TAIL_BYTES]
             with contextlib.suppress(OSError, ValueError):  # our own output gone: keep draining the pipe anyway
@@ -209,48 +162,102 @@ def _out_quota(env: Mapping[str, str]) -> tuple[int, int]:
 
 
 def out_dir_usage(out_dir: Path, max_entries: int) -> tuple[int, int]:
-    """(bytes, entries) under `out_dir`, never following symlinks; stops counting past max_entries."""
-    total, entries, stack = 0, 0, [str(out_dir)]
-    while stack and entries <= max_entries:
-        folder = stack.pop()
-        with contextlib.suppress(OSError):  # a folder the candidate locked (chmod 000) is ours to reopen
-            if not os.access(folder, os.R_OK | os.X_OK):
-                os.chmod(folder, 0o700)
-        try:
-            with os.scandir(folder) as listing:
-                for entry in listing:
-                    entries += 1
-                    with contextlib.suppress(OSError):
-                        info = entry.stat(follow_symlinks=False)
-                        total += info.st_blocks * 512 if hasattr(info, "st_blocks") else info.st_size
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-        except OSError:  # still unreadable: it counts as the one entry it is
-            continue
-    return total, entries
+    """(bytes, entries) under `out_dir` while the candidate may still change it: trainer.treewalk's walk over
+    folder descriptors (no link followed, locked folders reopened without following a swapped-in link, any
+    depth); stops counting past max_entries (then entries = max_entries + 1)."""
+    walk = treewalk.measure(out_dir, treewalk.Bounds(max_depth=1 << 30, max_entries=max_entries,
+                                                     max_name_bytes=1 << 30, max_path_bytes=1 << 62), unlock=True)
+    return walk.bytes, walk.entries + (1 if walk.problem else 0)
 
 
-def _wait_within_quota(child: subprocess.Popen[bytes], out_dir: Path, quota: tuple[int, int]) -> tuple[int, str]:
-    """Wait for the candidate; kill its session if the out dir passes the total quota. (returncode, problem)."""
+@dataclass
+class StageEnd:
+    """Why the candidate's run ended: its exit, the out dir's quota or the stage's hard deadline."""
+
+    returncode: int | None = None  # None: it was still running when the harness stopped waiting
+    quota_problem: str = ""
+    past_deadline: bool = False
+
+
+def _wait(child: subprocess.Popen[bytes], out_dir: Path, quota: tuple[int, int], deadline: float) -> StageEnd:
+    """Wait for the candidate's exit, at most until `deadline` (monotonic) or until its out dir passes the quota."""
     limit_bytes, limit_entries = quota
     while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return StageEnd(past_deadline=True)
         try:
-            return child.wait(timeout=QUOTA_POLL_SECONDS), ""
+            return StageEnd(returncode=child.wait(timeout=min(QUOTA_POLL_SECONDS, remaining)))
         except subprocess.TimeoutExpired:
             pass
         used, entries = out_dir_usage(out_dir, limit_entries)
         if used > limit_bytes or entries > limit_entries:
-            _kill_session(child.pid)
-            returncode = child.wait()
-            return returncode, (f"the candidate wrote {used} bytes in {entries} entries under its out dir, over the "
-                                f"quota of {limit_bytes} bytes and {limit_entries} entries")
+            return StageEnd(quota_problem=f"the candidate wrote {used} bytes in {entries} entries under its out dir, "
+                                          f"over the quota of {limit_bytes} bytes and {limit_entries} entries")
 
 
 def _kill_session(pid: int) -> None:
-    # The candidate leads its own session and process group: this takes every process it started
-    # (except one that made itself a new session; the container's end takes that one).
+    # The candidate leads its own session and process group: this takes every process it started (except one
+    # that made itself a new session: only the uid-wide kill of a split stage takes that one).
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _end_candidate(child: subprocess.Popen[bytes], identities: Identities | None) -> str:
+    """Kill everything the candidate runs and collect its exit status; '' or why something may still run."""
+    problem = ""
+    if identities is not None and not kill_uid(identities.model_uid):
+        problem = f"processes of the candidate's uid {identities.model_uid} survived {KILL_ATTEMPTS} kills"
+    _kill_session(child.pid)
+    child.wait()
+    if identities is not None:
+        reap_orphans()
+    return problem
+
+
+def _seal(out_dir: Path) -> None:
+    """The result dir becomes the harness's alone (root's, mode 0755) before the candidate starts: whatever the
+    host's ownership, the candidate's uid can read it but neither write nor chmod it."""
+    os.chown(out_dir, 0, 0)
+    os.chmod(out_dir, 0o755)
+
+
+def fix_checkpoint(work_dir: Path, out_dir: Path) -> bool:
+    """Copy the (dead) candidate's checkpoint, a regular file only, from its work dir into the result dir, where the
+    eval stage reads it. False when there is none, it is not a regular file, or it cannot be copied."""
+    target = out_dir / CHECKPOINT_NAME
+    try:
+        source_fd = os.open(work_dir / CHECKPOINT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    if not stat.S_ISREG(os.fstat(source_fd).st_mode):
+        os.close(source_fd)
+        return False
+    tmp = out_dir / f".{CHECKPOINT_NAME}.{secrets.token_hex(8)}"
+    with os.fdopen(source_fd, "rb") as source:
+        try:
+            target_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(target_fd, "wb") as copy:
+                shutil.copyfileobj(source, copy, 1 << 20)
+            os.replace(tmp, target)
+        except OSError as exc:  # over the file-size limit, or the result dir is full
+            print(f"the checkpoint could not be copied out of the candidate's folder: {exc}", flush=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+    return True
+
+
+def work_dir_full(work_dir: Path) -> str:
+    """Why the candidate's work dir (a tmpfs whose size is its quota) is full, or '' (it is not, or not a mount)."""
+    try:
+        info = os.statvfs(work_dir)
+    except OSError:
+        return ""
+    if (info.f_blocks and info.f_bavail * info.f_frsize < WORK_FULL_BYTES) or (info.f_files and info.f_favail == 0):
+        return (f"the candidate filled its work dir, {info.f_blocks * info.f_frsize} bytes and {info.f_files} "
+                "entries (its quota, enforced by the kernel; files unlinked while open count)")
+    return ""
 
 
 def _hand_over(checkpoint: Path) -> None:
@@ -262,7 +269,20 @@ def _hand_over(checkpoint: Path) -> None:
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    sys.exit(128 + signum)  # unwinds through run_train's `finally`, which kills the candidate's session
+    sys.exit(128 + signum)  # unwinds through run_train's `finally`, which kills the candidate
+
+
+def _candidate_dirs(out_dir: Path, identities: Identities | None) -> tuple[Path, Path | None]:
+    """(the folder the candidate writes, the kernel-sized work dir or None). With a work dir (a sized tmpfs the
+    sandbox mounts and names in WORK_ENV, only in a split stage) the candidate writes there and the out dir
+    becomes the harness's; without one (local backend, tests) the candidate writes the out dir itself."""
+    raw = os.environ.get(WORK_ENV, "").strip()
+    if not raw or identities is None:
+        return out_dir, None
+    work_dir = Path(raw)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _seal(out_dir)
+    return work_dir, work_dir
 
 
 def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
@@ -276,10 +296,11 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
         print(str(exc), flush=True)
         return EXIT_USAGE
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "AUTORESEARCH_DATA_DIR": str(data_dir), "AUTORESEARCH_OUT_DIR": str(out_dir),
+    candidate_out, work_dir = _candidate_dirs(out_dir, identities)
+    env = {**os.environ, "AUTORESEARCH_DATA_DIR": str(data_dir), "AUTORESEARCH_OUT_DIR": str(candidate_out),
            "PYTHONUNBUFFERED": "1"}
-    env.pop("AUTORESEARCH_EVAL_TOKENS", None)  # the candidate has no business with eval settings
-    env.pop(PRIVSEP_ENV, None)
+    for private in ("AUTORESEARCH_EVAL_TOKENS", PRIVSEP_ENV, WORK_ENV, DEADLINE_ENV):
+        env.pop(private, None)  # eval settings and the harness's own wiring are none of the candidate's business
     # Compile caches: the candidate compiles into a private copy of the lane's shared cache (trainer.compile_cache).
     shared_cache = env.pop(compile_cache.CACHE_ENV, None)
     publishing = env.pop(compile_cache.PUBLISH_ENV, "") == "1"
@@ -292,49 +313,66 @@ def run_train(candidate: Path, data_dir: Path, out_dir: Path) -> int:
     if identities is not None:
         compile_cache.open_to_all(cache_dir)
         candidate_id = identities.model_popen()
+        become_subreaper()
     previous_handler = signal.signal(signal.SIGTERM, _terminate)
+    # The one clock (trainer.clock): it starts at the spawn and nothing the candidate does moves it.
     started = time.monotonic()
-    child = subprocess.Popen([sys.executable, str(candidate)], cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
+    hard_deadline = started + rules.hard_s if rules is not None else math.inf
+    if rules is not None:
+        env[DEADLINE_ENV] = repr(started + rules.target_s)
+    child = subprocess.Popen([sys.executable, str(candidate)], cwd=candidate_out, env=env, stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **candidate_id)
     assert child.stdout is not None
     relay = OutputRelay(child.stdout)
     relay.start()
+    end = StageEnd()
     try:
-        # The stage ends when the candidate PROCESS exits, not when its output pipe closes.
-        returncode, quota_problem = _wait_within_quota(child, out_dir, _out_quota(os.environ))
+        # The stage ends when the candidate PROCESS exits (or at the deadline), not when its output pipe closes.
+        end = _wait(child, candidate_out, _out_quota(os.environ), hard_deadline)
         ended = time.monotonic()
-        wall_seconds = ended - started
+        if work_dir is not None and end.returncode not in (None, 0) and not end.quota_problem:
+            # A failure with the quota full is the quota's; measured before the kill frees files held open.
+            end.quota_problem = work_dir_full(work_dir)
     finally:
-        _kill_session(child.pid)
+        # Every process of the candidate dies before anything else: nothing it left runs beside what follows.
+        kill_problem = _end_candidate(child, identities)
         relay.stop()
         child.stdout.close()
         signal.signal(signal.SIGTERM, previous_handler)
+    wall_seconds = ended - started
+    returncode = end.returncode if end.returncode is not None else child.returncode
     exit_code = returncode if returncode >= 0 else 128 - returncode
     checkpoint = out_dir / CHECKPOINT_NAME
+    if kill_problem:
+        print(f"refusing to score: {kill_problem}", flush=True)
+        return EXIT_CRASH
+    # The checkpoint is fixed only now, with the candidate dead: what the eval stage reads cannot change any more.
+    has_checkpoint = fix_checkpoint(work_dir, out_dir) if work_dir is not None else checkpoint.exists()
     if identities is not None:
         _hand_over(checkpoint)
-    if publishing and exit_code == 0 and checkpoint.exists():
+    if publishing and exit_code == 0 and has_checkpoint and not end.past_deadline:
         print(compile_cache.publish(cache_dir, out_dir / compile_cache.PUBLISHED_DIR), flush=True)
     treewalk.remove_tree(cache_dir)  # candidate-made: iterative, any depth (shutil.rmtree recurses)
     summary = parse_summary(bytes(relay.tail).decode("utf-8", errors="replace"))
-    phases = split_phases(started, relay.marks.get(TRAINING_STARTS), relay.marks.get(EXPORT_STARTS), ended)
-    over_budget = rules.verdict(phases) if rules is not None else ""
+    over_budget = (f"the candidate was still running at the stage's deadline ({rules.describe()})"
+                   if end.past_deadline and rules is not None else "")
     write_json(out_dir / "train.json", {"wall_seconds": round(wall_seconds, 3), "exit_code": exit_code,
-                                        "checkpoint": checkpoint.exists(), "summary": summary, "phases": phases,
-                                        "over_budget": over_budget, "out_quota": quota_problem})
-    if quota_problem:
-        print(f"out dir over quota: {quota_problem}", flush=True)
+                                        "checkpoint": has_checkpoint, "summary": summary,
+                                        "deadline_seconds": round(rules.hard_s, 3) if rules is not None else None,
+                                        "over_budget": over_budget, "out_quota": end.quota_problem})
+    if end.quota_problem:
+        print(f"out dir over quota: {end.quota_problem}", flush=True)
         return EXIT_OUT_QUOTA
-    if over_budget and exit_code == 0:
-        # The exit status is the harness's own channel to the daemon (train.json sits in a folder the
-        # candidate could write): over budget is never scored, whatever the candidate wrote.
+    if over_budget:
+        # The exit status is the harness's own channel to the daemon: over budget is never scored.
         print(f"over budget: {over_budget}", flush=True)
         return EXIT_OVER_BUDGET
     if exit_code != 0:
         print(f"candidate exited with status {exit_code} after {wall_seconds:.1f} s", flush=True)
         return exit_code
-    if not checkpoint.exists():
-        print(f"candidate exited cleanly but wrote no {checkpoint}: it must call export_checkpoint", flush=True)
+    if not has_checkpoint:
+        print(f"candidate exited cleanly but left no regular {CHECKPOINT_NAME}: it must call export_checkpoint",
+              flush=True)
         return EXIT_NO_CHECKPOINT
     print(f"train stage done in {wall_seconds:.1f} s", flush=True)
     return 0

@@ -9,19 +9,20 @@ from pathlib import Path
 from typing import Any
 
 CHECKPOINT_NAME = "model.pt2"
-# Lines a candidate prints so that the harness's own clock can split its run into start-up/compile, training
-# and export (trainer.harness.TimeRules). Printing them early or late only moves time between capped phases.
+# The kernel-sized folder (a tmpfs of the sandbox) a split train stage's candidate writes instead of the out dir.
+WORK_ENV = "AUTORESEARCH_WORK_DIR"
+# Lines the baseline prints for its log. Informational only: the harness's clock (trainer.clock) ignores them.
 TRAINING_STARTS = "autoresearch: training starts"
 EXPORT_STARTS = "autoresearch: export starts"
 
 
 def announce_training_start() -> None:
-    """Tell the harness that warm-up/compilation is over: its budget clock starts at this line."""
+    """Say in the log that warm-up/compilation is over (informational: the stage's clock started at the spawn)."""
     print(TRAINING_STARTS, flush=True)
 
 
 def announce_export_start() -> None:
-    """Tell the harness that training is over (export_checkpoint calls this)."""
+    """Say in the log that training is over (export_checkpoint calls this; informational)."""
     print(EXPORT_STARTS, flush=True)
 
 

@@ -14,8 +14,12 @@ Like upstream: training rows start at a document's BOS, packed by best fit (trai
 token and value embeddings are bf16 on CUDA; the first 11 steps on CUDA are untimed warm-up.
 CUDA: bf16 autocast, torch.compile, flash SDPA for full layers and flex_attention for windowed ones.
 CPU: fp32, SDPA with a window mask, small presets that take the same code paths.
-Environment: AUTORESEARCH_TIME_BUDGET (s), AUTORESEARCH_COMPILE_BUDGET (s), AUTORESEARCH_SEED,
-AUTORESEARCH_PRESET (auto|gpu|cpu|tiny), AUTORESEARCH_DATA_DIR, AUTORESEARCH_OUT_DIR.
+Environment: AUTORESEARCH_TIME_BUDGET (s), AUTORESEARCH_COMPILE_BUDGET (s), AUTORESEARCH_DEADLINE (the stage's
+deadline on time.monotonic(), set by the harness), AUTORESEARCH_SEED, AUTORESEARCH_PRESET (auto|gpu|cpu|tiny),
+AUTORESEARCH_DATA_DIR, AUTORESEARCH_OUT_DIR.
+Time: the whole stage counts, from the harness's start of this script (imports, compilation, training, export) and
+must end by AUTORESEARCH_DEADLINE (compile budget + time budget after the start; trainer.clock). Training runs for
+the time budget, or less when set-up and compilation leave less before the deadline minus the export's reserve.
 The eval scores at trainer.prepare.scoring_seq_len() (gpu: 2048 as upstream, cpu: 1024, tiny/auto: as the
 device), on val rows that each start at a document's BOS; the export must take that sequence length.
 """
@@ -36,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from trainer.clock import DEADLINE_ENV
 from trainer.layout import announce_training_start
 from trainer.prepare import (
     GPU_SEQ_LEN,
@@ -71,8 +76,10 @@ LOGIT_SOFTCAP = 15.0
 LOSS_EXPLOSION = 50.0       # a loss above this (or NaN) stops the run at once
 PRINT_EVERY_SECONDS = 2.0
 OVERRUN_FRACTION = 0.02     # stop before a step that would end later than budget × (1 + this) (slow CPU steps)
-WARMUP_STEPS_CUDA = 11      # untimed first steps on CUDA (compile, autotune, allocator), as upstream (steps 0-10);
-WARMUP_STEPS_CPU = 1        # they train and count in num_steps and total tokens, but not in the time budget
+WARMUP_STEPS_CUDA = 11      # first steps on CUDA (compile, autotune, allocator), as upstream (steps 0-10);
+WARMUP_STEPS_CPU = 1        # they train and count in num_steps, timed apart (they count on the stage's clock)
+EXPORT_RESERVE_SECONDS = 5.0        # kept free before the deadline for the export and the exit,
+EXPORT_RESERVE_PER_M_PARAMS = 0.2   # plus this per million parameters
 
 # Dense bf16 peak FLOP/s by device-name substring (first match wins, so longer names come first).
 PEAK_BF16_FLOPS = (
@@ -373,9 +380,11 @@ def check_loss(loss: torch.Tensor, step: int) -> float:
 
 
 def main() -> None:
-    started = time.perf_counter()
+    started, clock_start = time.perf_counter(), time.monotonic()
     time_budget = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300"))
     compile_budget = float(os.environ.get("AUTORESEARCH_COMPILE_BUDGET", "120"))
+    # The stage's one clock: everything counts from the start, and the harness kills a run still going past it.
+    deadline = float(os.environ.get(DEADLINE_ENV, "") or clock_start + compile_budget + time_budget)
     seed = int(os.environ.get("AUTORESEARCH_SEED", "0"))
     data_dir = os.environ.get("AUTORESEARCH_DATA_DIR", "/data")
     out_dir = os.environ.get("AUTORESEARCH_OUT_DIR", "/out")
@@ -410,8 +419,10 @@ def main() -> None:
     num_params = sum(p.numel() for p in model.parameters())
     model_flops = flops_per_token(model)
     gpu_peak = peak_flops(device)
-    # The first steps pay for compilation and allocator warm-up: timed apart, bounded, not in the budget.
+    export_reserve = EXPORT_RESERVE_SECONDS + EXPORT_RESERVE_PER_M_PARAMS * num_params / 1e6
+    # The first steps pay for compilation and allocator warm-up: timed apart (they count on the stage's clock).
     warmup_steps = WARMUP_STEPS_CUDA if cuda else WARMUP_STEPS_CPU
+    train_seconds = stop_seconds = time_budget  # set when the warm-up ends, from what the deadline leaves
     print(f"preset {preset_name} on {device}: {num_params / 1e6:.2f}M params, depth {config.depth}, "
           f"dim {config.model_dim}, windows {window_sizes(config)}, {tokens_per_step:,} tokens/step, "
           f"budget {time_budget:.0f} s", flush=True)
@@ -424,11 +435,11 @@ def main() -> None:
     last_print_step = 0
     while True:
         step_start = time.perf_counter()
-        multiplier = lr_multiplier(training_time / time_budget)
+        multiplier = lr_multiplier(training_time / train_seconds)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * multiplier
-        decay = WEIGHT_DECAY * max(0.0, 1.0 - training_time / time_budget)  # weight decay fades out linearly
+        decay = WEIGHT_DECAY * max(0.0, 1.0 - training_time / train_seconds)  # weight decay fades out linearly
         optimizers[1].param_groups[0].update(momentum=muon_momentum(step), weight_decay=decay)
         for _ in range(grad_accum):
             with autocast:
@@ -440,39 +451,43 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         step += 1
         if step <= warmup_steps:
-            # Warm-up steps wait for the device: compile time is measured apart, and the budget starts after it.
+            # Warm-up steps wait for the device, so that compile time shows apart (it counts on the stage's clock).
             loss_value = check_loss(loss, step - 1)
             warmup_time += time.perf_counter() - step_start
-            print(f"step {step:05d} (warm-up) | loss {loss_value:.4f} | {warmup_time:.1f} s so far, "
-                  "not in the budget", flush=True)
-            if warmup_time > compile_budget:
-                fail(f"warm-up (compilation) took {warmup_time:.0f} s, over the {compile_budget:.0f} s budget")
+            print(f"step {step:05d} (warm-up) | loss {loss_value:.4f} | {warmup_time:.1f} s so far", flush=True)
+            left = deadline - time.monotonic() - export_reserve
+            if left <= 0:
+                fail(f"warm-up (compilation) took {warmup_time:.0f} s: the stage's deadline leaves no time to train "
+                     f"and export (compile budget {compile_budget:.0f} s + time budget {time_budget:.0f} s in all)")
             if step == warmup_steps:  # everything allocated from here on is short-lived: no more GC pauses
                 gc.collect()
                 gc.freeze()
                 gc.disable()
-                announce_training_start()  # the harness's budget clock starts at this line
+                # Train for the budget, or what the deadline leaves; the LR schedule spans exactly that.
+                train_seconds = min(time_budget, deadline - time.monotonic() - export_reserve)
+                stop_seconds = min(time_budget * (1 + OVERRUN_FRACTION), train_seconds + export_reserve / 2)
+                announce_training_start()  # for the log: the stage's clock started at the spawn
             train_start = last_print = time.perf_counter()
             last_print_step = step
             continue
         # No host sync here: the CPU runs ahead of the GPU, and the clock only ever lags by the queued work.
         now = time.perf_counter()
         training_time = now - train_start
-        if now - last_print >= PRINT_EVERY_SECONDS or training_time >= time_budget:
+        if now - last_print >= PRINT_EVERY_SECONDS or training_time >= train_seconds:
             loss_value = check_loss(loss, step - 1)  # the one sync per log line; also the NaN/explosion check
             now = time.perf_counter()
             training_time = now - train_start
             step_time = (now - last_print) / max(step - last_print_step, 1)
             tok_per_s = tokens_per_step / step_time
             mfu = 100 * model_flops * tok_per_s / gpu_peak if gpu_peak else 0.0
-            print(f"step {step:05d} ({100 * min(training_time / time_budget, 1):5.1f}%) | loss {loss_value:.4f} | "
+            print(f"step {step:05d} ({100 * min(training_time / train_seconds, 1):5.1f}%) | loss {loss_value:.4f} | "
                   f"lr× {multiplier:.2f} | dt {1000 * step_time:.0f} ms | tok/s {tok_per_s:,.0f} | mfu {mfu:.1f}% | "
                   f"epoch {loader.epoch}", flush=True)
             last_print, last_print_step = now, step
-        if training_time >= time_budget:
+        if training_time >= train_seconds:
             break
-        if training_time + (time.perf_counter() - step_start) > time_budget * (1 + OVERRUN_FRACTION):
-            break  # the next step would end past the budget the harness enforces: stop a step early instead
+        if training_time + (time.perf_counter() - step_start) > stop_seconds:
+            break  # the next step would end too late (past the budget, or into the export's reserve): stop now
 
     trained_steps = max(step - warmup_steps, 0)
     tokens_per_second = trained_steps * tokens_per_step / training_time if training_time else 0.0

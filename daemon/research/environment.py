@@ -35,8 +35,11 @@ def describe_environment(settings: Settings, lanes: Sequence[Lane], baseline: Ex
     """The environment block as plain text (trusted: no text of a candidate run is quoted)."""
     training = settings.training
     lines = [
-        f"- Training budget: {training.time_budget_s:g} s of training per run (wall clock; a warm-up such as "
-        f"torch.compile may take up to {training.compile_budget_s:g} s more, outside the budget). The trusted "
+        f"- Time: one wall clock per run, from the start of train.py to its exit: "
+        f"{training.compile_budget_s + training.time_budget_s:g} s in all ({training.compile_budget_s:g} s of "
+        f"allowance for imports, torch.compile and export + {training.time_budget_s:g} s of training budget; "
+        "compilation counts, and a run still going then is killed and never scored). train.py reads the "
+        "deadline from AUTORESEARCH_DEADLINE and trains for the budget or what the deadline leaves. The trusted "
         f"eval then scores {training.eval_tokens or 'the fixed default number of'} val tokens.",
         f"- Preset setting: {training.preset} (train.py's PRESETS pick shapes per device; 'auto' = gpu on CUDA, "
         "else cpu).",

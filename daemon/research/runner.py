@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +24,23 @@ from sandbox.gpu import GpuProbe, wait_for_gpu_release
 from sandbox.outfiles import is_safe_regular_file, out_dir_size, remove_tree
 from sandbox.sanitize import clean_line, clean_summary, clean_text
 from sandbox.spec import PRIVATE_DIR, Cancel, Limits, Mount, RunResult, RunSpec, RunStatus
+from trainer.clock import DEFAULT_COMPILE_BUDGET, SLACK_FRACTION, SLACK_MIN_SECONDS
 from trainer.compile_cache import CACHE_ENV, PUBLISH_ENV, PUBLISHED_DIR, harvest
 from trainer.device_check import EXIT_NO_CUDA, REQUIRE_ENV
 from trainer.probe_power import EXIT_PROBE_POWER, FLOOR_ENV
 
 TRAINER_TARGET = "/opt/autoresearch/trainer"
-# The harness's time rules (trainer/harness.py, which imports no daemon code): exit 5 is "over budget", and
-# the container may not outlive budget x (1 + tolerance) + compile budget + start-up + export + this grace.
+# The harness's one clock (trainer.clock): exit 5 is "over budget" (the candidate ran into the hard deadline,
+# compile budget + budget + slack after its start); from outside, the container may not outlive that deadline
+# plus this grace (the harness's own start, its copy of the compile cache, the kills, the checkpoint's copy).
 EXIT_OVER_BUDGET = 5
-BUDGET_TOLERANCE = 0.05
-STARTUP_SECONDS = 30.0
-EXPORT_SECONDS = 60.0
-CONTAINER_GRACE_SECONDS = 15.0
+CONTAINER_GRACE_SECONDS = 60.0
 EXIT_OUT_QUOTA = 6               # the harness killed a candidate whose out dir passed its total quota
 OUT_QUOTA_BYTES = 16 * 1024**3   # as trainer/harness.py; AUTORESEARCH_OUT_QUOTA overrides both
 OUT_QUOTA_SLACK_BYTES = 64 * 1024**2
+# The candidate's work dir (a tmpfs the kernel sizes: its quota) holds the checkpoint, which the per-file limit caps,
+# and this much beside it (logs, small files). The compile caches live in the stage's /tmp tmpfs (tmpfs_bytes).
+WORK_HEADROOM_BYTES = 256 * 1024**2
 CACHE_TARGET = "/cache"  # the lane's compile cache, read-only
 CHECKPOINT_NAME = "model.pt2"
 # Only these reach the candidate; AUTORESEARCH_EVAL_TOKENS is for the eval stage alone. The eval stage also gets
@@ -231,13 +233,20 @@ class StageRunner:
         budget = _finite_setting(self.train_env.get("AUTORESEARCH_TIME_BUDGET"))
         if budget is None:
             return None
-        compile_budget = _finite_setting(self.train_env.get("AUTORESEARCH_COMPILE_BUDGET")) or 0.0
-        limit = budget * (1 + BUDGET_TOLERANCE) + compile_budget + STARTUP_SECONDS + EXPORT_SECONDS \
-            + CONTAINER_GRACE_SECONDS
+        compile_budget = _finite_setting(self.train_env.get("AUTORESEARCH_COMPILE_BUDGET"))
+        limit = budget + (compile_budget if compile_budget is not None else DEFAULT_COMPILE_BUDGET) \
+            + max(SLACK_MIN_SECONDS, SLACK_FRACTION * budget) + CONTAINER_GRACE_SECONDS
         if train.wall_seconds > limit:
             return (f"train stage over budget: the container ran {train.wall_seconds:.1f} s by the daemon's clock, "
-                    f"over the {limit:.1f} s that budget, compile, start-up and export allow")
+                    f"over the {limit:.1f} s that compile budget, budget, slack and the harness's own work allow")
         return None
+
+    def _train_limits(self) -> Limits:
+        """The train stage's limits: the candidate writes a work tmpfs sized from the checkpoint's cap (the
+        per-file limit) and the out quota, whichever is smaller; the kernel enforces it."""
+        quota = _finite_setting(self.train_env.get("AUTORESEARCH_OUT_QUOTA")) or OUT_QUOTA_BYTES
+        work = min(int(quota), self.train_limits.out_file_max_bytes + WORK_HEADROOM_BYTES)
+        return replace(self.train_limits, work_bytes=work)
 
     def run(self, experiment_id: int, attempt: int, source: str, seed: int, gpu_uuid: str | None = None,
             cancel: Cancel | None = None, on_stage: Callable[[str], None] | None = None) -> StageOutcome:
@@ -260,7 +269,7 @@ class StageRunner:
             (Mount(candidate_dir, "/candidate"), Mount(self.data_dir / "train", "/data"), Mount(train_out, "/out", True),
              *self._cache_mounts()),
             {**self.train_env, "AUTORESEARCH_SEED": str(seed), **self._cache_env(publish_cache), **cuda_env},
-            self.train_limits, gpu_uuid,
+            self._train_limits(), gpu_uuid,
             split_identities=True,  # the candidate runs as its own uid, out of the harness's reach (trainer.privsep)
         ), cancel)
         if publish_cache and self.compile_cache is not None and train.status == RunStatus.OK:

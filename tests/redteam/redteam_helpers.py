@@ -11,8 +11,9 @@ from sandbox.spec import Limits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTANCE = "redteam"
-# Tiny budgets: the candidate trains ~2 s; the limits leave room for torch imports on a loaded 2-core box.
-ENV = {"AUTORESEARCH_TIME_BUDGET": "2", "AUTORESEARCH_COMPILE_BUDGET": "30", "AUTORESEARCH_PRESET": "tiny",
+# Tiny budgets: the candidate trains ~2 s; the compile allowance (on the same clock: trainer.clock) and the limits
+# leave room for torch's import and the export on a loaded 2-core box.
+ENV = {"AUTORESEARCH_TIME_BUDGET": "2", "AUTORESEARCH_COMPILE_BUDGET": "120", "AUTORESEARCH_PRESET": "tiny",
        "AUTORESEARCH_EVAL_TOKENS": "8192"}
 TRAIN_LIMITS = Limits(timeout_s=150, memory_bytes=1536 * 1024**2, cpus=1.0, pids=512, shm_bytes=64 * 1024**2,
                       tmpfs_bytes=256 * 1024**2, output_tail_bytes=8192)

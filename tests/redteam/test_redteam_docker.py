@@ -162,9 +162,11 @@ def test_writes_outside_out_dir_are_denied(outcomes: dict[str, StageOutcome], pr
 
 
 def test_symlinks_to_host_files_are_not_followed(outcomes: dict[str, StageOutcome]) -> None:
-    """Symlinked out files are refused: no host file content comes back and the run is crashed."""
+    """Symlinked out files stay in the candidate's work tmpfs: the harness copies only a regular checkpoint out, so no
+    link and no host file content comes back, and the run is crashed."""
     outcome = outcomes["symlinks"]
-    assert outcome.status == "crashed" and "model.pt2: symlink refused" in outcome.train.error
+    assert outcome.status == "crashed" and "left no regular model.pt2" in outcome.log_tail, outcome.log_tail[-500:]
+    assert "model.pt2" not in outcome.train.files and "symlink" not in outcome.train.error
     assert not any(b"root:" in content for content in outcome.train.files.values())
     _no_improvement(outcome)
 

@@ -70,7 +70,7 @@ def test_candidate_cannot_reach_the_harness_that_times_it(tampered: StageOutcome
 def test_squatted_report_is_replaced_by_the_harness(tampered: StageOutcome) -> None:
     """A folder the candidate left at train.json gives way to the harness's own report."""
     train_json = json.loads(tampered.train.files["train.json"])
-    assert train_json["exit_code"] == 0 and train_json["checkpoint"] is True and "phases" in train_json
+    assert train_json["exit_code"] == 0 and train_json["checkpoint"] is True and "deadline_seconds" in train_json
 
 
 def test_split_run_is_scored_with_its_own_model_process(tampered: StageOutcome) -> None:

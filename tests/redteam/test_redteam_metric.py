@@ -22,7 +22,8 @@ from tests.redteam.redteam_helpers import EVAL_LIMITS, INSTANCE, REPO_ROOT, TRAI
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 # 40 rows of the test split are scored (every row is probed); the out dir may hold 48 MiB in total.
-METRIC_ENV = {"AUTORESEARCH_TIME_BUDGET": "2", "AUTORESEARCH_COMPILE_BUDGET": "30", "AUTORESEARCH_PRESET": "tiny",
+# The compile allowance is roomy: the whole run (torch's import, the export) counts on the stage's one clock.
+METRIC_ENV = {"AUTORESEARCH_TIME_BUDGET": "2", "AUTORESEARCH_COMPILE_BUDGET": "120", "AUTORESEARCH_PRESET": "tiny",
               "AUTORESEARCH_EVAL_TOKENS": str(40 * 1024), "AUTORESEARCH_OUT_QUOTA": str(48 * 1024**2)}
 
 HEADER = '''
@@ -103,7 +104,7 @@ export_checkpoint(NextRow(), out)
 '''
 OVER_BUDGET = HEADER + '''
 import time
-time.sleep(9)  # "trains" 9 s on a 2 s budget, then exports an honest model
+time.sleep(float(os.environ["AUTORESEARCH_DEADLINE"]) - time.monotonic() + 5)  # "trains" past the deadline
 export_checkpoint(Tiny(), out)
 '''
 SEED_BLIND = HEADER.replace('int(os.environ.get("AUTORESEARCH_SEED", "0"))', "1234") + '''
@@ -189,8 +190,8 @@ def test_peeking_at_the_next_row_learns_nothing(outcomes: dict[str, StageOutcome
 
 
 def test_training_past_the_budget_is_a_timeout(outcomes: dict[str, StageOutcome]) -> None:
-    """Class 6: 9 s of training on a 2 s budget is `timeout` by the harness's clock, never scored."""
-    _refused(outcomes["over_budget"], "timeout", "over budget", "training took")
+    """Class 6: training past the stage's deadline (compile allowance + budget) is `timeout` by the harness's clock."""
+    _refused(outcomes["over_budget"], "timeout", "over budget", "still running at the stage's deadline")
 
 
 def test_a_seed_blind_rerun_is_refused_as_a_replay(outcomes: dict[str, StageOutcome]) -> None:

@@ -467,6 +467,11 @@ def summarize(nights: list[Night], reference: list[Night] | None) -> dict[str, s
     return table
 
 
+GRID_FIGURES = ("share of keeps not real", "not-real keeps / night", "kept at 2 sigma", "recorded-best bias (sigma)",
+                "true gain / night (sigma)", "gain - old rule (sigma)", "gain / old rule", "deletions kept, effect >= 0",
+                "deletions kept, effect < -0.5")
+
+
 def print_table(title: str, table: dict[str, dict[str, str]]) -> None:
     rows = list(dict.fromkeys(r for column in table.values() for r in column))
     width = max(len(r) for r in rows) + 2
@@ -494,6 +499,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a [judge] setting for the 'new' column, e.g. --set max_runs=4 (repeatable)")
     parser.add_argument("--calibrate", action="store_true", help="upstream's rule only: its keep share")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=VALUE,KEY=VALUE",
+                        help="instead of the table: one line per setting (repeatable), against the old rule")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     names = ("kind", "harsh") if args.landscape == "both" else (args.landscape,)
@@ -508,6 +515,11 @@ def main() -> None:
                   "upstream's published nights: 15/83 = 18%, ~18% of 125)")
             continue
         old = [old_night(JudgeConfig(), w) for w in worlds]
+        if args.grid:
+            for spec in args.grid:
+                t = summarize([new_night(settings([p for p in spec.split(",") if p]), w) for w in worlds], old)
+                print(f"{name} {spec or 'defaults'}: " + "; ".join(f"{k} {t[k]}" for k in GRID_FIGURES), flush=True)
+            continue
         columns = {
             "old rule": old,
             "today's rule": [new_night(settings([], TODAY), w) for w in worlds],
@@ -517,7 +529,7 @@ def main() -> None:
         table = {col: summarize(nights, None if col == "old rule" else old) for col, nights in columns.items()}
         print_table(f"{name} landscape, {args.nights} nights x {RUNS_PER_NIGHT} runs, seed {args.seed} "
                     "(same ideas and noise for every column; ± = standard error over nights)", table)
-    if not args.calibrate:
+    if not (args.calibrate or args.grid):
         print("targets (harsh): share of keeps not real <= 5%, kept at 2 sigma >= 70%, |bias| <= 0.2 sigma, "
               "gain >= 1.25x the old rule's (difference > 2 SE)")
 

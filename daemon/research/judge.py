@@ -133,6 +133,7 @@ class Verdict:
         """The verdict as stored with the experiment (JSON)."""
         data = asdict(self)
         data["decision"] = self.decision.value
+        data["differences"] = list(self.differences)
         return data
 
 

@@ -25,6 +25,7 @@ runs per purpose; over all nights: kept at 1/2/3 sigma and false keeps of no-eff
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 import math
@@ -39,7 +40,7 @@ from typing import Any, cast
 
 import structlog
 
-from daemon.agents.edits import normalized_hash
+from daemon.agents import edits
 from daemon.config import JudgeConfig
 from daemon.research import planner
 from daemon.research.archive import unified_diff
@@ -55,6 +56,7 @@ FAMILIES = 12
 RUNS_PER_NIGHT = 100
 NOT_REAL_DELETION = -0.25  # a kept deletion costing more than this (sigma) is not a real improvement
 _EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
+normalized_hash = functools.lru_cache(maxsize=4096)(edits.normalized_hash)
 
 TODAY = {"paired": False, "simplicity_alpha": None, "simplicity_margin_sigma": 0.0}  # the rule before issue 22
 

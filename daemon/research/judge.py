@@ -75,7 +75,7 @@ class ChangeSize:
         docstrings and formatting do not count, so deleting them is not "simpler code". Falls back to the
         text lines when a source does not parse."""
         try:
-            before, after = code_lines(parent), code_lines(child)
+            before, after = list(_cached_code_lines(parent)), list(_cached_code_lines(child))
         except SyntaxError:
             before, after = parent.splitlines(), child.splitlines()
         added = removed = 0
@@ -97,6 +97,12 @@ class ChangeSize:
             elif line.startswith("-") and line[1:].strip():
                 removed += 1
         return cls(added, removed)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_code_lines(source: str) -> tuple[str, ...]:
+    """`code_lines`, remembered: a best is the parent of many candidates, and each look judges again."""
+    return tuple(code_lines(source))
 
 
 def code_lines(source: str) -> list[str]:

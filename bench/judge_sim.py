@@ -261,6 +261,7 @@ class SimWorkspace:
 @dataclass
 class Night:
     judged: list[tuple[float, bool, bool]] = field(default_factory=list)  # (true effect, kept, deletion)
+    not_real_keeps: list[dict[str, Any]] = field(default_factory=list)  # what each not-real keep looked like
     runs: Counter[str] = field(default_factory=Counter)  # runs per purpose
     bias: float = 0.0  # recorded best - what its runs measure on average, in sigma
     gain: float = 0.0  # true gain of the final best, in sigma
@@ -351,6 +352,11 @@ def new_night(config: JudgeConfig, world: World) -> Night:
         final = store.rows[row_id]
         if final.status in ("kept", "discarded"):
             night.judged.append((size, final.status == "kept", deletion))
+            if final.status == "kept" and not is_real(size, deletion) and final.verdict is not None:
+                toggled = next(iter(applied_of(final.source, ideas) ^ applied_of(store.rows[final.parent_id or 0].source,
+                                                                                 ideas)))
+                night.not_real_keeps.append({"effect": size, "noise": ideas[toggled].noise, "deletion": deletion,
+                                             **{k: final.verdict[k] for k in ("rule", "n", "paired", "t", "df")}})
     best = store.best(1)
     assert best is not None
     rows = list(store.rows.values())

@@ -253,6 +253,10 @@ class JudgeConfig(_Section):
     max_runs: int = Field(5, ge=1, le=10, description="runs of one candidate at most (first run + confirmations)")
     futility_t: float = Field(0.5, description="a close call is confirmed only while its t statistic is above this")
     min_delta: float = Field(0.0005, ge=0, description="keep only if improvement > this, whatever the noise")
+    keep_min_runs: int = Field(1, ge=1, le=10, description="runs a candidate needs before a keep (a first run that "
+                               "clears the boundary is confirmed first)")
+    min_gain_sigma: float = Field(0.0, ge=0, description="the test is on improvement minus this many sigma: a "
+                                  "change must be better by at least this much, not just better")
     confirm: bool = Field(True, description="confirm close calls with more seeds (false: one look only)")
     remeasure_after_keep: int = Field(2, ge=0, le=10,
                                       description="fresh runs of a new best; its recorded value is their mean")

@@ -9,7 +9,8 @@ Optimizers: Muon for the 2-D matrices of the blocks (momentum warm-up, cautious 
 zero, one batched orthogonalization per shape), AdamW for embeddings, the LM head and the scalars.
 CUDA: bf16 autocast, torch.compile, flash SDPA for full layers and flex_attention for windowed ones.
 CPU: fp32, SDPA with a window mask, small presets that take the same code paths.
-Environment: AUTORESEARCH_TIME_BUDGET (s), AUTORESEARCH_COMPILE_BUDGET (s), AUTORESEARCH_SEED,
+Environment: AUTORESEARCH_TIME_BUDGET (s), AUTORESEARCH_COMPILE_BUDGET (s), AUTORESEARCH_SEED, AUTORESEARCH_MAX_STEPS
+(measurements only: a fixed step count, the schedule by steps),
 AUTORESEARCH_PRESET (auto|gpu|cpu|tiny), AUTORESEARCH_DATA_DIR, AUTORESEARCH_OUT_DIR.
 The eval scores at trainer.prepare.scoring_seq_len() (gpu: 2048 as upstream, cpu: 1024, tiny/auto: as the
 device), on val rows that each start at a document's BOS; the export must take that sequence length.
@@ -363,6 +364,7 @@ def main() -> None:
     time_budget = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300"))
     compile_budget = float(os.environ.get("AUTORESEARCH_COMPILE_BUDGET", "120"))
     seed = int(os.environ.get("AUTORESEARCH_SEED", "0"))
+    max_steps = int(os.environ.get("AUTORESEARCH_MAX_STEPS", "0"))  # > 0: fixed step count, schedule by steps
     data_dir = os.environ.get("AUTORESEARCH_DATA_DIR", "/data")
     out_dir = os.environ.get("AUTORESEARCH_OUT_DIR", "/out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -408,11 +410,12 @@ def main() -> None:
     last_print_step = 0
     while True:
         step_start = time.perf_counter()
-        multiplier = lr_multiplier(training_time / time_budget)
+        progress = step / max_steps if max_steps else training_time / time_budget
+        multiplier = lr_multiplier(progress)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * multiplier
-        decay = WEIGHT_DECAY * max(0.0, 1.0 - training_time / time_budget)  # weight decay fades out linearly
+        decay = WEIGHT_DECAY * max(0.0, 1.0 - progress)  # weight decay fades out linearly
         optimizers[1].param_groups[0].update(momentum=muon_momentum(step), weight_decay=decay)
         for _ in range(grad_accum):
             with autocast:
@@ -453,7 +456,7 @@ def main() -> None:
                   f"lr× {multiplier:.2f} | dt {1000 * step_time:.0f} ms | tok/s {tok_per_s:,.0f} | mfu {mfu:.1f}% | "
                   f"epoch {loader.epoch}", flush=True)
             last_print, last_print_step = now, step
-        if training_time >= time_budget:
+        if training_time >= time_budget or 0 < max_steps <= step:
             break
         if training_time + (time.perf_counter() - step_start) > time_budget * (1 + OVERRUN_FRACTION):
             break  # the next step would end past the budget the harness enforces: stop a step early instead

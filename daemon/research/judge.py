@@ -16,10 +16,21 @@ The rule (`decide`) is a sequential one-sided test on means:
   and one whose peak memory is over `memory_soft_limit_mb` by `memory_gain_sigma_per_gb` sigma per GB:
   the test is then on the improvement minus that extra gain. (Peak memory is what train.py prints in its
   summary: the candidate's own word, not a trusted measurement; the sandbox's memory cap is the hard limit.)
-- Simplicity: a change that removes more code lines than it adds is kept when, over at least two runs, its
-  mean is no worse than the incumbent's by more than `simplicity_tolerance_sigma` sigma (equal result,
-  simpler code). Lines are counted on the normalized code (`ChangeSize.between`), so deleting comments,
-  blank lines or docstrings, or joining lines, is not simpler code.
+- Seed pairing (`Pairs`): look k of a candidate runs under the seed of the incumbent's k-th fresh run
+  (`daemon.research.planner.look_seed`), so the seed's share of the noise is common to both and cancels in
+  their difference. The noise of one difference is pooled within candidates over the differences stored
+  with earlier verdicts (`paired_noise`); the seed share follows (`seed_share`). The paired test is used
+  when every look has a partner, the paired noise has `paired_min_df` degrees of freedom and it clearly
+  beats the unpaired test (`pairing_pays`); else the unpaired test above (the fallback).
+- `keep_min_runs`: a keep needs this many runs of the candidate (a first run that clears the boundary is
+  confirmed first: a lucky run, or a change noisier than the pooled sigma, rarely clears it twice).
+- `min_gain_sigma`: every change must win by this many sigma (the test is on improvement minus it), so a
+  change with no effect needs a lucky overshoot to be kept, not just luck.
+- Simplicity: a change that removes more code lines than it adds is kept when a non-inferiority test shows
+  it is not worse than the incumbent by `simplicity_margin_sigma` sigma or more, at `simplicity_alpha`
+  spent over the looks like the keep test (a removal that truly costs the margin is kept with that chance
+  at most). Lines are counted on the normalized code (`ChangeSize.between`), so deleting comments, blank
+  lines or docstrings, or joining lines, is not simpler code.
 - With no noise estimate yet (no repeat measured), the rule falls back to `min_delta` alone.
 
 `Verdict` carries the numbers (improvement, margin, sigma, df, n, t, p, alpha); the store keeps them on the
@@ -277,6 +288,10 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
                              "paired": paired is not None, "df": df,
                              "differences": tuple(pairs.differences) if pairs is not None else ()}
     if p <= alpha and improvement > config.min_delta:
+        if may_confirm and n < config.keep_min_runs:
+            return Verdict(Decision.CONFIRM, "confirm-before-keep", reason=f"improvement {improvement:.6f} > margin "
+                           f"{margin:.6f}{why_extra} on {n} run(s): a keep needs {config.keep_min_runs} ({numbers})",
+                           **stats)
         return Verdict(Decision.KEEP, "significant", reason=f"mean improvement {improvement:.6f} > margin "
                        f"{margin:.6f}{why_extra}: {numbers}", **stats)
     simpler = _simplicity(improvement, sigma, se, df, n, config, change, stats, numbers)
@@ -292,7 +307,9 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
 
 def _extra_gain(sigma: float, config: JudgeConfig, change: ChangeSize | None,
                 peak_memory_mb: float | None) -> tuple[float, str]:
-    extra, why = 0.0, []
+    extra, why = config.min_gain_sigma * sigma, []
+    if config.min_gain_sigma:
+        why.append(f"every change must win by {config.min_gain_sigma:g} sigma")
     if change is not None and change.net >= config.large_change_lines:
         extra += config.large_change_gain_sigma * sigma
         why.append(f"{change.net} added lines need {config.large_change_gain_sigma:g} sigma more")

@@ -13,7 +13,7 @@ Every decision is made under the session's lock, so two lanes never judge agains
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +110,7 @@ class Keeper:
         return verdict
 
     def _pairs(self, rows: list[ExperimentRecord], candidate: ExperimentRecord, first: list[float],
-               reference: list[ExperimentRecord]) -> Pairs | None:
+               reference: Sequence[measurements.RunRow]) -> Pairs | None:
         """The candidate's looks paired by seed with the best's runs, and the paired noise pooled over the
         differences stored with earlier verdicts and this candidate's own (None when a look has no partner)."""
         if not self.settings.judge.paired:

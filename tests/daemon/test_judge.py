@@ -338,3 +338,12 @@ def test_removing_a_statement_is_simpler_code() -> None:
 def test_unparsable_sources_fall_back_to_text_lines() -> None:
     """A source that does not parse is counted on its text lines."""
     assert ChangeSize.between("a = (\n", "a = (\nb\n") == ChangeSize(added=1, removed=0)
+
+
+def test_a_first_run_win_is_confirmed_when_a_keep_needs_two_runs() -> None:
+    """keep_min_runs = 2: a first run past the boundary is confirmed, and kept once two runs clear it."""
+    config = JudgeConfig(max_runs=3, keep_min_runs=2)
+    first = decide([0.95], INCUMBENT, NOISE, config)
+    assert (first.decision, first.rule) == (Decision.CONFIRM, "confirm-before-keep")
+    assert decide([0.95, 0.955], INCUMBENT, NOISE, config).decision is Decision.KEEP
+    assert decide([0.95], INCUMBENT, NOISE, JudgeConfig(max_runs=3)).decision is Decision.KEEP

@@ -58,7 +58,8 @@ NOT_REAL_DELETION = -0.25  # a kept deletion costing more than this (sigma) is n
 _EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
 normalized_hash = functools.lru_cache(maxsize=4096)(edits.normalized_hash)
 
-TODAY = {"paired": False, "simplicity_alpha": None, "simplicity_margin_sigma": 0.0}  # the rule before issue 22
+TODAY = {"paired": False, "simplicity_alpha": None, "simplicity_margin_sigma": 0.0, "futility_t": 0.5,  # before issue 22
+         "remeasure_every": 6, "keep_min_runs": 1}
 
 
 # -- the landscapes (docs/judge.md) ---------------------------------------------------------------------

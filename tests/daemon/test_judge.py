@@ -26,7 +26,7 @@ from daemon.research.judge import (
     t_sf,
 )
 
-CONFIG = JudgeConfig(max_runs=3, futility_t=0.5, min_delta=0.0005)
+CONFIG = JudgeConfig(max_runs=3, futility_t=0.5, min_delta=0.0005, keep_min_runs=1)
 NOISE = Noise(sigma=0.01, df=20)
 INCUMBENT = [1.0, 1.0, 1.0]  # mean 1.0 over 3 runs
 
@@ -109,7 +109,7 @@ def test_a_large_change_must_win_more() -> None:
 
 def test_memory_over_the_soft_limit_costs_gain() -> None:
     """Peak memory 4 GB over the soft limit needs 2 sigma more (0.5 sigma per GB)."""
-    config = JudgeConfig(memory_soft_limit_mb=10_000, memory_gain_sigma_per_gb=0.5)
+    config = JudgeConfig(memory_soft_limit_mb=10_000, memory_gain_sigma_per_gb=0.5, keep_min_runs=1)
     under = decide([0.96], INCUMBENT, NOISE, config, peak_memory_mb=9_000)
     over = decide([0.96], INCUMBENT, NOISE, config, peak_memory_mb=10_000 + 4 * 1024)
     assert under.decision is Decision.KEEP
@@ -346,4 +346,4 @@ def test_a_first_run_win_is_confirmed_when_a_keep_needs_two_runs() -> None:
     first = decide([0.95], INCUMBENT, NOISE, config)
     assert (first.decision, first.rule) == (Decision.CONFIRM, "confirm-before-keep")
     assert decide([0.95, 0.955], INCUMBENT, NOISE, config).decision is Decision.KEEP
-    assert decide([0.95], INCUMBENT, NOISE, JudgeConfig(max_runs=3)).decision is Decision.KEEP
+    assert decide([0.95], INCUMBENT, NOISE, JudgeConfig(max_runs=3, keep_min_runs=1)).decision is Decision.KEEP

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.postgres]
 
 @pytest.fixture()
 def runtime(tiny_settings: Any) -> Iterator[Runtime]:
-    rt = open_runtime(tiny_settings(judge={"noise_runs": 2, "remeasure_after_keep": 1, "max_runs": 3,
+    rt = open_runtime(tiny_settings(judge={"noise_runs": 2, "remeasure_after_keep": 1, "max_runs": 3, "keep_min_runs": 1,
                                            "search": "archive", "archive_every": 3}), daemon=False)
     try:
         yield rt

@@ -1,36 +1,38 @@
-"""The keep rule on a synthetic research landscape: old rule vs new, greedy search vs the near-miss archive.
+"""The keep rule over simulated nights: the old rule, today's rule and the new defaults, on two landscapes.
 
-A night is 100 runs on one lane. The "agent" proposes changes drawn from a landscape whose true effects
-are known (in units of sigma, the noise of one run): most do nothing, some hurt, some help by 1, 2 or 3
-sigma. Changes interact: each belongs to one of a few families, and changes of one family overlap (only
-the family's largest gain counts), so a gain measured on one best may be gone on the next. Every run's
-val_bpb is its true value plus Gaussian noise of sigma.
+A night is 100 runs on one lane. The "agent" proposes changes whose true effects are known (in sigma, the
+noise of one baseline run). The landscapes are pinned in docs/judge.md (written before any setting was
+tuned on them): `kind` (the first round's: effects 0 or clearly +-1..3 sigma, one sigma, no crashes) and
+`harsh` (effects with most mass near zero, deletions, crashes, timeouts, drift, per-change noise, a seed
+term shared by every source, repeated and near-duplicate ideas).
 
 The new pipeline is the project's own code: `daemon.research.planner.next_move` decides what runs next
-(baseline, noise, re-measures, candidates), `daemon.research.archive.pick_near_miss` makes the near-miss
-moves, and `daemon.research.keeper.Keeper` records every run and applies `daemon.research.judge.decide`
-over an in-memory stand-in of the store (the same calls the session makes on Postgres). The old pipeline
-replays the loop this one replaced, with `daemon.research.judge.LegacyRule`.
+(baseline, noise, re-measures, candidates, with their seeds), and `daemon.research.keeper.Keeper` records
+every run and applies `daemon.research.judge.decide` over an in-memory stand-in of the store (the calls the
+session makes on Postgres). The old pipeline replays the loop this one replaced (`judge.LegacyRule`).
 
-Figures per pipeline (averaged over nights):
-  false keeps        kept / judged, for candidates whose true effect on the best was exactly zero
-  kept at 1/2/3 sig  kept / judged, for candidates that truly improved the best by about 1, 2, 3 sigma
-  best bias          recorded best val_bpb - its true value, in sigma (negative: the record is too good)
-  confirm runs       confirmation runs per night (re-measures of the best listed apart)
-  true gain          true improvement of the final best over the baseline after 100 runs, in sigma
+Common random numbers: every policy meets the same idea sequence, drift path and noise (each run's noise is
+drawn from the night and the run's (source, seed, repeat)), so a gain difference between two policies is
+a mean of per-night differences, with its standard error.
 
-    python bench/judge_sim.py [--nights 300] [--seed 1]
+Per night: keeps, keeps that are not real improvements (docs/judge.md), true gain, recorded-best bias and
+runs per purpose; over all nights: kept at 1/2/3 sigma and false keeps of no-effect changes.
+
+    python bench/judge_sim.py [--nights 400] [--landscape harsh|kind|both] [--set key=value ...]
+    python bench/judge_sim.py --calibrate     # upstream's rule (keep any lower run): its keep share
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 import math
 import random
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -38,24 +40,29 @@ from typing import Any, cast
 
 import structlog
 
-from daemon.agents.edits import normalized_hash
+from daemon.agents import edits
 from daemon.config import JudgeConfig
-from daemon.research import archive, planner
+from daemon.research import planner
 from daemon.research.archive import unified_diff
 from daemon.research.judge import Decision, LegacyRule
 from daemon.research.keeper import Keeper
-from daemon.research.measurements import recorded_value
+from daemon.research.measurements import incumbent_rows, recorded_value
 from daemon.store.records import TERMINAL_STATUSES, ExperimentRecord
 
 SIGMA = 0.01
 BASE_VALUE = 1.0
-SLOTS = 110
+SLOTS = 200
 FAMILIES = 12
 RUNS_PER_NIGHT = 100
+NOT_REAL_DELETION = -0.25  # a kept deletion costing more than this (sigma) is not a real improvement
 _EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
+normalized_hash = functools.lru_cache(maxsize=4096)(edits.normalized_hash)
+
+TODAY = {"paired": False, "simplicity_alpha": None, "simplicity_margin_sigma": 0.0, "futility_t": 0.5,  # before issue 22
+         "remeasure_every": 6, "keep_min_runs": 1}
 
 
-# -- the landscape --------------------------------------------------------------------------------------
+# -- the landscapes (docs/judge.md) ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -63,17 +70,38 @@ class Idea:
     slot: int
     family: int
     gain: float  # in sigma; > 0 is better
+    deletion: bool = False  # applying it removes a code line
+    noise: float = 1.0  # its sigma, in units of the baseline's
+    crashes: bool = False
 
 
-def draw_idea(rng: random.Random, slot: int) -> Idea:
-    roll = rng.random()
-    if roll < 0.55:
-        gain = 0.0
-    elif roll < 0.80:
-        gain = -rng.uniform(0.5, 3.0)
-    else:
-        gain = float(rng.choice((1, 2, 3)))
-    return Idea(slot, rng.randrange(FAMILIES), gain)
+@dataclass(frozen=True)
+class Landscape:
+    name: str
+    seed_share: float  # share of a run's variance from a seed term shared by every source
+    drift_step: float  # sd of the machine's random-walk offset per run
+    timeout_rate: float  # chance that a candidate or confirmation run times out
+    repeat_rate: float
+    near_duplicate_rate: float
+
+    def draw(self, rng: random.Random, slot: int) -> Idea:
+        family = rng.randrange(FAMILIES)
+        if self.name == "kind":
+            roll = rng.random()
+            gain = 0.0 if roll < 0.55 else -rng.uniform(0.5, 3.0) if roll < 0.80 else float(rng.choice((1, 2, 3)))
+            return Idea(slot, family, gain)
+        if rng.random() < 0.15:
+            return Idea(slot, family, rng.gauss(-0.3, 0.5), deletion=True, noise=math.exp(rng.gauss(0.0, 0.25)))
+        roll = rng.random()
+        gain = rng.gauss(-0.1, 0.35) if roll < 0.65 else -rng.expovariate(1 / 1.5) if roll < 0.90 \
+            else rng.expovariate(1.0)
+        return Idea(slot, family, gain, noise=math.exp(rng.gauss(0.0, 0.25)), crashes=rng.random() < 0.08)
+
+
+KIND = Landscape("kind", seed_share=0.0, drift_step=0.0, timeout_rate=0.0, repeat_rate=0.0, near_duplicate_rate=0.0)
+HARSH = Landscape("harsh", seed_share=0.4, drift_step=0.03, timeout_rate=0.02, repeat_rate=0.10,
+                  near_duplicate_rate=0.10)
+LANDSCAPES = {"kind": KIND, "harsh": HARSH}
 
 
 def true_gain(applied: frozenset[int], ideas: dict[int, Idea]) -> float:
@@ -87,19 +115,68 @@ def true_gain(applied: frozenset[int], ideas: dict[int, Idea]) -> float:
     return harm + sum(best_of.values())
 
 
-def source_of(applied: frozenset[int]) -> str:
-    """A train.py stand-in: one line per slot, far apart so that diffs of different slots never overlap."""
-    lines = []
-    for slot in range(SLOTS):
-        lines += [f"# region {slot}.{k}" for k in range(4)]
-        lines.append(f"c{slot} = {1 if slot in applied else 0}")
-        lines += [f"# region {slot}.{k}" for k in range(4, 8)]
+class World:
+    """One night's landscape with common random numbers: the k-th proposal, the drift after t runs and the
+    noise of a run of (source, seed, repeat) are the same for every policy."""
+
+    def __init__(self, land: Landscape, night: int, seed: int) -> None:
+        self.land = land
+        self.key = f"{land.name}:{seed}:{night}"
+        rng = random.Random(f"{self.key}:ideas")
+        self.ideas: dict[int, Idea] = {}
+        self.sequence: list[int] = []  # slot of the k-th proposal
+        for k in range(3 * RUNS_PER_NIGHT):
+            roll = rng.random()
+            if k and roll < land.repeat_rate:
+                self.sequence.append(self.sequence[rng.randrange(k)])
+                continue
+            slot = len(self.ideas)
+            if k and roll < land.repeat_rate + land.near_duplicate_rate:
+                twin = self.ideas[self.sequence[rng.randrange(k)]]
+                self.ideas[slot] = replace(twin, slot=slot, gain=twin.gain + rng.gauss(0.0, 0.1))
+            else:
+                self.ideas[slot] = land.draw(rng, slot)
+            self.sequence.append(slot)
+        walk = random.Random(f"{self.key}:drift")
+        self.drift = list(itertools.accumulate(walk.gauss(0.0, land.drift_step) for _ in range(4 * RUNS_PER_NIGHT)))
+        self._seed_terms: dict[int, float] = {}
+
+    def value(self, applied: frozenset[int]) -> float:
+        """The true val_bpb of a source (drift excluded)."""
+        return BASE_VALUE - SIGMA * true_gain(applied, self.ideas)
+
+    def expected(self, applied: frozenset[int], t: int) -> float:
+        """What a run at time t measures on average (true value + the machine's drift)."""
+        return self.value(applied) + SIGMA * self.drift[t]
+
+    def crashes(self, applied: frozenset[int], seed: int, repeat: int, may_time_out: bool) -> bool:
+        if any(self.ideas[s].crashes for s in applied):
+            return True
+        return may_time_out and random.Random(f"{self.key}:to:{sorted(applied)}:{seed}:{repeat}").random() \
+            < self.land.timeout_rate
+
+    def measure(self, applied: frozenset[int], seed: int, repeat: int, t: int) -> float:
+        share = self.land.seed_share
+        if seed not in self._seed_terms:
+            self._seed_terms[seed] = random.Random(f"{self.key}:seed:{seed}").gauss(0.0, 1.0)
+        own = random.Random(f"{self.key}:run:{sorted(applied)}:{seed}:{repeat}").gauss(0.0, 1.0)
+        scale = max((self.ideas[s].noise for s in applied), default=1.0)
+        return self.expected(applied, t) + SIGMA * scale * (math.sqrt(share) * self._seed_terms[seed]
+                                                             + math.sqrt(1 - share) * own)
+
+
+def source_of(applied: frozenset[int], ideas: dict[int, Idea]) -> str:
+    """A train.py stand-in: a line `d<slot> = 0` for each deletion not applied (applying it removes the line),
+    a line `c<slot> = 1` for each other idea applied."""
+    lines = [f"d{slot} = 0" for slot, idea in ideas.items() if idea.deletion and slot not in applied]
+    lines += [f"c{slot} = 1" for slot in sorted(applied) if not ideas[slot].deletion]
     return "\n".join(lines) + "\n"
 
 
-def applied_of(source: str) -> frozenset[int]:
-    return frozenset(int(line[1:line.index(" ")]) for line in source.splitlines()
-                     if line.startswith("c") and line.endswith(" = 1"))
+def applied_of(source: str, ideas: dict[int, Idea]) -> frozenset[int]:
+    present = set(source.split())
+    return frozenset(slot for slot, idea in ideas.items()
+                     if (f"d{slot}" not in present if idea.deletion else f"c{slot}" in present))
 
 
 # -- an in-memory store with the calls the keeper and planner make --------------------------------------
@@ -184,135 +261,165 @@ class SimWorkspace:
 
 @dataclass
 class Night:
-    judged: list[tuple[float, bool]] = field(default_factory=list)  # (true effect on the best, kept)
-    confirm_runs: int = 0
-    remeasure_runs: int = 0
-    bias: float = 0.0  # recorded best - true best, in sigma
+    judged: list[tuple[float, bool, bool]] = field(default_factory=list)  # (true effect, kept, deletion)
+    not_real_keeps: list[dict[str, Any]] = field(default_factory=list)  # what each not-real keep looked like
+    runs: Counter[str] = field(default_factory=Counter)  # runs per purpose
+    bias: float = 0.0  # recorded best - what its runs measure on average, in sigma
     gain: float = 0.0  # true gain of the final best, in sigma
-    near_miss_moves: int = 0
+
+    @property
+    def keeps(self) -> int:
+        return sum(kept for _, kept, _ in self.judged)
+
+    @property
+    def not_real(self) -> int:
+        return sum(kept and not is_real(effect, deletion) for effect, kept, deletion in self.judged)
 
 
-class Landscape:
-    def __init__(self, rng: random.Random, null: bool = False) -> None:
-        self.rng = rng
-        self.null = null  # every idea has no effect (the controlled false-keep trial)
-        self.ideas: dict[int, Idea] = {}
-        self.next_slot = 0
-
-    def propose(self, best: frozenset[int]) -> frozenset[int]:
-        slot = self.next_slot % SLOTS
-        self.next_slot += 1
-        self.ideas[slot] = Idea(slot, 0, 0.0) if self.null else draw_idea(self.rng, slot)
-        return best | {slot} if slot not in best else best - {slot}
-
-    def value(self, applied: frozenset[int]) -> float:
-        return BASE_VALUE - SIGMA * true_gain(applied, self.ideas)
-
-    def measure(self, applied: frozenset[int]) -> float:
-        return self.value(applied) + SIGMA * self.rng.gauss(0.0, 1.0)
+def is_real(effect: float, deletion: bool) -> bool:
+    return effect >= NOT_REAL_DELETION if deletion else effect > 0
 
 
-def new_night(config: JudgeConfig, rng: random.Random, first_only: bool = False) -> Night:
-    """The daemon's planner, archive and keeper over 100 runs (or, `first_only`, until a first no-effect
-    candidate is decided against the fresh baseline)."""
+class Proposer:
+    """The agent: the night's idea sequence, applied to the current best; an exact repeat of a tried source is
+    refused before a run (the session's seen hashes), and the next idea is taken."""
+
+    def __init__(self, world: World) -> None:
+        self.world, self.k = world, 0
+
+    def next(self, best: frozenset[int], seen: Callable[[str], bool]) -> frozenset[int]:
+        while True:
+            slot = self.world.sequence[self.k % len(self.world.sequence)]
+            self.k += 1
+            candidate = best - {slot} if slot in best else best | {slot}
+            if not seen(normalized_hash(source_of(candidate, self.world.ideas))):
+                return candidate
+
+
+def new_night(config: JudgeConfig, world: World) -> Night:
+    """The daemon's planner and keeper over 100 runs."""
     settings = SimpleNamespace(judge=config)  # the keeper reads only the [judge] section
-    land, store, night = Landscape(rng, null=first_only), SimStore(), Night()
+    store, night, ideas = SimStore(), Night(), world.ideas
     keeper = Keeper(settings=cast(Any, settings), store=store, workspace=cast(Any, SimWorkspace()), owner="sim",
                     session_id=lambda: 1, tag=lambda: "sim", lock=threading.RLock())
-    effect_at_proposal: dict[int, float] = {}
-    planned = 0
-    for _ in range(RUNS_PER_NIGHT):
+    proposer = Proposer(world)
+    effect: dict[int, tuple[float, bool]] = {}
+    expected: dict[int, float] = {}
+    repeats: Counter[tuple[frozenset[int], int]] = Counter()
+    for t in range(RUNS_PER_NIGHT):
         row = store.claim()
         if row is None:
             rows = list(store.rows.values())
             best = store.best(1)
             plan = planner.next_move(rows, best, config)
             if plan.move is planner.Move.BASELINE:
-                store.create_experiment(1, "baseline", source_of(frozenset()), source_hash=normalized_hash(
-                    source_of(frozenset())))
+                base = source_of(frozenset(), ideas)
+                store.create_experiment(1, "baseline", base, source_hash=normalized_hash(base))
             elif plan.move is planner.Move.NOISE:
-                base = next(r for r in rows if r.kind == "baseline")
-                store.create_experiment(1, "noise", base.source, seed=plan.seed, source_hash=base.source_hash)
+                base_row = next(r for r in rows if r.kind == "baseline")
+                store.create_experiment(1, "noise", base_row.source, seed=plan.seed, source_hash=base_row.source_hash)
             elif plan.move is planner.Move.REMEASURE and best is not None:
                 store.create_experiment(1, "remeasure", best.source, parent_id=best.id, seed=plan.seed,
                                         source_hash=best.source_hash)
             elif plan.move is planner.Move.CANDIDATE and best is not None:
-                parent_set = applied_of(best.source)
-                picked = None
-                if planner.archive_turn(planned, config):
-                    picked = archive.pick_near_miss(rows, best, best.source, store.seen_hashes(1))
-                planned += 1
-                if picked is not None:
-                    miss, source = picked
-                    night.near_miss_moves += 1
-                    kw: dict[str, Any] = {"parent2_id": miss.experiment_id}
-                else:
-                    source = source_of(land.propose(parent_set))
-                    kw = {}
+                parent = applied_of(best.source, ideas)
+                seen = store.seen_hashes(1)
+                applied = proposer.next(parent, seen.__contains__)
+                source = source_of(applied, ideas)
                 created = store.create_experiment(1, "candidate", source, parent_id=best.id,
                                                   diff=unified_diff(best.source, source),
-                                                  source_hash=normalized_hash(source), **kw)
-                effect_at_proposal[created.id] = (land.value(parent_set) - land.value(applied_of(source))) / SIGMA
+                                                  seed=planner.first_seed(rows, best, config),
+                                                  source_hash=normalized_hash(source))
+                toggled = next(iter(applied ^ parent))
+                deletion = ideas[toggled].deletion and toggled in applied
+                effect[created.id] = ((world.value(parent) - world.value(applied)) / SIGMA, deletion)
+            else:
+                raise AssertionError(plan)
             row = store.claim()
             assert row is not None, plan
-        night.confirm_runs += row.kind == "confirm"
-        night.remeasure_runs += row.kind == "remeasure"
-        value = land.measure(applied_of(row.source))
+        night.runs[row.kind] += 1
+        applied = applied_of(row.source, ideas)
+        repeat = repeats[(applied, row.seed)]
+        repeats[(applied, row.seed)] += 1
+        if world.crashes(applied, row.seed, repeat, may_time_out=row.kind in ("candidate", "confirm")):
+            night.runs["crashed"] += 1
+            store.transition(row.id, "evaluating", "crashed")
+            keeper.abandon(row, "crashed")
+            continue
+        value = world.measure(applied, row.seed, repeat, t)
+        expected[row.id] = world.expected(applied, t)
         keeper.record(row, value, {"val_bpb": value})
-        if first_only and any(r.kind == "candidate" and r.status in ("kept", "discarded") for r in store.rows.values()):
-            break
-    for row_id, effect in effect_at_proposal.items():
+    for row_id, (size, deletion) in effect.items():
         final = store.rows[row_id]
-        if final.status in ("kept", "discarded") and final.parent2_id is None:
-            night.judged.append((effect, final.status == "kept"))
+        if final.status in ("kept", "discarded"):
+            night.judged.append((size, final.status == "kept", deletion))
+            if final.status == "kept" and not is_real(size, deletion) and final.verdict is not None:
+                toggled = next(iter(applied_of(final.source, ideas) ^ applied_of(store.rows[final.parent_id or 0].source,
+                                                                                 ideas)))
+                night.not_real_keeps.append({"effect": size, "noise": ideas[toggled].noise, "deletion": deletion,
+                                             **{k: final.verdict[k] for k in ("rule", "n", "paired", "t", "df")}})
     best = store.best(1)
     assert best is not None
-    recorded = recorded_value(list(store.rows.values()), best)
-    applied = applied_of(best.source)
-    night.bias = ((recorded or 0.0) - land.value(applied)) / SIGMA
-    night.gain = true_gain(applied, land.ideas)
+    rows = list(store.rows.values())
+    recorded = recorded_value(rows, best)
+    reference = [expected[r.id] for r in incumbent_rows(rows, best)]
+    night.bias = ((recorded or 0.0) - sum(reference) / len(reference)) / SIGMA
+    night.gain = true_gain(applied_of(best.source, ideas), ideas)
     return night
 
 
-def old_night(config: JudgeConfig, rng: random.Random) -> Night:
-    """The loop this one replaced: sigma from baseline + 2 noise runs, one run vs the best's one run."""
-    land, night = Landscape(rng), Night()
-    baseline = [land.measure(frozenset()) for _ in range(1 + config.noise_runs)]
-    std = _std(baseline)
-    best_set, best_value = frozenset[int](), baseline[0]
-    runs = len(baseline)
-    while runs < RUNS_PER_NIGHT:
-        candidate = land.propose(best_set)
-        effect = (land.value(best_set) - land.value(candidate)) / SIGMA
-        first = land.measure(candidate)
-        runs += 1
+def old_night(config: JudgeConfig, world: World) -> Night:
+    """The loop this one replaced: sigma from baseline + noise runs, one run vs the best's one run, one
+    confirmation (`k = 0, min_delta = 0, confirm = False`: upstream's rule, keep any lower run)."""
+    night, t, seen = Night(), 0, set[frozenset[int]]()
+    repeats: Counter[tuple[frozenset[int], int]] = Counter()
+    proposer = Proposer(world)
+
+    def run(applied: frozenset[int], seed: int, kind: str) -> float | None:
+        nonlocal t
+        night.runs[kind] += 1
+        repeat = repeats[(applied, seed)]
+        repeats[(applied, seed)] += 1
+        t += 1
+        if world.crashes(applied, seed, repeat, may_time_out=kind in ("candidate", "confirm")):
+            night.runs["crashed"] += 1
+            return None
+        return world.measure(applied, seed, repeat, t - 1)
+
+    baseline = [v for seed in range(1 + config.noise_runs)
+                if (v := run(frozenset(), seed, "baseline" if seed == 0 else "noise")) is not None]
+    std = _std(baseline) if len(baseline) > 1 else 0.0
+    best_set, best_value, best_t = frozenset[int](), baseline[0], 0
+    seen.add(best_set)
+    while t < RUNS_PER_NIGHT:
+        candidate = _next_unseen(proposer, best_set, seen)
+        seen.add(candidate)
+        toggled = next(iter(candidate ^ best_set))
+        deletion = world.ideas[toggled].deletion and toggled in candidate
+        effect = (world.value(best_set) - world.value(candidate)) / SIGMA
+        first_t = t
+        first = run(candidate, 0, "candidate")
+        if first is None:
+            continue
         decision = LegacyRule.first_look(first, best_value, std, config)
-        value = first
-        if decision is Decision.CONFIRM and runs < RUNS_PER_NIGHT:
-            second = land.measure(candidate)
-            runs += 1
-            night.confirm_runs += 1
-            decision = LegacyRule.confirmed([first, second], best_value, std, config)
-            value = first  # the old loop stored the candidate's first run as the best
+        if decision is Decision.CONFIRM and t < RUNS_PER_NIGHT:
+            second = run(candidate, 1000 + t, "confirm")
+            decision = Decision.DISCARD if second is None else \
+                LegacyRule.confirmed([first, second], best_value, std, config)
         kept = decision is Decision.KEEP
-        night.judged.append((effect, kept))
+        night.judged.append((effect, kept, deletion))
         if kept:
-            best_set, best_value = candidate, value
-    night.bias = (best_value - land.value(best_set)) / SIGMA
-    night.gain = true_gain(best_set, land.ideas)
+            best_set, best_value, best_t = candidate, first, first_t  # the old loop stored the first run
+    night.bias = (best_value - world.expected(best_set, best_t)) / SIGMA
+    night.gain = true_gain(best_set, world.ideas)
     return night
 
 
-def old_first(config: JudgeConfig, rng: random.Random) -> bool:
-    """The old loop's first candidate, with no effect, against the fresh baseline: kept?"""
-    land = Landscape(rng, null=True)
-    baseline = [land.measure(frozenset()) for _ in range(1 + config.noise_runs)]
-    candidate = land.propose(frozenset())
-    first = land.measure(candidate)
-    decision = LegacyRule.first_look(first, baseline[0], _std(baseline), config)
-    if decision is Decision.CONFIRM:
-        decision = LegacyRule.confirmed([first, land.measure(candidate)], baseline[0], _std(baseline), config)
-    return decision is Decision.KEEP
+def _next_unseen(proposer: Proposer, best: frozenset[int], seen: set[frozenset[int]]) -> frozenset[int]:
+    while True:
+        candidate = proposer.next(best, lambda h: False)
+        if candidate not in seen:
+            return candidate
 
 
 def _std(values: Sequence[float]) -> float:
@@ -323,59 +430,117 @@ def _std(values: Sequence[float]) -> float:
 # -- the table ---------------------------------------------------------------------------------------
 
 
-def summarize(nights: list[Night]) -> dict[str, str]:
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def summarize(nights: list[Night], reference: list[Night] | None) -> dict[str, str]:
+    """One column: per-night figures (mean ± standard error over nights) and rates over all judged changes."""
     judged = [item for night in nights for item in night.judged]
 
-    def rate(low: float, high: float) -> str:
-        hits = [kept for effect, kept in judged if low <= effect < high]
+    def rate(low: float, high: float, deletion: bool = False) -> str:
+        hits = [kept for effect, kept, d in judged if low <= effect < high and d == deletion]
         return f"{sum(hits) / len(hits):.1%} (n={len(hits)})" if hits else "-"
 
-    count = len(nights)
-    return {
-        "false keeps (effect 0)": rate(-1e-9, 1e-9),
+    def per_night(values: list[float], digits: int = 2) -> str:
+        mean, se = mean_se(values)
+        return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+    keeps = sum(n.keeps for n in nights)
+    not_real = sum(n.not_real for n in nights)
+    table = {
+        "keeps / night": per_night([float(n.keeps) for n in nights]),
+        "not-real keeps / night": per_night([float(n.not_real) for n in nights]),
+        "share of keeps not real": f"{not_real / keeps:.1%}" if keeps else "-",
+        "nights with a not-real keep": f"{sum(n.not_real > 0 for n in nights) / len(nights):.0%}",
+        "false keeps (|effect| < 0.05)": rate(-0.05, 0.05),
         "kept at 1 sigma": rate(0.5, 1.5),
         "kept at 2 sigma": rate(1.5, 2.5),
         "kept at 3 sigma": rate(2.5, 3.5),
-        "recorded-best bias (sigma)": f"{sum(n.bias for n in nights) / count:+.2f}",
-        "confirm runs / night": f"{sum(n.confirm_runs for n in nights) / count:.1f}",
-        "re-measure runs / night": f"{sum(n.remeasure_runs for n in nights) / count:.1f}",
-        "near-miss moves / night": f"{sum(n.near_miss_moves for n in nights) / count:.1f}",
-        "true gain after 100 runs (sigma)": f"{sum(n.gain for n in nights) / count:.2f}",
+        "deletions kept, effect >= 0": rate(0.0, 99.0, deletion=True),
+        "deletions kept, effect < -0.5": rate(-99.0, -0.5, deletion=True),
+        "recorded-best bias (sigma)": per_night([n.bias for n in nights]),
+        "true gain / night (sigma)": per_night([n.gain for n in nights]),
     }
+    if reference is not None:
+        diffs = [a.gain - b.gain for a, b in zip(nights, reference, strict=True)]
+        mean, se = mean_se(diffs)
+        ratio = sum(n.gain for n in nights) / sum(n.gain for n in reference) if sum(n.gain for n in reference) else 0.0
+        table["gain - old rule (sigma)"] = f"{mean:+.2f} ± {se:.2f}"
+        table["gain / old rule"] = f"{ratio:.2f}x"
+    for kind in ("candidate", "confirm", "remeasure", "noise", "crashed"):
+        table[f"runs: {kind}"] = f"{sum(n.runs[kind] for n in nights) / len(nights):.1f}"
+    return table
+
+
+GRID_FIGURES = ("share of keeps not real", "not-real keeps / night", "kept at 2 sigma", "recorded-best bias (sigma)",
+                "true gain / night (sigma)", "gain - old rule (sigma)", "gain / old rule", "deletions kept, effect >= 0",
+                "deletions kept, effect < -0.5")
+
+
+def print_table(title: str, table: dict[str, dict[str, str]]) -> None:
+    rows = list(dict.fromkeys(r for column in table.values() for r in column))
+    width = max(len(r) for r in rows) + 2
+    col = max(24, *(len(name) + 2 for name in table))
+    print(title)
+    print("".ljust(width) + "".join(name.rjust(col) for name in table))
+    for row in rows:
+        print(row.ljust(width) + "".join(table[name].get(row, "").rjust(col) for name in table))
+    print()
+
+
+def settings(pairs: list[str], base: dict[str, Any] | None = None) -> JudgeConfig:
+    values: dict[str, Any] = dict(base or {})
+    for item in pairs:
+        key, _, value = item.partition("=")
+        values[key] = None if value == "none" else value
+    return JudgeConfig(**values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--nights", type=int, default=300)
+    parser.add_argument("--nights", type=int, default=400)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--landscape", choices=("kind", "harsh", "both"), default="both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a [judge] setting for the new rule, e.g. --set max_runs=4 (repeatable)")
+                        help="a [judge] setting for the 'new' column, e.g. --set max_runs=4 (repeatable)")
+    parser.add_argument("--calibrate", action="store_true", help="upstream's rule only: its keep share")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=VALUE,KEY=VALUE",
+                        help="instead of the table: one line per setting (repeatable), against the old rule")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    default = JudgeConfig(**dict(item.split("=", 1) for item in args.set))
-    columns = {
-        "old rule": [old_night(default, random.Random(args.seed * 100_003 + i)) for i in range(args.nights)],
-        "new, greedy": [new_night(default.model_copy(update={"search": "greedy"}),
-                                  random.Random(args.seed * 100_003 + i)) for i in range(args.nights)],
-        "new, archive": [new_night(default.model_copy(update={"search": "archive"}),
-                                   random.Random(args.seed * 100_003 + i)) for i in range(args.nights)],
-    }
-    table = {name: summarize(nights) for name, nights in columns.items()}
-    trials = 10 * args.nights
-    first_old = sum(old_first(default, random.Random(7_000_003 + i)) for i in range(trials)) / trials
-    first_new = sum(any(kept for _, kept in new_night(default, random.Random(7_000_003 + i), first_only=True).judged)
-                    for i in range(trials)) / trials
-    for name, rate in (("old rule", first_old), ("new, greedy", first_new), ("new, archive", first_new)):
-        table[name]["false keeps, first candidate"] = f"{rate:.1%} (n={trials})"
-    rows = ["false keeps, first candidate", *(r for r in next(iter(table.values())) if r != "false keeps, first candidate")]
-    width = max(len(r) for r in rows) + 2
-    print(f"{args.nights} nights x {RUNS_PER_NIGHT} runs, seed {args.seed}; landscape: 55% no effect, 25% harmful, "
-          f"20% helpful (1/2/3 sigma), {FAMILIES} overlapping families; 'first candidate': a no-effect change "
-          "judged against the fresh baseline (baseline + noise runs only), old loop vs the project's keeper")
-    print("".ljust(width) + "".join(name.rjust(22) for name in table))
-    for row in rows:
-        print(row.ljust(width) + "".join(table[name][row].rjust(22) for name in table))
-    print("goals: false keeps <= 5%, >= 60% kept at 2 sigma, |recorded-best bias| <= 0.2 sigma")
+    names = ("kind", "harsh") if args.landscape == "both" else (args.landscape,)
+    for name in names:
+        worlds = [World(LANDSCAPES[name], i, args.seed) for i in range(args.nights)]
+        if args.calibrate:
+            upstream = JudgeConfig(k=0.0, min_delta=0.0, confirm=False)
+            nights = [old_night(upstream, w) for w in worlds]
+            runs = sum(sum(n.runs.values()) for n in nights)
+            print(f"{name}: upstream's rule keeps {sum(n.keeps for n in nights) / runs:.1%} of runs "
+                  f"({sum(n.keeps for n in nights) / len(nights):.1f} of {RUNS_PER_NIGHT} per night; "
+                  "upstream's published nights: 15/83 = 18%, ~18% of 125)")
+            continue
+        old = [old_night(JudgeConfig(), w) for w in worlds]
+        if args.grid:
+            for spec in args.grid:
+                t = summarize([new_night(settings([p for p in spec.split(",") if p]), w) for w in worlds], old)
+                print(f"{name} {spec or 'defaults'}: " + "; ".join(f"{k} {t[k]}" for k in GRID_FIGURES), flush=True)
+            continue
+        columns = {
+            "old rule": old,
+            "today's rule": [new_night(settings([], TODAY), w) for w in worlds],
+            "new defaults" + (" + " + " ".join(args.set) if args.set else ""):
+                [new_night(settings(args.set), w) for w in worlds],
+        }
+        table = {col: summarize(nights, None if col == "old rule" else old) for col, nights in columns.items()}
+        print_table(f"{name} landscape, {args.nights} nights x {RUNS_PER_NIGHT} runs, seed {args.seed} "
+                    "(same ideas and noise for every column; ± = standard error over nights)", table)
+    if not (args.calibrate or args.grid):
+        print("targets (harsh): share of keeps not real <= 5%, kept at 2 sigma >= 70%, |bias| <= 0.2 sigma, "
+              "gain >= 1.25x the old rule's (difference > 2 SE)")
 
 
 if __name__ == "__main__":

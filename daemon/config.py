@@ -273,14 +273,23 @@ class JudgeConfig(_Section):
     false_keep_rate: float = Field(0.05, gt=0, lt=0.5,
                                    description="chance of keeping a change with no real effect (spent over the looks)")
     max_runs: int = Field(5, ge=1, le=10, description="runs of one candidate at most (first run + confirmations)")
-    futility_t: float = Field(0.5, description="a close call is confirmed only while its t statistic is above this")
+    futility_t: float = Field(0.75, description="a close call is confirmed only while its t statistic is above this")
     min_delta: float = Field(0.0005, ge=0, description="keep only if improvement > this, whatever the noise")
+    keep_min_runs: int = Field(2, ge=1, le=10, description="runs a candidate needs before a keep (a first run that "
+                               "clears the boundary is confirmed first)")
+    min_gain_sigma: float = Field(0.0, ge=0, description="the test is on improvement minus this many sigma: a "
+                                  "change must be better by at least this much, not just better")
     confirm: bool = Field(True, description="confirm close calls with more seeds (false: one look only)")
     remeasure_after_keep: int = Field(2, ge=0, le=10,
                                       description="fresh runs of a new best; its recorded value is their mean")
-    remeasure_every: int = Field(6, ge=0, description="re-measure the best after this many candidates (0 = never)")
+    remeasure_every: int = Field(4, ge=0, description="re-measure the best after this many candidates (0 = never)")
     simplicity: bool = Field(True, description="within noise, a change that removes code is kept")
-    simplicity_tolerance_sigma: float = Field(0.0, ge=0, description="how much worse (in sigma) a simpler change may be")
+    simplicity_margin_sigma: float = Field(0.25, ge=0, description="non-inferiority margin (in sigma) of a change "
+                                           "that removes code: kept unless it is this much worse or more")
+    simplicity_alpha: float | None = Field(0.05, gt=0, lt=0.5, description="chance of keeping a code removal that "
+                                           "truly costs the margin (over its looks); unset: the untested point rule")
+    paired: bool = Field(True, description="judge on seed-paired differences when they are the more precise test")
+    paired_min_df: int = Field(8, ge=1, description="paired noise needs this many degrees of freedom before use")
     large_change_lines: int = Field(30, ge=1, description="net added lines from which a change counts as large")
     large_change_gain_sigma: float = Field(1.0, ge=0, description="extra gain (in sigma) a large change must show")
     memory_soft_limit_mb: float | None = Field(None, gt=0, description="peak memory above this needs extra gain")

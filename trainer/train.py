@@ -16,7 +16,8 @@ CUDA: bf16 autocast, torch.compile, flash SDPA for full layers and flex_attentio
 CPU: fp32, SDPA with a window mask, small presets that take the same code paths.
 Environment: AUTORESEARCH_TIME_BUDGET (s), AUTORESEARCH_COMPILE_BUDGET (s), AUTORESEARCH_DEADLINE (the stage's
 deadline on time.monotonic(), set by the harness), AUTORESEARCH_SEED, AUTORESEARCH_PRESET (auto|gpu|cpu|tiny),
-AUTORESEARCH_DATA_DIR, AUTORESEARCH_OUT_DIR.
+AUTORESEARCH_DATA_DIR, AUTORESEARCH_OUT_DIR, AUTORESEARCH_MAX_STEPS (measurements only: a fixed step count, the
+schedule by steps).
 Time: the whole stage counts, from the harness's start of this script (imports, compilation, training, export) and
 must end by AUTORESEARCH_DEADLINE (compile budget + time budget after the start; trainer.clock). Training runs for
 the time budget, or less when set-up and compilation leave less before the deadline minus the export's reserve.
@@ -386,6 +387,7 @@ def main() -> None:
     # The stage's one clock: everything counts from the start, and the harness kills a run still going past it.
     deadline = float(os.environ.get(DEADLINE_ENV, "") or clock_start + compile_budget + time_budget)
     seed = int(os.environ.get("AUTORESEARCH_SEED", "0"))
+    max_steps = int(os.environ.get("AUTORESEARCH_MAX_STEPS", "0"))  # > 0: fixed step count, schedule by steps
     data_dir = os.environ.get("AUTORESEARCH_DATA_DIR", "/data")
     out_dir = os.environ.get("AUTORESEARCH_OUT_DIR", "/out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -435,11 +437,12 @@ def main() -> None:
     last_print_step = 0
     while True:
         step_start = time.perf_counter()
-        multiplier = lr_multiplier(training_time / train_seconds)
+        progress = step / max_steps if max_steps else training_time / train_seconds
+        multiplier = lr_multiplier(progress)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * multiplier
-        decay = WEIGHT_DECAY * max(0.0, 1.0 - training_time / train_seconds)  # weight decay fades out linearly
+        decay = WEIGHT_DECAY * max(0.0, 1.0 - progress)  # weight decay fades out linearly
         optimizers[1].param_groups[0].update(momentum=muon_momentum(step), weight_decay=decay)
         for _ in range(grad_accum):
             with autocast:
@@ -484,7 +487,7 @@ def main() -> None:
                   f"lr× {multiplier:.2f} | dt {1000 * step_time:.0f} ms | tok/s {tok_per_s:,.0f} | mfu {mfu:.1f}% | "
                   f"epoch {loader.epoch}", flush=True)
             last_print, last_print_step = now, step
-        if training_time >= train_seconds:
+        if training_time >= train_seconds or 0 < max_steps <= step:
             break
         if training_time + (time.perf_counter() - step_start) > stop_seconds:
             break  # the next step would end too late (past the budget, or into the export's reserve): stop now

@@ -316,12 +316,15 @@ class OfflineAgent:
 
 
 def _step_scale(history: list[HistoryItem]) -> float:
-    """1 after a success, growing by 0.5 per failure since the last kept experiment (capped)."""
+    """1 after a success, growing by 0.5 per failure since the last kept experiment (capped).
+
+    Only judged candidates count: a discard or a failed run is a failure; bookkeeping runs (`measured`: noise,
+    confirmations, re-measures) and runs not finished are no verdict on the search, and skipped."""
     failures = 0
     for item in reversed(history):
         if item.status == "kept":
             break
-        failures += 1
+        failures += item.status == "discarded" or item.status in _FAILED
     return min(1.0 + 0.5 * failures, MAX_STEP_SCALE)
 
 

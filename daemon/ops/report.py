@@ -107,6 +107,9 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
     noise = store.noise_floor(session.id)
     best_runs = measurements.incumbent_runs(experiments, best) if best is not None else []
     best_value = sum(best_runs) / len(best_runs) if best_runs else (best.val_bpb if best is not None else None)
+    baseline_runs = measurements.incumbent_runs(experiments, baseline) if baseline is not None else []
+    baseline_value = sum(baseline_runs) / len(baseline_runs) if baseline_runs else (
+        baseline.val_bpb if baseline is not None else None)
     by_status = Counter(e.status for e in experiments)
     kept = sorted((e for e in experiments if e.status == "kept"), key=lambda e: e.id)
     lines = [
@@ -120,10 +123,11 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
         f"- best val_bpb: {_bpb(best_value)}"
         + (f" (experiment {best.id}; mean of {len(best_runs)} run{'s' if len(best_runs) != 1 else ''})"
            if best else ""),
-        f"- baseline val_bpb: {_bpb(baseline.val_bpb if baseline else None)}",
+        f"- baseline val_bpb: {_bpb(baseline_value)}"
+        + (f" (mean of {len(baseline_runs)} run{'s' if len(baseline_runs) != 1 else ''})" if baseline_runs else ""),
     ]
-    if best_value is not None and baseline is not None and baseline.val_bpb is not None:
-        lines.append(f"- delta vs baseline: {_delta(best_value, baseline.val_bpb)}")
+    if best_value is not None and baseline_value is not None:  # like with like: a mean of fresh runs on both sides
+        lines.append(f"- delta vs baseline: {_delta(best_value, baseline_value)}")
     if noise.n:
         lines.append(f"- noise floor: mean {_bpb(noise.mean)}, std {noise.std:.6f} over {noise.n} runs")
     else:

@@ -16,10 +16,21 @@ The rule (`decide`) is a sequential one-sided test on means:
   and one whose peak memory is over `memory_soft_limit_mb` by `memory_gain_sigma_per_gb` sigma per GB:
   the test is then on the improvement minus that extra gain. (Peak memory is what train.py prints in its
   summary: the candidate's own word, not a trusted measurement; the sandbox's memory cap is the hard limit.)
-- Simplicity: a change that removes more code lines than it adds is kept when, over at least two runs, its
-  mean is no worse than the incumbent's by more than `simplicity_tolerance_sigma` sigma (equal result,
-  simpler code). Lines are counted on the normalized code (`ChangeSize.between`), so deleting comments,
-  blank lines or docstrings, or joining lines, is not simpler code.
+- Seed pairing (`Pairs`): look k of a candidate runs under the seed of the incumbent's k-th fresh run
+  (`daemon.research.planner.look_seed`), so the seed's share of the noise is common to both and cancels in
+  their difference. The noise of one difference is pooled within candidates over the differences stored
+  with earlier verdicts (`paired_noise`); the seed share follows (`seed_share`). The paired test is used
+  when every look has a partner, the paired noise has `paired_min_df` degrees of freedom and it clearly
+  beats the unpaired test (`pairing_pays`); else the unpaired test above (the fallback).
+- `keep_min_runs`: a keep needs this many runs of the candidate (a first run that clears the boundary is
+  confirmed first: a lucky run, or a change noisier than the pooled sigma, rarely clears it twice).
+- `min_gain_sigma`: every change must win by this many sigma (the test is on improvement minus it), so a
+  change with no effect needs a lucky overshoot to be kept, not just luck.
+- Simplicity: a change that removes more code lines than it adds is kept when a non-inferiority test shows
+  it is not worse than the incumbent by `simplicity_margin_sigma` sigma or more, at `simplicity_alpha`
+  spent over the looks like the keep test (a removal that truly costs the margin is kept with that chance
+  at most). Lines are counted on the normalized code (`ChangeSize.between`), so deleting comments, blank
+  lines or docstrings, or joining lines, is not simpler code.
 - With no noise estimate yet (no repeat measured), the rule falls back to `min_delta` alone.
 
 `Verdict` carries the numbers (improvement, margin, sigma, df, n, t, p, alpha); the store keeps them on the
@@ -75,7 +86,7 @@ class ChangeSize:
         docstrings and formatting do not count, so deleting them is not "simpler code". Falls back to the
         text lines when a source does not parse."""
         try:
-            before, after = code_lines(parent), code_lines(child)
+            before, after = list(_cached_code_lines(parent)), list(_cached_code_lines(child))
         except SyntaxError:
             before, after = parent.splitlines(), child.splitlines()
         added = removed = 0
@@ -97,6 +108,12 @@ class ChangeSize:
             elif line.startswith("-") and line[1:].strip():
                 removed += 1
         return cls(added, removed)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_code_lines(source: str) -> tuple[str, ...]:
+    """`code_lines`, remembered: a best is the parent of many candidates, and each look judges again."""
+    return tuple(code_lines(source))
 
 
 def code_lines(source: str) -> list[str]:
@@ -126,12 +143,37 @@ class Verdict:
     alpha: float | None  # the false-keep rate spent on this look
     extra_gain: float  # what a large change or extra memory had to win on top of the noise
     reason: str
+    paired: bool = False  # judged on seed-paired differences (`Pairs`) rather than on the two means
+    differences: tuple[float, ...] = ()  # incumbent - candidate per shared seed (stored: the paired noise's data)
 
     def as_record(self) -> dict[str, Any]:
         """The verdict as stored with the experiment (JSON)."""
         data = asdict(self)
         data["decision"] = self.decision.value
+        data["differences"] = list(self.differences)
         return data
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Seed-paired looks of a candidate: incumbent run - candidate run on each of the candidate's seeds, and the
+    noise of one such difference (`paired_noise`), which is smaller than sqrt(2) sigma by the seed's share."""
+
+    differences: tuple[float, ...]
+    noise: Noise
+
+
+def paired_noise(groups: Iterable[Sequence[float]]) -> Noise:
+    """Sigma of one paired difference, pooled within candidates (each group: one candidate's differences; its
+    true effect cancels in the deviations from its own mean)."""
+    return pooled_noise(groups)
+
+
+def seed_share(single: Noise, paired: Noise) -> float | None:
+    """The share of a run's variance that the seed explains and pairing cancels: 1 - sigma_d^2 / (2 sigma^2)."""
+    if not (single.df and paired.df and single.sigma > 0):
+        return None
+    return 1.0 - paired.sigma ** 2 / (2.0 * single.sigma ** 2)
 
 
 def pooled_noise(groups: Iterable[Sequence[float]]) -> Noise:
@@ -203,8 +245,13 @@ def _normal_quantile(q: float) -> float:
 
 
 def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise, config: JudgeConfig, *,
-           change: ChangeSize | None = None, peak_memory_mb: float | None = None) -> Verdict:
-    """Judge a candidate's runs so far against the incumbent's runs: keep, discard, or confirm with one more run."""
+           change: ChangeSize | None = None, peak_memory_mb: float | None = None,
+           pairs: Pairs | None = None) -> Verdict:
+    """Judge a candidate's runs so far against the incumbent's runs: keep, discard, or confirm with one more run.
+
+    With `pairs` (every look of the candidate has an incumbent run on the same seed) and a paired noise
+    measured on at least `paired_min_df` degrees of freedom, the test is on the mean paired difference when
+    its standard error is the smaller one; else on the two means (the fallback when pairing is broken)."""
     if not candidate or not incumbent:
         raise ValueError("decide needs at least one run of the candidate and one of the incumbent")
     for value in (*candidate, *incumbent):
@@ -221,19 +268,33 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
                        extra_gain=0.0, reason=f"no repeat measured yet: improvement {improvement:.6f} "
                        f"{'>' if decision is Decision.KEEP else '<='} min_delta {config.min_delta:.6f}", **base)
     sigma = noise.sigma
-    se = sigma * math.sqrt(1.0 / n + 1.0 / n_inc)
+    se, df = sigma * math.sqrt(1.0 / n + 1.0 / n_inc), noise.df
+    paired = _usable(pairs, n, config)
+    if paired is not None and pairing_pays(noise, paired.noise, n, n_inc):
+        improvement, se, df = math.fsum(paired.differences) / n, paired.noise.sigma / math.sqrt(n), paired.noise.df
+        base["improvement"] = improvement
+    else:
+        paired = None
     alpha = look_alpha(config)
-    critical = t_quantile(1.0 - alpha, noise.df)
+    critical = t_quantile(1.0 - alpha, df)
     extra, why_extra = _extra_gain(sigma, config, change, peak_memory_mb)
     t = (improvement - extra) / se
-    p = t_sf(t, noise.df)
+    p = t_sf(t, df)
     margin = max(extra + critical * se, config.min_delta)
-    numbers = f"t = {t:.2f} (df {noise.df}), p = {p:.4f} vs alpha {alpha:.4f}, sigma {sigma:.6f}, runs {n} vs {n_inc}"
-    stats: dict[str, Any] = {"t": t, "p": p, "alpha": alpha, "extra_gain": extra, "margin": margin, **base}
+    numbers = (f"t = {t:.2f} (df {df}), p = {p:.4f} vs alpha {alpha:.4f}, sigma {sigma:.6f}, runs {n} vs "
+               + (f"{n} paired by seed (paired sigma {paired.noise.sigma:.6f}, seed share "
+                  f"{seed_share(noise, paired.noise) or 0.0:.0%})" if paired is not None else f"{n_inc}"))
+    stats: dict[str, Any] = {"t": t, "p": p, "alpha": alpha, "extra_gain": extra, "margin": margin, **base,
+                             "paired": paired is not None, "df": df,
+                             "differences": tuple(pairs.differences) if pairs is not None else ()}
     if p <= alpha and improvement > config.min_delta:
+        if may_confirm and n < config.keep_min_runs:
+            return Verdict(Decision.CONFIRM, "confirm-before-keep", reason=f"improvement {improvement:.6f} > margin "
+                           f"{margin:.6f}{why_extra} on {n} run(s): a keep needs {config.keep_min_runs} ({numbers})",
+                           **stats)
         return Verdict(Decision.KEEP, "significant", reason=f"mean improvement {improvement:.6f} > margin "
                        f"{margin:.6f}{why_extra}: {numbers}", **stats)
-    simpler = _simplicity(improvement, sigma, se, n, config, change, stats, numbers)
+    simpler = _simplicity(improvement, sigma, se, df, n, config, change, stats, numbers)
     if simpler is not None:
         return simpler
     if may_confirm and t >= config.futility_t:
@@ -246,7 +307,9 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
 
 def _extra_gain(sigma: float, config: JudgeConfig, change: ChangeSize | None,
                 peak_memory_mb: float | None) -> tuple[float, str]:
-    extra, why = 0.0, []
+    extra, why = config.min_gain_sigma * sigma, []
+    if config.min_gain_sigma:
+        why.append(f"every change must win by {config.min_gain_sigma:g} sigma")
     if change is not None and change.net >= config.large_change_lines:
         extra += config.large_change_gain_sigma * sigma
         why.append(f"{change.net} added lines need {config.large_change_gain_sigma:g} sigma more")
@@ -258,18 +321,70 @@ def _extra_gain(sigma: float, config: JudgeConfig, change: ChangeSize | None,
     return extra, (" (" + "; ".join(why) + ")") if why else ""
 
 
-def _simplicity(improvement: float, sigma: float, se: float, n: int, config: JudgeConfig,
+def _usable(pairs: Pairs | None, n: int, config: JudgeConfig) -> Pairs | None:
+    """The pairs when the paired test may be used: pairing on, every look paired, paired noise measured."""
+    if pairs is None or not config.paired or len(pairs.differences) != n:
+        return None
+    if pairs.noise.df < config.paired_min_df or not pairs.noise.sigma > 0:
+        return None
+    for value in pairs.differences:
+        _check_number("a paired difference", value)
+    return pairs
+
+
+PAIRING_Z = 1.645  # the paired test is used when pairing pays at this one-sided confidence (`pairing_pays`)
+
+
+def pairing_pays(single: Noise, paired: Noise, n: int, n_incumbent: int) -> bool:
+    """Whether the paired test is the more precise one, with confidence: the paired variance n looks give,
+    2 (1 - seed share) sigma^2 / n, is below the unpaired one, sigma^2 (1/n + 1/n_incumbent), even at the
+    upper `PAIRING_Z` bound of the variance ratio (log-normal approximation, var(ln s^2) = 2 / df).
+
+    Picking the smaller of two estimated standard errors look by look would pick the one that happens to be
+    underestimated and raise the false-keep rate; this gate uses pairing only where it clearly helps."""
+    if not (single.df and paired.df and single.sigma > 0 and paired.sigma > 0):
+        return False
+    ratio = paired.sigma ** 2 / (2.0 * single.sigma ** 2)
+    threshold = (1.0 + n / n_incumbent) / 2.0
+    return math.log(ratio) + PAIRING_Z * math.sqrt(2.0 / paired.df + 2.0 / single.df) < math.log(threshold)
+
+
+def simplicity_level(config: JudgeConfig) -> float:
+    """The nominal level of each look of the simplicity test (Pocock over the looks, like `look_alpha`)."""
+    if config.simplicity_alpha is None:
+        raise ValueError("simplicity_alpha is None: the point rule has no level")
+    return _pocock_level(config.simplicity_alpha, config.max_runs if config.confirm else 1)
+
+
+def _simplicity(improvement: float, sigma: float, se: float, df: int, n: int, config: JudgeConfig,
                 change: ChangeSize | None, stats: dict[str, Any], numbers: str) -> Verdict | None:
-    """Equal result, simpler code: keep a change that removes code and is no worse within noise."""
+    """Equal result, simpler code: a change that removes code is kept when it is not worse than the incumbent
+    by `simplicity_margin_sigma` sigma or more, a non-inferiority test at `simplicity_alpha` (a change that
+    truly costs the margin is kept with chance simplicity_alpha at most, over all its looks).
+    `simplicity_alpha = None` is the rule before the test: over two runs or more, the mean is not worse by
+    more than the margin (no statistics; kept for the comparison in `bench/judge_sim.py`)."""
     if not config.simplicity or change is None or change.net >= 0:
         return None
-    tolerance = config.simplicity_tolerance_sigma * sigma
-    if n >= 2 and improvement >= -tolerance:
-        return Verdict(Decision.KEEP, "simpler", reason=f"removes {-change.net} lines and is no worse within noise "
-                       f"(improvement {improvement:.6f} >= -{tolerance:.6f}): {numbers}", **stats)
-    if n < 2 and config.confirm and config.max_runs >= 2 and improvement >= -tolerance - se:
-        return Verdict(Decision.CONFIRM, "simpler-close-call", reason=f"removes {-change.net} lines: a second run "
-                       f"decides whether it is as good ({numbers})", **stats)
+    margin = config.simplicity_margin_sigma * sigma
+    if config.simplicity_alpha is None:
+        if n >= 2 and improvement >= -margin:
+            return Verdict(Decision.KEEP, "simpler", reason=f"removes {-change.net} lines and is no worse within "
+                           f"noise (improvement {improvement:.6f} >= -{margin:.6f}): {numbers}", **stats)
+        if n < 2 and config.confirm and config.max_runs >= 2 and improvement >= -margin - se:
+            return Verdict(Decision.CONFIRM, "simpler-close-call", reason=f"removes {-change.net} lines: a second "
+                           f"run decides whether it is as good ({numbers})", **stats)
+        return None
+    level = simplicity_level(config)
+    t_ni = (improvement + margin) / se
+    p_ni = t_sf(t_ni, df)
+    test = (f"non-inferiority: t = {t_ni:.2f}, p = {p_ni:.4f} vs alpha {level:.4f} for a margin of "
+            f"{config.simplicity_margin_sigma:g} sigma")
+    if p_ni <= level:
+        return Verdict(Decision.KEEP, "simpler", reason=f"removes {-change.net} lines and is not worse by "
+                       f"{margin:.6f} or more ({test}): {numbers}", **stats)
+    if config.confirm and n < config.max_runs and t_ni >= config.futility_t:
+        return Verdict(Decision.CONFIRM, "simpler-close-call", reason=f"removes {-change.net} lines: another run "
+                       f"decides whether it is as good ({test}; {numbers})", **stats)
     return None
 
 

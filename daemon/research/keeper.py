@@ -13,7 +13,7 @@ Every decision is made under the session's lock, so two lanes never judge agains
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,8 @@ from daemon.config import Settings
 from daemon.errors import TransitionError
 from daemon.ops.logs import get_logger
 from daemon.research import measurements
-from daemon.research.judge import ChangeSize, Decision, Verdict, decide
-from daemon.research.planner import confirm_seed
+from daemon.research.judge import ChangeSize, Decision, Pairs, Verdict, decide, paired_noise
+from daemon.research.planner import confirm_seed, look_seed
 from daemon.research.workspace import Workspace
 from daemon.store.records import ExperimentRecord
 
@@ -101,17 +101,42 @@ class Keeper:
         parent = next((row for row in rows if row.id == candidate.parent_id), None)
         change = ChangeSize.between(parent.source, candidate.source) if parent is not None else \
             ChangeSize.of_diff(candidate.diff)
-        verdict = decide(runs, measurements.incumbent_runs(rows, best), noise, self.settings.judge, change=change,
-                         peak_memory_mb=float(peak) if isinstance(peak, int | float) else None)
+        reference = measurements.incumbent_rows(rows, best)
+        verdict = decide(runs, [float(r.val_bpb or 0.0) for r in reference], noise, self.settings.judge,
+                         change=change, peak_memory_mb=float(peak) if isinstance(peak, int | float) else None,
+                         pairs=self._pairs(rows, candidate, first, reference))
         log.info("verdict", experiment_id=candidate.id, best=best.id, decision=verdict.decision.value,
                  rule=verdict.rule, reason=verdict.reason)
         return verdict
 
+    def _pairs(self, rows: list[ExperimentRecord], candidate: ExperimentRecord, first: list[float],
+               reference: Sequence[measurements.RunRow]) -> Pairs | None:
+        """The candidate's looks paired by seed with the best's runs, and the paired noise pooled over the
+        differences stored with earlier verdicts and this candidate's own (None when a look has no partner)."""
+        if not self.settings.judge.paired:
+            return None
+        looks = [(candidate.seed, value) for value in first] + \
+            [(r.seed, float(r.val_bpb or 0.0)) for r in measurements.look_rows(rows, candidate.id)]
+        diffs = measurements.differences(looks, reference)
+        if diffs is None:
+            return None
+        return Pairs(tuple(diffs), paired_noise([*measurements.paired_groups(rows), diffs]))
+
     def _queue_confirmation(self, candidate: ExperimentRecord, look: int, why: str) -> None:
+        sid = self._session_id()
+        seed = confirm_seed(candidate.seed, candidate.id, look)
+        best = self.store.best(sid)
+        if self.settings.judge.paired and best is not None:
+            rows = self.store.list_experiments(session_id=sid, limit=1_000_000)
+            seed, pair_run = look_seed(rows, best, look)
+            if pair_run:  # the best has no run under this seed yet: run it first (queued rows go oldest first)
+                self.store.create_experiment(
+                    sid, "remeasure", best.source, parent_id=best.id, seed=seed, source_hash=best.source_hash,
+                    description=f"re-measure the best #{best.id} (seed {seed}): the pair of #{candidate.id}'s run {look}")
         self.store.create_experiment(
-            self._session_id(), "confirm", candidate.source, parent_id=candidate.id,
+            sid, "confirm", candidate.source, parent_id=candidate.id,
             description=f"confirm #{candidate.id} (run {look}): {candidate.description}"[:500], hypothesis=why[:2000],
-            seed=confirm_seed(candidate.seed, candidate.id, look), source_hash=candidate.source_hash)
+            seed=seed, source_hash=candidate.source_hash)
 
     def _keep(self, experiment: ExperimentRecord, fields: dict[str, Any], verdict: Verdict) -> None:
         message = (f"{experiment.description or 'experiment'} (val_bpb {fields['val_bpb']:.6f}, "

@@ -8,6 +8,9 @@ morning report, the ledger and `bench/judge_sim.py` read the same numbers:
   kept change, the fresh runs made after its keep (`remeasure`) once there are any: the runs that won
   the keep were selected for being good (winner's curse), fresh ones are not; until then, its own runs.
 - `recorded_value(rows, best)`: the best's recorded val_bpb, the mean of `incumbent_runs`.
+- `differences(looks, incumbent_rows(rows, best))`: seed-paired differences (incumbent run - candidate run
+  on the same seed), and `paired_groups(rows)`: those stored with earlier verdicts, from which the judge
+  pools the noise of one paired difference (`daemon.research.judge.paired_noise`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class RunRow(Protocol):
     def source_hash(self) -> str: ...
     @property
     def parent_id(self) -> int | None: ...
+    @property
+    def seed(self) -> int: ...
 
 
 def measured(rows: Iterable[RunRow]) -> list[RunRow]:
@@ -70,17 +75,46 @@ def fresh_runs(rows: Iterable[RunRow], best: RunRow) -> list[float]:
     return [float(r.val_bpb or 0.0) for r in measured(rows) if r.kind == "remeasure" and r.parent_id == best.id]
 
 
+def incumbent_rows(rows: Sequence[RunRow], best: RunRow) -> list[RunRow]:
+    """The measured rows the best is compared on, oldest first: see the module docstring."""
+    found = measured(rows)
+    if best.kind == "baseline":
+        own = [r for r in found if r.source_hash == best.source_hash and r.kind in ("baseline", "noise", "remeasure")]
+    else:
+        own = [r for r in found if r.kind == "remeasure" and r.parent_id == best.id] or \
+            [r for r in found if r.id == best.id or (r.kind == "confirm" and r.parent_id == best.id)]
+    return own or ([best] if best.val_bpb is not None else [])
+
+
 def incumbent_runs(rows: Sequence[RunRow], best: RunRow) -> list[float]:
     """The runs the best is compared on: see the module docstring."""
-    if best.kind == "baseline":
-        return [float(r.val_bpb or 0.0) for r in measured(rows)
-                if r.source_hash == best.source_hash and r.kind in ("baseline", "noise", "remeasure")] or (
-            [float(best.val_bpb)] if best.val_bpb is not None else [])
-    fresh = fresh_runs(rows, best)
-    if fresh:
-        return fresh
-    own = runs_of(rows, best.id)
-    return own or ([float(best.val_bpb)] if best.val_bpb is not None else [])
+    return [float(r.val_bpb or 0.0) for r in incumbent_rows(rows, best)]
+
+
+def look_rows(rows: Iterable[RunRow], experiment_id: int) -> list[RunRow]:
+    """A candidate's measured looks: its own row (when measured) and its confirmations, oldest first."""
+    return [r for r in measured(rows) if r.id == experiment_id or (r.kind == "confirm" and r.parent_id == experiment_id)]
+
+
+def differences(looks: Sequence[tuple[int, float]], reference: Sequence[RunRow]) -> list[float] | None:
+    """Incumbent - candidate on each look's seed (`looks`: (seed, val_bpb)); None when a look has no incumbent
+    run under its seed (pairing broken: the best changed mid-candidate, or its pair run is not measured yet)."""
+    by_seed: dict[int, list[float]] = defaultdict(list)
+    for row in reference:
+        by_seed[row.seed].append(float(row.val_bpb or 0.0))
+    if not looks or any(seed not in by_seed for seed, _ in looks):
+        return None
+    return [math.fsum(by_seed[seed]) / len(by_seed[seed]) - value for seed, value in looks]
+
+
+def paired_groups(rows: Iterable[RunRow]) -> list[list[float]]:
+    """The paired differences stored with every judged candidate's verdict (one group per candidate)."""
+    groups = []
+    for row in rows:
+        verdict = getattr(row, "verdict", None)
+        if isinstance(verdict, dict) and verdict.get("differences"):
+            groups.append([float(d) for d in verdict["differences"]])
+    return groups
 
 
 def recorded_value(rows: Sequence[RunRow], best: RunRow) -> float | None:

@@ -10,6 +10,11 @@ Re-measures keep the judge honest: a new best is run `remeasure_after_keep` more
 value becomes the mean of these fresh runs, free of the luck that won its keep), and the best is run again
 every `remeasure_every` candidates (its mean and the pooled noise sharpen as the night goes).
 
+Seeds (`look_seed`, `remeasure_seed`): the baseline runs seed 0 and its noise runs seeds 1..noise_runs; a
+re-measure of the best runs the smallest seed its source has not used; a candidate's k-th look runs the
+best's k-th reference seed (the seed of its k-th fresh run), so that every look has an incumbent run on the
+same seed to be paired with (see `daemon.research.judge.Pairs`).
+
 Pure functions over rows (`RunRow`), shared by the session and `bench/judge_sim.py`.
 """
 
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from daemon.config import JudgeConfig
+from daemon.research import measurements
 from daemon.research.measurements import RunRow
 
 ACTIVE = ("running", "evaluating")
@@ -62,7 +68,7 @@ def next_move(rows: Sequence[RunRow], best: RunRow | None, config: JudgeConfig) 
     if any(r.kind in ("baseline", "noise") and r.status in PENDING for r in rows):
         return Plan(Move.WAIT)
     if best is not None and remeasure_due(rows, best, config):
-        return Plan(Move.REMEASURE, seed=remeasure_seed(best, rows))
+        return Plan(Move.REMEASURE, seed=remeasure_seed(best, rows, config))
     return Plan(Move.CANDIDATE)
 
 
@@ -86,13 +92,58 @@ def remeasure_due(rows: Sequence[RunRow], best: RunRow, config: JudgeConfig) -> 
     return len(judged) >= config.remeasure_every
 
 
-def remeasure_seed(best: RunRow, rows: Sequence[RunRow]) -> int:
-    """A seed no other run of this source used (a repeat under the same seed would measure nothing new)."""
+def remeasure_seed(best: RunRow, rows: Sequence[RunRow], config: JudgeConfig) -> int:
+    """A seed no other run of this source used (a repeat under the same seed would measure nothing new).
+
+    Paired (`config.paired`): the smallest such seed, so that the best's fresh runs cover the seeds its
+    candidates' looks will use (`look_seed`); else the seed of the rule before pairing, distinct per best."""
+    if config.paired:
+        return fresh_seed(rows, best)
     return REMEASURE_SEED_OFFSET + best.id * 100 + len(remeasures(rows, best)) + 1
 
 
+def fresh_seed(rows: Sequence[RunRow], best: RunRow) -> int:
+    """The smallest seed that no run of the best's source used (queued, running or done)."""
+    used = {r.seed for r in rows if r.id == best.id or (best.source_hash and r.source_hash == best.source_hash)}
+    seed = 0
+    while seed in used:
+        seed += 1
+    return seed
+
+
+def reference_seeds(rows: Sequence[RunRow], best: RunRow) -> list[int]:
+    """The seeds of the best's runs that its candidates are compared on (`measurements.incumbent_rows`), in order."""
+    seeds: list[int] = []
+    for row in measurements.incumbent_rows(rows, best):
+        if row.seed not in seeds:
+            seeds.append(row.seed)
+    return seeds
+
+
+def look_seed(rows: Sequence[RunRow], best: RunRow, look: int) -> tuple[int, bool]:
+    """The seed of a candidate's `look`-th run (1 = its first) under pairing, and whether the best needs a run
+    under it first (a pair run).
+
+    Look k uses the best's k-th reference seed, so that look and incumbent run share it (the seed's share of
+    the noise cancels in their difference). A look beyond the best's reference runs uses the best's next
+    fresh seed, and the best is run under it too. When the best changes mid-candidate, the candidate's
+    earlier looks may have no partner under the new best: the judge then falls back to the unpaired test."""
+    seeds = reference_seeds(rows, best)
+    if look <= len(seeds):
+        return seeds[look - 1], False
+    return fresh_seed(rows, best), True
+
+
+def first_seed(rows: Sequence[RunRow], best: RunRow | None, config: JudgeConfig) -> int:
+    """The seed of a new candidate's first run: the best's first reference seed under pairing, else 0."""
+    if not config.paired or best is None:
+        return 0
+    seeds = reference_seeds(rows, best)
+    return seeds[0] if seeds else 0
+
+
 def confirm_seed(candidate_seed: int, candidate_id: int, look: int) -> int:
-    """The seed of a candidate's `look`-th run (look 2 = its first confirmation): distinct for every look."""
+    """Unpaired (`paired = false`): the seed of a candidate's `look`-th run, distinct for every look."""
     return candidate_seed + CONFIRM_SEED_OFFSET * (look - 1) + candidate_id
 
 

@@ -170,7 +170,8 @@ class WorkSource:
             self.session.session_id, "candidate", source, parent_id=best.id, parent2_id=miss.experiment_id,
             description=f"near-miss #{miss.experiment_id} on the best #{best.id}: {miss.description}"[:500],
             hypothesis=f"#{miss.experiment_id} looked better (t = {miss.t:.2f}) but did not prove it; "
-                       "re-tried on the current best", diff=unified_diff(best.source, source), seed=0,
+                       "re-tried on the current best", diff=unified_diff(best.source, source),
+            seed=planner.first_seed(rows, best, self.session.settings.judge),
             source_hash=normalized_hash(source))
         self.session._launched_candidates += 1
         log.info("near-miss move", lane=lane.name, near_miss=miss.experiment_id, best=best.id)
@@ -191,7 +192,10 @@ class WorkSource:
             record = self.session.store.create_experiment(
                 self.session.session_id, "candidate", source, parent_id=parent.id,
                 parent2_id=proposal.proposal.combine_with, description=proposal.proposal.description,
-                hypothesis=proposal.proposal.hypothesis, diff=unified_diff(parent.source, source), seed=0,
+                hypothesis=proposal.proposal.hypothesis, diff=unified_diff(parent.source, source),
+                seed=planner.first_seed(self.session.store.list_experiments(session_id=self.session.session_id,
+                                                                            limit=100_000),
+                                        self.session.store.best(self.session.session_id), self.session.settings.judge),
                 source_hash=source_hash)
             record_notes(self.session.store, self.session.line_id, self.session.session_id, record.id, proposal.proposal.notes)
             if proposal.fix_of is not None:

@@ -59,6 +59,25 @@ def test_steps_widen_after_failures() -> None:
     assert "widened x3" in proposal.hypothesis
 
 
+def test_bookkeeping_runs_after_a_keep_do_not_widen_the_step() -> None:
+    """Re-measures, confirmations and noise runs (`measured`) after a keep are no failures: the step stays 1."""
+    history = (HistoryItem(2, "kept", 1.20, -0.05, "raise MATRIX_LR 0.015 -> 0.02"),
+               *(HistoryItem(i, "measured", 1.21, 0.0, f"re-measure the best #2 (seed {i})") for i in range(3, 7)))
+    proposal = OfflineAgent().propose(make_context(history=history))
+    assert "widened" not in proposal.hypothesis
+
+
+def test_only_judged_failures_widen_the_step() -> None:
+    """Between bookkeeping runs, one discard and one crash since the keep widen the step to x2."""
+    history = (HistoryItem(2, "kept", 1.20, -0.05, "raise MATRIX_LR 0.015 -> 0.02"),
+               HistoryItem(3, "measured", 1.21, 0.0, "re-measure"),
+               HistoryItem(4, "discarded", 1.3, 0.05, "lower SCALAR_LR 0.5 -> 0.4"),
+               HistoryItem(5, "measured", 1.29, 0.04, "confirm #4"),
+               HistoryItem(6, "crashed", None, None, "raise EMBEDDING_LR 0.6 -> 0.8"))
+    proposal = OfflineAgent().propose(make_context(history=history))
+    assert "widened x2" in proposal.hypothesis
+
+
 def test_source_without_knobs_is_refused() -> None:
     """A train.py without recognisable constants is a fatal agent error (no retry can help)."""
     with pytest.raises(AgentFatal, match="no hyperparameter constants"):

@@ -27,10 +27,11 @@ def row(row_id: int, kind: str, status: str, val_bpb: float | None = None, *, so
 
 
 def finished(store: Any, session_id: int, kind: str, source: str, val_bpb: float | None, *, status: str = "kept",
-             parent_id: int | None = None, source_hash: str = "", diff: str = "", **fields: Any) -> ExperimentRecord:
+             parent_id: int | None = None, source_hash: str = "", diff: str = "", seed: int = 0,
+             **fields: Any) -> ExperimentRecord:
     """A row of a real store measured by an earlier run (queued, claimed, evaluated, then `status`)."""
     created = store.create_experiment(session_id, kind, source, parent_id=parent_id, description=kind,
-                                      source_hash=source_hash, diff=diff)
+                                      source_hash=source_hash, diff=diff, seed=seed)
     claimed = store.claim_next(session_id, "earlier-owner", "lane0", None, 60.0)
     assert claimed is not None and claimed.id == created.id
     store.transition(created.id, "running", "evaluating", owner="earlier-owner")

@@ -14,14 +14,19 @@ from daemon.research.judge import (
     Decision,
     LegacyRule,
     Noise,
+    Pairs,
     decide,
     look_alpha,
+    paired_noise,
+    pairing_pays,
     pooled_noise,
+    seed_share,
+    simplicity_level,
     t_quantile,
     t_sf,
 )
 
-CONFIG = JudgeConfig(max_runs=3, futility_t=0.5, min_delta=0.0005)
+CONFIG = JudgeConfig(max_runs=3, futility_t=0.5, min_delta=0.0005, keep_min_runs=1)
 NOISE = Noise(sigma=0.01, df=20)
 INCUMBENT = [1.0, 1.0, 1.0]  # mean 1.0 over 3 runs
 
@@ -104,18 +109,26 @@ def test_a_large_change_must_win_more() -> None:
 
 def test_memory_over_the_soft_limit_costs_gain() -> None:
     """Peak memory 4 GB over the soft limit needs 2 sigma more (0.5 sigma per GB)."""
-    config = JudgeConfig(memory_soft_limit_mb=10_000, memory_gain_sigma_per_gb=0.5)
+    config = JudgeConfig(memory_soft_limit_mb=10_000, memory_gain_sigma_per_gb=0.5, keep_min_runs=1)
     under = decide([0.96], INCUMBENT, NOISE, config, peak_memory_mb=9_000)
     over = decide([0.96], INCUMBENT, NOISE, config, peak_memory_mb=10_000 + 4 * 1024)
     assert under.decision is Decision.KEEP
     assert over.decision is not Decision.KEEP and over.extra_gain == pytest.approx(0.02)
 
 
-def test_simpler_change_within_noise_is_kept() -> None:
-    """Removing code at an equal result (two runs, no worse) is kept; adding code at an equal result is not."""
+def test_simpler_change_passes_the_non_inferiority_test() -> None:
+    """A removal is kept as simpler when its lower confidence bound clears minus the margin; an addition with the
+    same numbers is not."""
+    config = JudgeConfig(max_runs=3, simplicity_margin_sigma=2.0, simplicity_alpha=0.05)
     removal = ChangeSize(added=2, removed=12)
-    assert decide([0.999, 1.0], INCUMBENT, NOISE, CONFIG, change=removal).rule == "simpler"
-    assert decide([0.999, 1.0], INCUMBENT, NOISE, CONFIG, change=ChangeSize(12, 2)).decision is not Decision.KEEP
+    assert decide([1.0, 1.0, 1.0], INCUMBENT, NOISE, config, change=removal).rule == "simpler"
+    assert decide([1.0, 1.0, 1.0], INCUMBENT, NOISE, config, change=ChangeSize(12, 2)).decision is not Decision.KEEP
+
+
+def test_simpler_change_needs_evidence_not_just_an_equal_mean() -> None:
+    """Two runs at an equal mean do not show that a removal costs less than the margin: no keep."""
+    verdict = decide([0.999, 1.0], INCUMBENT, NOISE, CONFIG, change=ChangeSize(2, 12))
+    assert verdict.decision is not Decision.KEEP
 
 
 def test_simpler_change_that_is_worse_is_not_kept() -> None:
@@ -124,10 +137,113 @@ def test_simpler_change_that_is_worse_is_not_kept() -> None:
     assert verdict.decision is not Decision.KEEP
 
 
-def test_simpler_change_gets_a_second_run() -> None:
-    """One run of a removal within noise is confirmed before the simplicity rule may keep it."""
-    verdict = decide([1.005], INCUMBENT, NOISE, CONFIG, change=ChangeSize(0, 10))
+def test_simpler_change_gets_another_run() -> None:
+    """One promising run of a removal is confirmed before the simplicity test may keep it."""
+    verdict = decide([0.995], INCUMBENT, NOISE, CONFIG, change=ChangeSize(0, 10))
     assert (verdict.decision, verdict.rule) == (Decision.CONFIRM, "simpler-close-call")
+
+
+def test_point_rule_without_alpha_keeps_an_equal_mean() -> None:
+    """simplicity_alpha unset is the rule before the test: two runs no worse than the margin are kept."""
+    config = JudgeConfig(max_runs=3, simplicity_alpha=None, simplicity_margin_sigma=0.0)
+    assert decide([0.999, 1.0], INCUMBENT, NOISE, config, change=ChangeSize(2, 12)).rule == "simpler"
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.10])
+def test_simplicity_error_rate_holds_at_the_margin(alpha: float) -> None:
+    """A removal that truly costs exactly the margin is kept, over all its looks, at most simplicity_alpha of
+    the time (sequential looks with confirmations, noise known on many degrees of freedom)."""
+    config = JudgeConfig(max_runs=4, futility_t=0.0, simplicity_margin_sigma=0.5, simplicity_alpha=alpha)
+    rng = random.Random(11)
+    incumbent = [1.0] * 8
+    noise = Noise(0.01, 200)
+    trials, kept = 4000, 0
+    for _ in range(trials):
+        runs: list[float] = []
+        while True:
+            runs.append(1.0 + 0.005 + rng.gauss(0.0, 0.01))
+            verdict = decide(runs, incumbent, noise, config, change=ChangeSize(0, 3))
+            if verdict.decision is not Decision.CONFIRM:
+                kept += verdict.decision is Decision.KEEP
+                break
+    rate = kept / trials
+    assert rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials), rate
+    assert simplicity_level(config) < alpha  # the per-look level is spent over the looks
+
+
+def test_paired_test_cancels_the_seed_share() -> None:
+    """Looks paired by seed with the incumbent's runs: the shared seed term cancels and a steady win is kept that
+    the unpaired test cannot tell from noise."""
+    incumbent = [1.00, 1.02, 0.98]
+    candidate = [0.99, 1.01, 0.97]
+    noise = Noise(0.02, 20)
+    pairs = Pairs((0.01, 0.01, 0.01), Noise(0.004, 12))
+    unpaired = decide(candidate, incumbent, noise, CONFIG)
+    paired = decide(candidate, incumbent, noise, CONFIG, pairs=pairs)
+    assert unpaired.decision is not Decision.KEEP and not unpaired.paired
+    assert paired.decision is Decision.KEEP and paired.paired and paired.df == 12
+
+
+@pytest.mark.parametrize("why, pairs", [
+    ("a look without a partner", Pairs((0.01, 0.01), Noise(0.004, 12))),
+    ("paired noise on too few degrees of freedom", Pairs((0.01, 0.01, 0.01), Noise(0.004, 2))),
+    ("no seed share (paired sigma = sqrt(2) sigma)", Pairs((0.01, 0.01, 0.01), Noise(0.0283, 12))),
+])
+def test_pairing_falls_back_to_the_unpaired_test(why: str, pairs: Pairs) -> None:
+    """Broken, unmeasured or useless pairing: the verdict is the unpaired one."""
+    candidate, incumbent, noise = [0.99, 1.01, 0.97], [1.00, 1.02, 0.98], Noise(0.02, 20)
+    verdict = decide(candidate, incumbent, noise, CONFIG, pairs=pairs)
+    assert not verdict.paired, why
+    assert verdict.t == decide(candidate, incumbent, noise, CONFIG).t
+
+
+def test_pairing_off_ignores_the_pairs() -> None:
+    """paired = false: the pairs are not used, however good."""
+    config = JudgeConfig(max_runs=3, paired=False)
+    verdict = decide([0.99], [1.0], Noise(0.02, 20), config, pairs=Pairs((0.01,), Noise(0.001, 30)))
+    assert not verdict.paired
+
+
+def test_pairing_pays_only_with_confidence() -> None:
+    """The paired test is used where its variance is clearly below the unpaired one, not on a noisy estimate."""
+    single = Noise(0.01, 40)
+    assert pairing_pays(single, Noise(0.006, 40), n=2, n_incumbent=3)  # seed share 82%
+    assert not pairing_pays(single, Noise(0.0135, 40), n=2, n_incumbent=3)  # share 9%: not clearly better
+    assert not pairing_pays(single, Noise(0.006, 1), n=2, n_incumbent=3)  # one degree of freedom
+
+
+def test_seed_share_and_paired_noise_from_groups() -> None:
+    """The paired noise pools within candidates (their own effects cancel); the seed share follows from it."""
+    paired = paired_noise([[0.01, 0.03], [-0.5, -0.48, -0.52]])
+    assert paired.df == 3
+    assert paired.sigma == pytest.approx(math.sqrt((0.0002 + 0.0008) / 3))
+    assert seed_share(Noise(paired.sigma, 10), paired) == pytest.approx(0.5)
+    assert seed_share(Noise(0.01, 0), paired) is None
+
+
+def test_paired_false_keep_rate_is_below_target() -> None:
+    """No-effect candidates judged sequentially on seed-paired looks (seed share 50%, noise and paired noise
+    estimated from simulated earlier runs) are kept at most false_keep_rate of the time."""
+    config = JudgeConfig(max_runs=3, futility_t=0.5, min_delta=0.0, paired_min_df=4)
+    rng = random.Random(5)
+    trials, kept = 3000, 0
+    for _ in range(trials):
+        seeds = [rng.gauss(0.0, math.sqrt(0.5)) for _ in range(3)]
+        incumbent = [1.0 + 0.01 * (s + math.sqrt(0.5) * rng.gauss(0.0, 1.0)) for s in seeds]
+        earlier = [[0.01 * math.sqrt(0.5) * (rng.gauss(0.0, 1.0) - rng.gauss(0.0, 1.0)) for _ in range(2)]
+                   for _ in range(8)]
+        noise = pooled_noise([incumbent, [1.0 + 0.01 * rng.gauss(0.0, 1.0) for _ in range(6)]])
+        runs: list[float] = []
+        while True:
+            look = len(runs)
+            runs.append(1.0 + 0.01 * (seeds[look] + math.sqrt(0.5) * rng.gauss(0.0, 1.0)))
+            diffs = tuple(i - c for i, c in zip(incumbent, runs, strict=False))
+            verdict = decide(runs, incumbent, noise, config, pairs=Pairs(diffs, paired_noise([*earlier, diffs])))
+            if verdict.decision is not Decision.CONFIRM:
+                kept += verdict.decision is Decision.KEEP
+                break
+    rate = kept / trials
+    assert rate <= config.false_keep_rate + 3 * math.sqrt(0.05 * 0.95 / trials), rate
 
 
 def test_change_size_counts_diff_lines() -> None:
@@ -222,3 +338,12 @@ def test_removing_a_statement_is_simpler_code() -> None:
 def test_unparsable_sources_fall_back_to_text_lines() -> None:
     """A source that does not parse is counted on its text lines."""
     assert ChangeSize.between("a = (\n", "a = (\nb\n") == ChangeSize(added=1, removed=0)
+
+
+def test_a_first_run_win_is_confirmed_when_a_keep_needs_two_runs() -> None:
+    """keep_min_runs = 2: a first run past the boundary is confirmed, and kept once two runs clear it."""
+    config = JudgeConfig(max_runs=3, keep_min_runs=2)
+    first = decide([0.95], INCUMBENT, NOISE, config)
+    assert (first.decision, first.rule) == (Decision.CONFIRM, "confirm-before-keep")
+    assert decide([0.95, 0.955], INCUMBENT, NOISE, config).decision is Decision.KEEP
+    assert decide([0.95], INCUMBENT, NOISE, JudgeConfig(max_runs=3, keep_min_runs=1)).decision is Decision.KEEP

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.postgres]
 
 @pytest.fixture()
 def runtime(tiny_settings: Any) -> Iterator[Runtime]:
-    rt = open_runtime(tiny_settings(judge={"noise_runs": 2, "remeasure_after_keep": 1, "max_runs": 3,
+    rt = open_runtime(tiny_settings(judge={"noise_runs": 2, "remeasure_after_keep": 1, "max_runs": 3, "keep_min_runs": 1,
                                            "search": "archive", "archive_every": 3}), daemon=False)
     try:
         yield rt
@@ -32,16 +32,18 @@ def runtime(tiny_settings: Any) -> Iterator[Runtime]:
         rt.close()
 
 
-def _open(runtime: Runtime, baseline_source: str) -> tuple[ResearchSession, int, ExperimentRecord]:
-    """A session whose baseline (2.00) and two noise runs (2.01, 1.99) are measured: sigma 0.01, df 2."""
+def _open(runtime: Runtime, baseline_source: str, noise: tuple[float, ...] = (2.01, 1.99),
+          seeds: tuple[int, ...] | None = None) -> tuple[ResearchSession, int, ExperimentRecord]:
+    """A session whose baseline (2.00, seed 0) and noise runs (default 2.01, 1.99 on seeds 1, 2: sigma 0.01,
+    df 2) are measured."""
     session = ResearchSession(settings=runtime.settings, store=runtime.store, workspace=runtime.workspace,
                               runner=runtime.runner, agent=runtime.agent, lanes=runtime.lanes[:1],
                               owner=runtime.owner)
     sid = session.open(resume=False).id
     digest = normalized_hash(baseline_source)
     base = finished(runtime.store, sid, "baseline", baseline_source, 2.00, source_hash=digest)
-    for value in (2.01, 1.99):
-        finished(runtime.store, sid, "noise", baseline_source, value, status="measured", source_hash=digest)
+    for seed, value in zip(seeds or range(1, len(noise) + 1), noise, strict=True):
+        finished(runtime.store, sid, "noise", baseline_source, value, status="measured", source_hash=digest, seed=seed)
     return session, sid, base
 
 
@@ -138,16 +140,41 @@ def test_report_explains_each_keep_and_lists_near_misses(runtime: Runtime, basel
     assert "pooled noise" in text
 
 
-def test_a_removal_at_an_equal_result_is_kept_as_simpler(runtime: Runtime, baseline_source: str) -> None:
-    """Deleting a statement with no loss: a second run, then kept under the simplicity rule (counted on code)."""
-    session, sid, base = _open(runtime, baseline_source)
+@pytest.fixture()
+def wide_margin(tiny_settings: Any) -> Iterator[Runtime]:
+    """A runtime whose simplicity margin is 2 sigma (a test of the mechanism, not of the default)."""
+    rt = open_runtime(tiny_settings(judge={"noise_runs": 2, "max_runs": 3, "simplicity_margin_sigma": 2.0}),
+                      daemon=False)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+def test_a_removal_at_an_equal_result_is_kept_as_simpler(wide_margin: Runtime, baseline_source: str) -> None:
+    """Deleting a statement with no loss: a second run, then kept by the non-inferiority test (counted on code)."""
+    runtime = wide_margin
+    session, sid, base = _open(runtime, baseline_source, noise=(2.01, 1.99) * 4)
     line = next(text for text in baseline_source.splitlines(keepends=True) if text.startswith("SCALAR_LR = "))
     candidate = _evaluating(runtime, session, sid, baseline_source.replace(line, "", 1), base.id)
     assert session._judge(candidate, 2.004, {"val_bpb": 2.004}) == "evaluating"
     confirm = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
-    assert confirm is not None and confirm.kind == "confirm"
+    assert confirm is not None and confirm.kind == "confirm" and confirm.seed == 1  # the best's second seed
     runtime.store.transition(confirm.id, "running", "evaluating", owner=runtime.owner)
     session._judge(confirm, 1.994, {"val_bpb": 1.994})
     kept = runtime.store.get_experiment(candidate.id)
     assert kept is not None and kept.status == "kept"
     assert kept.verdict is not None and kept.verdict["rule"] == "simpler"
+    assert "non-inferiority" in kept.verdict["reason"]
+
+
+def test_a_look_without_a_partner_runs_the_best_under_its_seed_first(runtime: Runtime, baseline_source: str) -> None:
+    """The best has runs on one seed only: a confirmation takes a fresh seed, and the best's pair run under that
+    seed is queued before it (queued rows run oldest first), so that the look has its partner."""
+    session, sid, base = _open(runtime, baseline_source, seeds=(0, 0))
+    candidate = _evaluating(runtime, session, sid, baseline_source + "\nCLOSE = 1\n", base.id)
+    assert session._judge(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
+    pair = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    assert pair is not None and (pair.kind, pair.parent_id, pair.seed) == ("remeasure", base.id, 1)
+    queued = runtime.store.list_experiments(session_id=sid, status="queued", kind="confirm")
+    assert [(r.parent_id, r.seed) for r in queued] == [(candidate.id, 1)]

@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from daemon.research.measurements import incumbent_runs, noise_of, recorded_value, runs_of
+from daemon.research.measurements import (
+    differences,
+    incumbent_rows,
+    incumbent_runs,
+    noise_of,
+    paired_groups,
+    recorded_value,
+    runs_of,
+)
 from tests.daemon.rows import row
 
 
@@ -49,3 +57,33 @@ def test_runs_of_a_candidate_include_its_confirmations() -> None:
     rows = [row(3, "candidate", "discarded", 0.90), row(4, "confirm", "measured", 0.92, parent_id=3),
             row(5, "confirm", "crashed", None, parent_id=3), row(6, "confirm", "measured", 0.5, parent_id=7)]
     assert runs_of(rows, 3) == [0.90, 0.92]
+
+
+def test_differences_pair_each_look_with_the_incumbent_run_on_its_seed() -> None:
+    """Incumbent run - candidate run on the same seed, in look order."""
+    reference = [row(1, "baseline", "kept", 1.00, source_hash="b", seed=0),
+                 row(2, "noise", "measured", 1.02, source_hash="b", seed=1)]
+    assert differences([(1, 1.0), (0, 0.99)], reference) == pytest.approx([0.02, 0.01])
+
+
+def test_differences_are_none_when_a_look_has_no_partner() -> None:
+    """A look under a seed the incumbent never ran (the best changed mid-candidate): pairing is broken."""
+    reference = [row(1, "baseline", "kept", 1.00, source_hash="b", seed=0)]
+    assert differences([(0, 0.99), (7, 0.98)], reference) is None
+    assert differences([], reference) is None
+
+
+def test_paired_groups_come_from_stored_verdicts() -> None:
+    """Each judged candidate's stored differences are one group; rows without them add nothing."""
+    rows = [row(4, "candidate", "discarded", 1.0, verdict={"differences": [0.01, 0.02]}),
+            row(5, "candidate", "discarded", 1.0, verdict={"differences": []}),
+            row(6, "candidate", "kept", 0.9, verdict=None)]
+    assert paired_groups(rows) == [[0.01, 0.02]]
+
+
+def test_incumbent_rows_of_a_kept_best_are_its_fresh_runs() -> None:
+    """The rows a kept best is compared on are its re-measures once there are any (their seeds pair looks)."""
+    best = row(4, "candidate", "kept", 0.90, source_hash="c")
+    fresh = row(6, "remeasure", "measured", 0.95, source_hash="c", parent_id=4, seed=2)
+    assert [r.id for r in incumbent_rows([best, fresh], best)] == [6]
+    assert [r.id for r in incumbent_rows([best], best)] == [4]

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from daemon.config import JudgeConfig
-from daemon.research.planner import Move, archive_turn, confirm_seed, next_move, remeasure_due
+from daemon.research.planner import (
+    Move,
+    archive_turn,
+    confirm_seed,
+    first_seed,
+    look_seed,
+    next_move,
+    remeasure_due,
+    remeasure_seed,
+)
 from tests.daemon.rows import row
 
 CONFIG = JudgeConfig(noise_runs=2, remeasure_after_keep=2, remeasure_every=3)
@@ -66,8 +75,42 @@ def test_the_best_is_remeasured_every_few_candidates() -> None:
     assert not remeasure_due([*rows, *judged, third, again], rows[0], CONFIG)
 
 
+def _kept_best() -> tuple[list, object]:
+    """A kept candidate (#4, its looks on seeds 0 and 1) with two fresh re-measures on seeds 2 and 3."""
+    best = row(4, "candidate", "kept", 0.95, source_hash="c", seed=0)
+    rows = [*_night_after_noise(), best, row(5, "confirm", "measured", 0.94, source_hash="c", parent_id=4, seed=1),
+            row(6, "remeasure", "measured", 0.96, source_hash="c", parent_id=4, seed=2),
+            row(7, "remeasure", "measured", 0.97, source_hash="c", parent_id=4, seed=3)]
+    return rows, best
+
+
+def test_looks_use_the_bests_reference_seeds_in_order() -> None:
+    """Look k of a candidate runs under the seed of the best's k-th fresh run (pairs exist for every look)."""
+    base = [row(1, "baseline", "kept", 1.0, source_hash="b", seed=0),
+            row(2, "noise", "measured", 1.01, source_hash="b", seed=1),
+            row(3, "noise", "measured", 0.99, source_hash="b", seed=2)]
+    assert [look_seed(base, base[0], k) for k in (1, 2, 3)] == [(0, False), (1, False), (2, False)]
+    rows, best = _kept_best()
+    assert [look_seed(rows, best, k)[0] for k in (1, 2)] == [2, 3]  # not the looks that won its keep
+    assert first_seed(rows, best, CONFIG) == 2
+
+
+def test_a_look_beyond_the_bests_runs_asks_for_a_pair_run() -> None:
+    """A look the best has no run for takes a seed the best's source never used, and the best runs it too."""
+    rows, best = _kept_best()
+    assert look_seed(rows, best, 3) == (4, True)
+
+
+def test_remeasures_take_the_smallest_seed_the_source_never_used() -> None:
+    """Paired: a re-measure fills the next unused seed (so that it can pair); unpaired: the old distinct seed."""
+    rows, best = _kept_best()
+    assert remeasure_seed(best, rows, CONFIG) == 4
+    assert remeasure_seed(best, rows, CONFIG.model_copy(update={"paired": False})) > 1000
+    assert first_seed(rows, best, CONFIG.model_copy(update={"paired": False})) == 0
+
+
 def test_confirmation_seeds_differ_per_look() -> None:
-    """Each look of a candidate runs under its own seed."""
+    """Unpaired: each look of a candidate runs under its own seed."""
     seeds = {confirm_seed(0, 42, look) for look in (2, 3, 4, 5)}
     assert len(seeds) == 4 and 0 not in seeds
 

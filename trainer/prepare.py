@@ -650,8 +650,8 @@ class TokenLoader:
         self.generator = np.random.default_rng(seed)
         self._epoch, self._order, self._cursor = 0, self.generator.permutation(self.num_rows), 0
         bos = read_split_meta(split_dir).get("bos_id")
-        packs = isinstance(bos, int) and not isinstance(bos, bool)
-        self.packer = DocumentPacker(self.tokens, bos, seq_len + 1, seed) if packs else None
+        self.packer = (DocumentPacker(self.tokens, bos, seq_len + 1, seed)
+                       if isinstance(bos, int) and not isinstance(bos, bool) else None)
         self._pinned = self.device.type == "cuda"
 
     @property

@@ -26,6 +26,7 @@ TINY_ENV = {
     "AUTORESEARCH_TRAINING__PRESET": "tiny",
     "AUTORESEARCH_TRAINING__TIME_BUDGET_S": "2",
     "AUTORESEARCH_TRAINING__EVAL_TOKENS": "2048",
+    "AUTORESEARCH_TRAINING__PROBE_FLOOR": "false",  # a 2-row eval: below the probe's floor, fine for this test
     "AUTORESEARCH_AGENT__PROVIDER": "offline",
 }
 

@@ -88,7 +88,8 @@ def test_a_session_stores_and_logs_no_password(tmp_path: Path, baseline_source: 
            "AUTORESEARCH_WORKSPACE": str(workspace.root), "AUTORESEARCH_JUDGE__NOISE_RUNS": "0",
            "AUTORESEARCH_METRICS__PORT": "0", "AUTORESEARCH_SANDBOX__BACKEND": "local",
            "AUTORESEARCH_TRAINING__PRESET": "tiny", "AUTORESEARCH_TRAINING__TIME_BUDGET_S": "2",
-           "AUTORESEARCH_TRAINING__EVAL_TOKENS": "2048", "AUTORESEARCH_AGENT__PROVIDER": "offline",
+           "AUTORESEARCH_TRAINING__EVAL_TOKENS": "2048", "AUTORESEARCH_TRAINING__PROBE_FLOOR": "false",
+           "AUTORESEARCH_AGENT__PROVIDER": "offline",
            "AUTORESEARCH_LOG_LEVEL": "debug", "PATH": os.environ["PATH"]}
     done = run_cli("--log-json", "once", "-n", "0", env=env, cwd=workspace.root)
     assert done.returncode == 0, done.stderr[-2000:]

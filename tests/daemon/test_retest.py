@@ -277,7 +277,8 @@ def test_the_next_nights_ledger_marks_a_keep_that_did_not_hold(store: Store) -> 
     notes = {change.id: change.retest for change in view.kept}
     assert notes[ids["noop"]].startswith("DID NOT HOLD on re-test")
     assert notes[ids["good"]].startswith("held on re-test")
-    text = render_ledger(view, lambda body, _limit: body, 20_000)
+    rendered = render_ledger(view, lambda body, _limit: body, 20_000)
+    text = f"{rendered.stable}\n{rendered.recent}"
     heads = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("## #")}
     assert "DID NOT HOLD on re-test" in heads[f"## #{ids['noop']}"]
     assert "held on re-test" in heads[f"## #{ids['good']}"]

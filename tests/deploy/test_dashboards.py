@@ -231,6 +231,7 @@ def metrics_endpoint(tmp_path_factory: pytest.TempPathFactory, postgres_url: str
             agent={"provider": "anthropic", "api_key": "sk-test", "base_url": api.url, "retry_backoff_s": 0.01},
             scheduler={"windows": [{"cron": "* * * * *", "hours": 1.0, "name": "test"}]})
         runtime = open_runtime(settings, daemon=True, probe=_OneIdleGpu())
+        runtime.runner.require_cuda = False  # a scripted GPU on a CPU machine: its lane's stages run on the CPU
         service = Service(runtime)
 
         def run_session() -> None:

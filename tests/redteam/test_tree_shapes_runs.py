@@ -109,11 +109,11 @@ def test_harness_cleans_up_a_hostile_compile_cache_and_a_squatted_report(fast_di
 @pytest.mark.slow
 def test_docker_runner_turns_hostile_trees_into_one_crashed_run(docker_backend: DockerBackend, trainer_image: str,
                                                                  prepared_data: Path, fast_dir: Path) -> None:
-    """Docker backend: the same candidate is `crashed` with the bound it passed, and its out dirs are gone."""
+    """Docker backend: the same candidate scores nothing and leaves nothing. Its trees stay in the train stage's
+    work tmpfs (the kernel's quota), which dies with the container: only a checkpoint would be copied out."""
     docker_runner = _runner(docker_backend, trainer_image, prepared_data, fast_dir / "docker")
     outcome = docker_runner.run(9303, 1, MIXED, 0)
-    assert outcome.status == "crashed" and outcome.val_bpb is None, outcome.log_tail
-    assert OVER_BOUNDS.fullmatch(outcome.error), outcome.error
+    assert outcome.status in ("crashed", "invalid") and outcome.val_bpb is None, outcome.log_tail
     assert _leftovers(docker_runner, "9303-1") == []
 
 

@@ -25,7 +25,7 @@ def prune_all(settings: Settings, runs_dir: Path, *, active_runs: Iterable[str] 
     retention = settings.retention
     total = PruneReport()
     parts: list[PruneReport] = []
-    if images:
+    if images:  # the images and the wheel sets their builds downloaded
         client = None
         try:
             import docker
@@ -42,7 +42,7 @@ def prune_all(settings: Settings, runs_dir: Path, *, active_runs: Iterable[str] 
             finally:
                 with contextlib.suppress(Exception):
                     client.close()
-    parts.append(prune_wheels(keep=retention.keep_wheel_sets, dry_run=dry_run))
+        parts.append(prune_wheels(keep=retention.keep_wheel_sets, dry_run=dry_run))
     parts.append(prune_run_folders(runs_dir, older_than_days=retention.run_days, active=active_runs,
                                    dry_run=dry_run))
     for part in parts:
@@ -53,12 +53,13 @@ def prune_all(settings: Settings, runs_dir: Path, *, active_runs: Iterable[str] 
     return total
 
 
-def prune_after_session(settings: Settings, runs_dir: Path) -> None:
-    """The daemon's call when a session has ended: prune, log one line, never raise."""
+def prune_after_session(settings: Settings, runs_dir: Path, *, docker_backend: bool) -> None:
+    """The daemon's call when a session has ended: prune, log one line, never raise. Images and wheel sets are
+    pruned only when this daemon runs the docker backend (they are its images); run folders always."""
     if not settings.retention.prune_after_session:
         return
     try:
-        report = prune_all(settings, runs_dir)
+        report = prune_all(settings, runs_dir, images=docker_backend)
     except Exception as exc:
         log.warning("disk housekeeping failed", error=f"{type(exc).__name__}: {exc}")
         return

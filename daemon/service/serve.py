@@ -158,7 +158,8 @@ class Service:
                 from daemon.ops.morning import finish_session
 
                 finish_session(runtime.store, runtime.workspace.reports_dir, summary, self.settings.report)
-            prune_after_session(self.settings, runtime.workspace.runs_dir)  # between sessions: no run is active
+            prune_after_session(self.settings, runtime.workspace.runs_dir,  # between sessions: no run is active
+                                docker_backend=runtime.backend.name == "docker")
         finally:
             self.current_stop = None
             runtime.metrics.window(False)

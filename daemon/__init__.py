@@ -16,4 +16,4 @@
                `clock`, `__main__` (`python -m daemon`).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -5,7 +5,7 @@
 #   sudo deploy/install.sh                 install/upgrade from this source tree, enable the unit
 #   deploy/install.sh --dry-run            print what would be done, change nothing
 #   sudo deploy/install.sh --root /srv/img install into another root (image building, tests)
-#   sudo deploy/install.sh --package autoresearch_daemon-0.1.0-py3-none-any.whl
+#   sudo deploy/install.sh --package autoresearch_daemon-0.2.0-py3-none-any.whl
 #   sudo deploy/install.sh --rollback      back to the version before the last upgrade
 #
 # An upgrade never changes the code under a running daemon: the new version is installed into a fresh

@@ -121,7 +121,8 @@ def running_daemon(tmp_path_factory: pytest.TempPathFactory, prepared_data: Path
     workspace = Workspace.init(root / "ws", baseline_source=baseline_source)
     port = free_port()
     env = _env(workspace.root, AUTORESEARCH_METRICS__PORT=str(port), AUTORESEARCH_DATA__DIR=str(prepared_data),
-               AUTORESEARCH_INSTANCE="lab-status", AUTORESEARCH_TRAINING__PRESET="tiny")
+               AUTORESEARCH_INSTANCE="lab-status", AUTORESEARCH_TRAINING__PRESET="tiny",
+               AUTORESEARCH_TRAINING__PROBE_FLOOR="false")  # the test corpus's val split is below the probe's floor
     exe = REPO_ROOT / ".venv" / "bin" / "autoresearch"
     log = (root / "daemon.log").open("w")
     process = subprocess.Popen([str(exe), "run"], cwd=workspace.root, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -86,8 +86,8 @@ class _TokenModel(torch.nn.Module):
 # tests see does not depend on how fast (or how loaded) the machine is.
 STEP_BASED = {
     "PRINT_EVERY_SECONDS = 2.0": "PRINT_EVERY_SECONDS = 0.0",
-    "multiplier = lr_multiplier(training_time / train_seconds)": "multiplier = lr_multiplier(step / 30)",
-    "if training_time >= train_seconds:": "if step >= 30:",
+    "progress = step / max_steps if max_steps else training_time / train_seconds": "progress = step / 30",
+    "if training_time >= train_seconds or 0 < max_steps <= step:": "if step >= 30:",
 }
 
 

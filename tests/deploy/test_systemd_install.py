@@ -59,14 +59,21 @@ def _fake_root(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def project_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel of this checkout, built offline from a copy (the repository itself gets no build/ folder)."""
-    src = tmp_path_factory.mktemp("src")
+    return _wheel(tmp_path_factory, "")
+
+
+def _wheel(tmp_path_factory: pytest.TempPathFactory, tag: str, extra: dict[str, str] | None = None) -> Path:
+    """A wheel of a copy of this checkout, with `extra` files (path -> text) added to the copy."""
+    src = tmp_path_factory.mktemp(f"src{tag}")
     for name in ("pyproject.toml", "daemon", "sandbox", "trainer"):
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, src / name)
-    out = tmp_path_factory.mktemp("wheel")
+    for relative, text in (extra or {}).items():
+        (src / relative).write_text(text)
+    out = tmp_path_factory.mktemp(f"wheel{tag}")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
                     str(src)], check=True, capture_output=True, timeout=300)
     return next(out.glob("*.whl"))
@@ -183,18 +190,8 @@ def test_installing_an_api_key_removes_the_offline_drop_in(tmp_path: Path, proje
 @pytest.fixture(scope="module")
 def next_wheel(tmp_path_factory: pytest.TempPathFactory, project_wheel: Path) -> Path:
     """A second, different wheel of this checkout (one more module): what an upgrade installs."""
-    src = tmp_path_factory.mktemp("src-next")
-    for name in ("pyproject.toml", "daemon", "sandbox", "trainer"):
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, src / name)
-    (src / "daemon" / "_next_release.py").write_text('"""Marks the next release in the upgrade test."""\n')
-    out = tmp_path_factory.mktemp("wheel-next")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(src)], check=True, capture_output=True, timeout=300)
-    return next(out.glob("*.whl"))
+    return _wheel(tmp_path_factory, "-next",
+                  {"daemon/_next_release.py": '"""Marks the next release in the upgrade test."""\n'})
 
 
 def _site(venv: Path) -> Path:

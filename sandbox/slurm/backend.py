@@ -99,7 +99,8 @@ class SlurmBackend:
             "--nodes=1",
             "--ntasks=1",
             f"--cpus-per-task={max(1, math.ceil(limits.cpus))}",
-            f"--mem={math.ceil(limits.memory_bytes / 1024**2)}M",
+            # The container's limit is memory plus the train stage's work tmpfs (charged to the same cgroup).
+            f"--mem={math.ceil((limits.memory_bytes + limits.work_bytes) / 1024**2)}M",
             f"--output={job_dir / SLURM_OUT}",
             f"--chdir={job_dir}",
         ]

@@ -44,6 +44,16 @@ def test_gpu_submission_asks_for_one_gpu_with_gres(tmp_path: Path) -> None:
     assert "--time=9" in options  # (400 s + 120 s slack) / 60, rounded up
 
 
+def test_memory_request_covers_the_work_tmpfs(tmp_path: Path) -> None:
+    """A split train stage's work tmpfs is charged to the container's memory: Slurm's --mem includes it."""
+    from dataclasses import replace
+
+    spec = _spec(tmp_path)
+    spec = replace(spec, limits=replace(spec.limits, work_bytes=2 * 1024**3))
+    options = _backend(tmp_path).sbatch_options(spec, tmp_path / "job")
+    assert "--mem=18432M" in options
+
+
 def test_cpu_submission_has_no_gres(tmp_path: Path) -> None:
     """An empty gres (a CPU cluster) submits no GPU request at all."""
     options = _backend(tmp_path, gres="").sbatch_options(_spec(tmp_path), tmp_path / "job")

@@ -23,6 +23,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 
+from daemon import syntax
 from daemon.agents import Edit
 from daemon.errors import InvalidProposal
 
@@ -92,7 +93,7 @@ def _not_found_hint(text: str, search: str) -> str:
 
 def normalized_hash(source: str) -> str:
     """SHA-256 of the source with comments and formatting dropped (`ast.unparse` of its tree)."""
-    return _tree_hash(ast.parse(source))
+    return _tree_hash(syntax.parse(source))
 
 
 def _tree_hash(tree: ast.AST) -> str:
@@ -105,8 +106,8 @@ def validate_candidate(source: str, seen_hashes: Iterable[str]) -> str:
     if size > MAX_SOURCE_BYTES:
         raise InvalidProposal(f"train.py would be {size} bytes, over the limit of {MAX_SOURCE_BYTES}: make it smaller")
     try:
-        tree = ast.parse(source, filename="train.py")
-        compile(tree, "train.py", "exec")
+        tree = syntax.parse(source, filename="train.py")
+        syntax.compile_tree(tree, "train.py")
     except SyntaxError as exc:
         raise InvalidProposal(f"train.py does not compile: line {exc.lineno}: {exc.msg}") from None
     except ValueError as exc:  # e.g. null bytes in the source

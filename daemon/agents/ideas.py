@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from daemon import syntax
+
 STEP = 0.10  # a value within 10% of a refused one is the same idea
 REFUSED = ("discarded", "did not hold")
 MAX_CHANGE_LINES = 40  # normalized lines kept per change (the key covers them all)
@@ -128,7 +130,7 @@ def _one_step_away(proposed: Sequence[NumberChange], refused: Sequence[NumberCha
 @lru_cache(maxsize=64)
 def normalized_lines(source: str) -> tuple[str, ...]:
     """The source's lines after `ast.unparse`, docstrings dropped (SyntaxError when it does not parse)."""
-    tree = ast.parse(source)
+    tree = syntax.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and body
@@ -169,7 +171,7 @@ def _constant(line: str) -> tuple[str, float] | None:
     if line.startswith((" ", "\t")):
         return None
     try:
-        node = ast.parse(line).body[0]
+        node = syntax.parse(line).body[0]
     except (SyntaxError, IndexError):
         return None
     if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
@@ -186,7 +188,7 @@ def _constant(line: str) -> tuple[str, float] | None:
 @lru_cache(maxsize=64)
 def renamed_key(source: str) -> str:
     """Hash of the normalized source with its module-level UPPER_CASE names renamed in order of definition."""
-    tree = ast.parse("\n".join(normalized_lines(source)))
+    tree = syntax.parse("\n".join(normalized_lines(source)))
     names: dict[str, str] = {}
     for statement in tree.body:
         targets: list[ast.expr] = statement.targets if isinstance(statement, ast.Assign) else [

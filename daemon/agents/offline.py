@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from daemon import syntax
 from daemon.agents import Edit, HistoryItem, Proposal, ProposalContext
 from daemon.agents.edits import apply_edits, normalized_hash, validate_candidate
 from daemon.errors import AgentFatal, InvalidProposal
@@ -142,7 +143,7 @@ def find_knobs(source: str) -> list[Knob]:
     knobs: list[Knob] = []
     lines = source.split("\n")
     preset_sites: dict[str, list[Site]] = {}
-    for node in ast.parse(source).body:
+    for node in syntax.parse(source).body:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             continue
         name = node.targets[0].id

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon import syntax
 from daemon.agents import HistoryItem, ProposalContext, fences
 from daemon.agents.ledger_text import render_ideas, render_ledger
 from daemon.errors import AgentFatal
@@ -124,7 +125,7 @@ def prepare_interface(prepare_source: str) -> str:
     constants: list[str] = []
     signatures: list[str] = []
     for module_source in prepare_source.split(PREPARE_MODULE_SEPARATOR):
-        for node in ast.parse(module_source).body:
+        for node in syntax.parse(module_source).body:
             if isinstance(node, ast.Assign | ast.AnnAssign):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 names = [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()]

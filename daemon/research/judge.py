@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from daemon import syntax
 from daemon.config import JudgeConfig
 
 
@@ -118,7 +119,7 @@ def _cached_code_lines(source: str) -> tuple[str, ...]:
 
 def code_lines(source: str) -> list[str]:
     """The source's code as `ast.unparse` writes it, docstrings dropped: one line per statement, no comments."""
-    tree = ast.parse(source)
+    tree = syntax.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             body = node.body

@@ -22,6 +22,7 @@ import pytest
 from daemon.research.runner import StageOutcome, StageRunner
 from sandbox.docker_backend import DockerBackend
 from tests.redteam.redteam_helpers import EVAL_LIMITS, INSTANCE, REPO_ROOT, TRAIN_LIMITS, our_containers
+from trainer.clock import SLACK_FRACTION, SLACK_MIN_SECONDS
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -194,7 +195,9 @@ def test_honest_baseline_is_scored_within_its_deadline(outcomes: dict[str, Stage
     (a roomy compile allowance: on a loaded machine its imports alone may take longer than the tight one)."""
     outcome = outcomes["honest_baseline"]
     assert outcome.status == "ok" and outcome.val_bpb is not None, (outcome.error, outcome.log_tail[-800:])
-    assert 0 < outcome.summary["training_seconds"] <= BUDGET
+    # Its last step may end a little past the budget (a step's length on a loaded CPU); the harness's deadline,
+    # compile + budget + max(1 s, 2%), is what bounds it, and the run was not past that (status ok).
+    assert 0 < outcome.summary["training_seconds"] <= BUDGET + max(SLACK_MIN_SECONDS, SLACK_FRACTION * BUDGET)
     assert _train_json(outcome)["over_budget"] == ""
 
 

@@ -28,7 +28,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from daemon.errors import StoreError
-from daemon.store.models import AgentCallRow, Base
+from daemon.store.models import Base
+from daemon.store.values import utcnow
 
 T = TypeVar("T")
 AUTHORS = ("agent", "researcher")
@@ -121,12 +122,6 @@ class _Plumbing(Protocol):
     def _write(self, what: str, work: Callable[[Connection, bool], T]) -> T: ...
 
 
-def _now() -> datetime:
-    from daemon.store.sql import utcnow
-
-    return utcnow()
-
-
 def _entry(row: Any) -> NotebookEntry:
     return NotebookEntry(row.id, row.line_id, row.session_id, row.experiment_id, row.author, row.text, row.created_at)
 
@@ -143,7 +138,7 @@ class LineQueries:
                     ResearchLineRow.request_id == request_id))) is not None:
                 return int(found)
             conn.execute(insert(ResearchLineRow).values(request_id=request_id, reason=reason[:2000],
-                                                        created_at=_now()))
+                                                        created_at=utcnow()))
             return int(conn.execute(select(ResearchLineRow.id).where(ResearchLineRow.request_id == request_id)).scalar_one())
 
         return self._write("new research line", work)
@@ -237,7 +232,7 @@ class LineQueries:
             if not (retried and conn.execute(by_request).first() is not None):
                 conn.execute(insert(NotebookRow).values(
                     request_id=request_id, line_id=line_id, session_id=session_id, experiment_id=experiment_id,
-                    author=author, text=text, created_at=_now()))
+                    author=author, text=text, created_at=utcnow()))
             return _entry(conn.execute(by_request).one())
 
         return self._write("write notebook", work)
@@ -264,7 +259,7 @@ class LineQueries:
                 conn.execute(insert(SmokeRunRow).values(
                     request_id=request_id, session_id=session_id, status="running", repair_round=repair_round,
                     description=description[:500], source_hash=source_hash, error="", log_tail="",
-                    created_at=_now()))
+                    created_at=utcnow()))
             return int(conn.execute(by_request).scalar_one())
 
         return self._write("start smoke run", work)
@@ -286,11 +281,3 @@ class LineQueries:
         query = (select(SmokeRunRow.status, func.count()).where(SmokeRunRow.session_id == session_id)
                  .group_by(SmokeRunRow.status))
         return self._read("smoke counts", lambda conn: {str(status): int(count) for status, count in conn.execute(query)})
-
-    def agent_call_outcomes(self: _Plumbing, session_id: int) -> dict[tuple[str, str], int]:
-        """(provider, outcome) -> number of agent calls of the session (e.g. ("offline", "fallback"))."""
-        query = (select(AgentCallRow.provider, AgentCallRow.outcome, func.count())
-                 .where(AgentCallRow.session_id == session_id)
-                 .group_by(AgentCallRow.provider, AgentCallRow.outcome))
-        return self._read("agent call outcomes", lambda conn: {
-            (str(provider), str(outcome)): int(count) for provider, outcome, count in conn.execute(query)})

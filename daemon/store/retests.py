@@ -21,7 +21,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from daemon.errors import StoreError
-from daemon.store.models import Base
+from daemon.store.models import Base, ExperimentRow
+from daemon.store.values import utcnow
 
 T = TypeVar("T")
 RETEST_LABELS = ("night", "keep", "transfer")
@@ -103,12 +104,6 @@ class _Plumbing(Protocol):
     def _write(self, what: str, work: Callable[[Connection, bool], T]) -> T: ...
 
 
-def _now() -> datetime:
-    from daemon.store.sql import utcnow
-
-    return utcnow()
-
-
 def _one_retest(conn: Connection, request_id: str) -> RetestRecord | None:
     row = conn.execute(select(*_RETEST_COLUMNS).where(RetestRow.request_id == request_id)).first()
     return None if row is None else RetestRecord(**row._asdict())
@@ -131,7 +126,7 @@ class RetestQueries:
         def work(conn: Connection, retried: bool) -> RetestRecord:
             if retried and (earlier := _one_retest(conn, request_id)) is not None:
                 return earlier
-            now = _now()
+            now = utcnow()
             conn.execute(insert(RetestRow).values(
                 request_id=request_id, session_id=session_id, label=label, base_id=base_id, best_id=best_id,
                 budget_s=float(budget_s), k=k, status=status, note=note[:2000], created_at=now,
@@ -149,7 +144,7 @@ class RetestQueries:
 
         def work(conn: Connection, _retried: bool) -> None:
             conn.execute(update(RetestRow).where(RetestRow.id == retest_id, RetestRow.status == "running")
-                         .values(status=status, note=note[:2000], finished_at=_now()))
+                         .values(status=status, note=note[:2000], finished_at=utcnow()))
 
         self._write("finish retest", work)
 
@@ -167,7 +162,7 @@ class RetestQueries:
             if not retried or (row := conn.execute(by_request).first()) is None:
                 conn.execute(insert(RetestRunRow).values(
                     request_id=request_id, retest_id=retest_id, arm=arm, experiment_id=experiment_id, seed=seed,
-                    status=status[:20], val_bpb=val_bpb, error=error[:2000], created_at=_now()))
+                    status=status[:20], val_bpb=val_bpb, error=error[:2000], created_at=utcnow()))
                 row = conn.execute(by_request).one()
             return RetestRunRecord(**row._asdict())
 
@@ -186,8 +181,6 @@ class RetestQueries:
 
     def retest_tsv(self: _Plumbing, session_id: int) -> list[tuple[str, str, str, str, str]]:
         """The session's re-test runs as results.tsv rows, after the night's (`Store.results_tsv`)."""
-        from daemon.store.models import ExperimentRow
-
         commit = func.coalesce(func.nullif(ExperimentRow.commit, ""), ExperimentRow.source_sha256)
         query = (select(*_RETEST_COLUMNS, *[c.label(f"run_{c.key}") for c in _RUN_COLUMNS], commit.label("code"))
                  .join(RetestRunRow, RetestRunRow.retest_id == RetestRow.id)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from daemon.errors import StoreError
 from daemon.store.models import Base
+from daemon.store.values import utcnow
 
 T = TypeVar("T")
 # pg_advisory_xact_lock(class, key): this class id keeps the per-source keys apart from other advisory locks.
@@ -55,12 +56,6 @@ class ScoredRun:
 
 class _Plumbing(Protocol):
     def _write(self, what: str, work: Callable[[Connection, bool], T]) -> T: ...
-
-
-def _now() -> datetime:
-    from daemon.store.sql import utcnow
-
-    return utcnow()
 
 
 def _require_sha256(value: str, name: str, *, empty_ok: bool) -> None:
@@ -113,7 +108,7 @@ class ScoredRunQueries:
                 return ScoredRun(int(row.seed), str(row.checkpoint_sha256), float(row.val_bpb), row.experiment_id)
             conn.execute(insert(ScoredRunRow).values(
                 request_id=request_id, source_sha256=source_sha256, seed=seed, checkpoint_sha256=checkpoint_sha256,
-                val_bpb=float(val_bpb), experiment_id=experiment_id, created_at=_now()))
+                val_bpb=float(val_bpb), experiment_id=experiment_id, created_at=utcnow()))
             return None
 
         return self._write("record scored run", work)

@@ -11,6 +11,7 @@ import pytest
 from daemon.errors import StoreError
 from daemon.store import Store
 from daemon.store.records import AgentCallRecord, ExperimentRecord, NoiseFloor, SessionRecord
+from daemon.store.sandbox_jobs import add_sandbox_job
 
 
 def _finish(store: Store, session: SessionRecord, status: str, kind: str = "candidate",
@@ -110,6 +111,18 @@ def test_record_agent_call_rejects_negative_tokens(store: Store) -> None:
     assert store.cost_since(datetime(2000, 1, 1, tzinfo=timezone.utc)) == 0.0
 
 
+def test_agent_call_outcomes_count_the_session_calls(store: Store, session: SessionRecord) -> None:
+    """agent_call_outcomes counts the session's calls per (provider, outcome), other sessions' calls left out."""
+    other = store.create_session("other", "manual", "p", {})
+    for provider, outcome, session_id in [("anthropic", "ok", session.id), ("anthropic", "ok", session.id),
+                                          ("anthropic", "error", session.id), ("offline", "fallback", session.id),
+                                          ("anthropic", "ok", other.id), ("anthropic", "ok", None)]:
+        store.record_agent_call(AgentCallRecord(provider, "m", outcome=outcome, session_id=session_id))
+    assert store.agent_call_outcomes(session.id) == {
+        ("anthropic", "ok"): 2, ("anthropic", "error"): 1, ("offline", "fallback"): 1}
+    assert store.agent_call_outcomes(other.id) == {("anthropic", "ok"): 1}
+
+
 def test_cost_since_rejects_naive_time(store: Store) -> None:
     """A datetime without time zone is refused with a hint."""
     with pytest.raises(StoreError, match="no time zone"):
@@ -135,6 +148,19 @@ def test_list_experiments_filters(store: Store, session: SessionRecord) -> None:
     assert [r.id for r in store.list_experiments(session.id, ("crashed", "kept"))] == [crashed.id]
     assert len(store.list_experiments(session.id, limit=2)) == 2
     assert [r.kind for r in store.list_experiments(kind="noise")] == ["noise"]
+
+
+def test_sandbox_jobs_are_recorded_once_each_in_submission_order(store: Store, session: SessionRecord) -> None:
+    """add_sandbox_job appends `<stage>:<handle>` to its experiment only; the same stage and handle twice is kept once."""
+    first = store.create_experiment(session.id, "candidate", "x = 1\n")
+    second = store.create_experiment(session.id, "candidate", "x = 2\n")
+    assert first.sandbox_jobs is None
+    for stage, handle in [("train", "1234"), ("train", "1234"), ("eval", "1235")]:
+        add_sandbox_job(store, first.id, stage, handle)
+    after = store.get_experiment(first.id)
+    assert after is not None and after.sandbox_jobs == "train:1234 eval:1235"
+    unchanged = store.get_experiment(second.id)
+    assert unchanged is not None and unchanged.sandbox_jobs is None
 
 
 def test_sessions_newest_first(store: Store, session: SessionRecord) -> None:

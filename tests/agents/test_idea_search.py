@@ -85,6 +85,10 @@ def test_outcome_filter_and_groups() -> None:
     assert ids("", "refused") == [5, 3]
     assert ids("", "failed") == [6]
     assert ids("matrix", "kept") == []
+
+
+def test_an_unknown_outcome_is_refused() -> None:
+    """An outcome that is neither an outcome nor a group is an error, not an empty answer."""
     with pytest.raises(ValueError, match="unknown outcome"):
         search_ideas(MEMORY, "", "great")
 
@@ -143,13 +147,17 @@ def test_answer_is_bounded() -> None:
     assert "more changed lines" in answer.text
 
 
-def test_empty_memory_and_no_match_answers() -> None:
-    """No memory, or an empty one, says nothing was tried; a query without a hit says so."""
+def test_empty_memory_is_answered() -> None:
+    """An empty memory says nothing was tried; no memory at all says there is nothing to search."""
     assert "The idea memory is empty" in IdeaSearches(IdeaMemory((), MEASUREMENT_VERSION), NONCE, 1).answer(
         {"query": "lr"}).text
     assert "No idea memory was read" in IdeaSearches(None, NONCE, 1).answer({"query": "lr"}).text
-    assert "No idea of the 4 tried on this line matches" in IdeaSearches(MEMORY, NONCE, 1).answer(
-        {"query": "dropout"}).text
+
+
+def test_a_query_without_a_hit_says_so() -> None:
+    """A query that matches no idea is answered as such, with the number of ideas searched."""
+    answer = IdeaSearches(MEMORY, NONCE, 1).answer({"query": "dropout"})
+    assert not answer.is_error and "No idea of the 4 tried on this line matches" in answer.text
 
 
 @pytest.mark.parametrize(("raw", "message"), [

@@ -228,6 +228,8 @@ class AgentConfig(_Section):
     thinking_budget_tokens: int = Field(6000, ge=1024, description="thinking budget (thinking = 'enabled'); < max_tokens")
     cache_ttl: Literal["5m", "1h"] = Field("1h", description="prompt cache lifetime of the stable prefix")
     ledger_tokens: int = Field(12000, ge=500, description="token budget of the ledger in the prompt")
+    idea_searches: int = Field(4, ge=0, le=20, description="search_ideas calls the LLM agent may make per proposal "
+                               "(0: no search tool); a call past it is refused and counts as a repair round")
     fallback: Literal["offline", "none"] = Field(
         "offline", description="when the LLM is capped or down: 'offline' keeps the lanes busy with the offline "
         "agent (the report says so); 'none' stops the session at the cap and waits out outages")

@@ -5,7 +5,8 @@ and extended thinking), the OpenAI-compatible agent (Chat Completions with a fun
 ollama) and the offline agent (AST-level hyperparameter search, no LLM, the embedded default). Every proposal
 has already been applied to the best source and validated (`daemon.agents.edits`) when it is returned.
 Prompt parts: `prompt` (layout, cache breakpoints), `ledger_text` (the ledger and idea memory as text),
-`fences` (untrusted text as data under the line's secret nonce), `ideas` (the idea index and its matching).
+`fences` (untrusted text as data under the line's secret nonce), `ideas` (the idea index and its matching),
+`idea_search` and `search_tool` (the agent's search of the idea memory, the `search_ideas` tool).
 """
 
 from __future__ import annotations

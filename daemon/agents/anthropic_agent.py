@@ -1,9 +1,14 @@
-"""The Anthropic research agent: Messages API with one tool, `propose_experiment`, and extended thinking.
+"""The Anthropic research agent: Messages API with the tool `propose_experiment`, and extended thinking.
+
+Beside it the model may call `search_ideas` (daemon.agents.search_tool) up to `agent.idea_searches` times per
+proposal: each call is answered with a tool_result in the next user turn and the model goes on; a search past
+the bound is answered with an error and counts as a failed reply, like a repair.
 
 With thinking on (the default) the model reasons before it edits: the tool choice is `auto` (the API
 refuses a forced tool with thinking) and a reply without the tool call is sent back asking for it;
-thinking blocks go back unchanged in the repair turns, as the API requires. With thinking off the
-tool is forced. The stable prefix is cached with the configured lifetime (1 hour by default: runs are
+thinking blocks go back unchanged in the repair and search turns, as the API requires. With thinking off
+a tool call is required (`any`; propose_experiment forced when there is no search tool). The tools and the
+tool choice are the same in every request (a change would miss the cache). The stable prefix is cached with the configured lifetime (1 hour by default: runs are
 minutes apart, so the 5-minute cache would mostly miss).
 
 Retries are ours (the SDK's are switched off) so that every attempt is counted, costed, capped and
@@ -31,6 +36,13 @@ from daemon.agents.prompt import (
     packaged_prepare_source,
     prepare_interface,
     tool_definition,
+)
+from daemon.agents.search_tool import (
+    IdeaSearches,
+    ToolAnswer,
+    answer_call,
+    is_search_reply,
+    search_tool_definition,
 )
 from daemon.agents.tool_input import proposal_from_tool_input
 from daemon.config import AgentConfig
@@ -70,23 +82,39 @@ class AnthropicAgent:
         )
 
     def propose(self, ctx: ProposalContext) -> Proposal:
+        searches_allowed = self._config.idea_searches
         prompt = build_prompt(ctx, self._prepare_text, cache_ttl=self._config.cache_ttl,
-                              ledger_tokens=self._config.ledger_tokens)
+                              ledger_tokens=self._config.ledger_tokens, searches=searches_allowed)
         ctx = replace(ctx, fence_nonce=prompt.nonce)  # tool errors quote tried ideas inside the prompt's fence
+        searches = IdeaSearches(ctx.ideas, prompt.nonce, searches_allowed)
         messages = list(prompt.messages)
         problem = ""
-        for round_number in range(self._config.repair_rounds + 1):
+        failed = 0  # replies without a usable proposal; searches within their bound do not count
+        while failed <= self._config.repair_rounds:
             response = self._create(prompt.system, messages, ctx)
-            tool_use = next((b for b in response.content if b.type == "tool_use" and b.name == TOOL_NAME), None)
+            calls = [block for block in response.content if block.type == "tool_use"]
+            if response.stop_reason != "max_tokens" and is_search_reply([call.name for call in calls]):
+                answers = [searches.answer(call.input) for call in calls]
+                messages.append({"role": "assistant", "content": _as_params(response)})
+                messages.append({"role": "user", "content": [_result(call.id, answer)
+                                                             for call, answer in zip(calls, answers, strict=True)]})
+                refused = next((answer for answer in answers if answer.refused), None)
+                log.info("agent_idea_search", used=searches.used, of=searches_allowed, refused=refused is not None)
+                if refused is not None:
+                    failed += 1
+                    problem = refused.text
+                continue
+            tool_use = next((call for call in calls if call.name == TOOL_NAME), None)
             try:
                 if tool_use is None or response.stop_reason == "max_tokens":
                     raise InvalidProposal(_no_tool_reason(response))
                 proposal = proposal_from_tool_input(tool_use.input, ctx)
             except InvalidProposal as exc:
                 problem = str(exc)
-                log.info("agent_proposal_invalid", round=round_number, problem=problem)
+                log.info("agent_proposal_invalid", round=failed, problem=problem)
+                failed += 1
                 messages.append({"role": "assistant", "content": _as_params(response)})
-                messages.append({"role": "user", "content": _feedback(response, problem)})
+                messages.append({"role": "user", "content": _feedback(response, problem, searches)})
                 continue
             return proposal
         raise InvalidProposal(
@@ -101,8 +129,11 @@ class AnthropicAgent:
             "model": self._config.model,
             "max_tokens": self._config.max_tokens,
             "system": system,
-            "tools": [tool_definition()],
-            "tool_choice": {"type": "tool", "name": TOOL_NAME},
+            # Always the same tools in the same order: they open the cached prefix.
+            "tools": [tool_definition(), search_tool_definition()] if self._config.idea_searches else
+                     [tool_definition()],
+            # Without thinking: a tool call is required; forced to propose_experiment unless searches are allowed.
+            "tool_choice": {"type": "any"} if self._config.idea_searches else {"type": "tool", "name": TOOL_NAME},
             "messages": messages,
         }
         if self._config.thinking == "enabled":
@@ -162,16 +193,20 @@ class AnthropicAgent:
         record_call(self._sink, PROVIDER, self._config.model, self._price, usage, latency_s, error, ctx.session_id)
 
 
-def _feedback(response: Message, problem: str) -> Any:
+def _feedback(response: Message, problem: str, searches: IdeaSearches) -> Any:
     """The user turn answering an unusable reply: a tool_result for every tool_use (the API requires it)."""
-    results: list[dict[str, Any]] = []
-    for block in response.content:
-        if block.type == "tool_use":
-            reason = problem if block.name == TOOL_NAME else f"there is no tool {block.name!r}; call {TOOL_NAME}"
-            results.append({"type": "tool_result", "tool_use_id": block.id, "is_error": True, "content": reason})
+    results = [_result(block.id, answer_call(block.name, block.input, searches, problem))
+               for block in response.content if block.type == "tool_use"]
     if results:
         return results
     return f"Your reply was not usable: {problem}. Call {TOOL_NAME} now."
+
+
+def _result(tool_use_id: str, answer: ToolAnswer) -> dict[str, Any]:
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_use_id, "content": answer.text}
+    if answer.is_error:
+        result["is_error"] = True
+    return result
 
 
 def _no_tool_reason(response: Message) -> str:

@@ -1,10 +1,13 @@
-"""The OpenAI-compatible research agent: Chat Completions with one function tool, `propose_experiment`.
+"""The OpenAI-compatible research agent: Chat Completions with the function tool `propose_experiment`.
 
 Speaks to OpenAI and to the servers that copy its API (vLLM, ollama, llama.cpp, LM Studio...) through the
 `openai` SDK, with `agent.base_url` pointing at them. Same prompt, tool, validation, repair rounds,
 retries, accounting and cost cap as the Anthropic agent: a reply that fails validation goes back as a
 `tool` message answering its tool call, with the exact reason. A local server needs no key (any
 placeholder is sent); its prices are whatever `agent.prices` says (0 for a free local model).
+With `agent.idea_searches` > 0 it also offers `search_ideas` (daemon.agents.search_tool) and the tool choice
+is `required`: a search is answered by a `tool` message and the model goes on, up to the bound; a search past
+it is answered with an error and counts as a failed reply.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from daemon.agents.prompt import (
     prepare_interface,
     tool_definition,
 )
+from daemon.agents.search_tool import IdeaSearches, answer_call, is_search_reply, search_tool_definition
 from daemon.agents.tool_input import proposal_from_tool_input
 from daemon.config import AgentConfig
 from daemon.errors import ConfigError, InvalidProposal
@@ -43,9 +47,9 @@ _FATAL_HINTS = {
 log = get_logger("autoresearch.agent")
 
 
-def function_tool() -> dict[str, Any]:
-    """The propose_experiment tool in the Chat Completions function format."""
-    tool = tool_definition()
+def function_tool(tool: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A tool (default: propose_experiment) in the Chat Completions function format."""
+    tool = tool or tool_definition()
     return {"type": "function", "function": {"name": tool["name"], "description": tool["description"],
                                              "parameters": tool["input_schema"]}}
 
@@ -68,17 +72,33 @@ class OpenAIAgent:
         self._client = openai.OpenAI(api_key=key, base_url=config.base_url, max_retries=0, timeout=config.timeout_s)
 
     def propose(self, ctx: ProposalContext) -> Proposal:
-        prompt = build_prompt(ctx, self._prepare_text, ledger_tokens=self._config.ledger_tokens)
+        searches_allowed = self._config.idea_searches
+        prompt = build_prompt(ctx, self._prepare_text, ledger_tokens=self._config.ledger_tokens,
+                              searches=searches_allowed)
         ctx = replace(ctx, fence_nonce=prompt.nonce)  # tool errors quote tried ideas inside the prompt's fence
+        searches = IdeaSearches(ctx.ideas, prompt.nonce, searches_allowed)
         system = "\n\n".join(block["text"] for block in prompt.system)
         user = "\n\n".join(block["text"] for block in prompt.messages[0]["content"])
         messages: list[dict[str, Any]] = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         problem = ""
-        for round_number in range(self._config.repair_rounds + 1):
+        failed = 0  # replies without a usable proposal; searches within their bound do not count
+        while failed <= self._config.repair_rounds:
             response = self._create(messages, ctx)
             choice = response.choices[0] if response.choices else None
             message = choice.message if choice is not None else None
             calls = [call for call in (message.tool_calls or []) if call.type == "function"] if message else []
+            if choice is not None and choice.finish_reason != "length" and \
+                    is_search_reply([call.function.name for call in calls]):
+                answers = [searches.answer(_arguments(call.function.arguments)) for call in calls]
+                messages.append(_assistant(message, calls))
+                messages.extend({"role": "tool", "tool_call_id": call.id, "content": answer.text}
+                                for call, answer in zip(calls, answers, strict=True))
+                refused = next((answer for answer in answers if answer.refused), None)
+                log.info("agent_idea_search", used=searches.used, of=searches_allowed, refused=refused is not None)
+                if refused is not None:
+                    failed += 1
+                    problem = refused.text
+                continue
             ours = next((call for call in calls if call.function.name == TOOL_NAME), None)
             try:
                 if choice is None or ours is None or choice.finish_reason == "length":
@@ -91,8 +111,9 @@ class OpenAIAgent:
                 proposal = proposal_from_tool_input(raw, ctx)
             except InvalidProposal as exc:
                 problem = str(exc)
-                log.info("agent_proposal_invalid", round=round_number, problem=problem)
-                messages.extend(_feedback(message, calls, problem))
+                log.info("agent_proposal_invalid", round=failed, problem=problem)
+                failed += 1
+                messages.extend(_feedback(message, calls, problem, searches))
                 continue
             return proposal
         raise InvalidProposal(
@@ -103,8 +124,13 @@ class OpenAIAgent:
     def _create(self, messages: list[dict[str, Any]], ctx: ProposalContext) -> ChatCompletion:
         since = ctx.cost_since or self._clock.now() - DEFAULT_CAP_WINDOW
         request: dict[str, Any] = {
-            "model": self._config.model, "messages": messages, "tools": [function_tool()],
-            "tool_choice": {"type": "function", "function": {"name": TOOL_NAME}},
+            # Always the same tools and tool choice (the server's prefix cache): a call is required, forced to
+            # propose_experiment when there is no search tool.
+            "model": self._config.model, "messages": messages,
+            "tools": [function_tool(), function_tool(search_tool_definition())] if self._config.idea_searches else
+                     [function_tool()],
+            "tool_choice": "required" if self._config.idea_searches else
+                           {"type": "function", "function": {"name": TOOL_NAME}},
             "max_completion_tokens": self._config.max_tokens,
         }
         if self._config.temperature != 1.0:
@@ -148,16 +174,32 @@ def _no_tool_reason(finish_reason: str | None) -> str:
     return f"the reply did not call {TOOL_NAME}"
 
 
-def _feedback(message: Any, calls: list[Any], problem: str) -> list[dict[str, Any]]:
-    """The assistant turn as sent back, then a tool message answering each of its tool calls (or a user turn)."""
-    if message is None:
-        return [{"role": "user", "content": f"Your reply was empty: {problem}. Call {TOOL_NAME} now."}]
+def _arguments(text: str) -> object:
+    """A function call's arguments as JSON (the text itself when it is not JSON: its answer says what to fix)."""
+    try:
+        parsed: object = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return parsed
+
+
+def _assistant(message: Any, calls: list[Any]) -> dict[str, Any]:
+    """The assistant turn as sent back, with its function calls."""
     assistant: dict[str, Any] = {"role": "assistant", "content": message.content or ""}
     if calls:
         assistant["tool_calls"] = [{"id": call.id, "type": "function", "function": {
             "name": call.function.name, "arguments": call.function.arguments}} for call in calls]
+    return assistant
+
+
+def _feedback(message: Any, calls: list[Any], problem: str, searches: IdeaSearches) -> list[dict[str, Any]]:
+    """The assistant turn as sent back, then a tool message answering each of its tool calls (or a user turn)."""
+    if message is None:
+        return [{"role": "user", "content": f"Your reply was empty: {problem}. Call {TOOL_NAME} now."}]
+    if calls:
         answers = [{"role": "tool", "tool_call_id": call.id,
-                    "content": problem if call.function.name == TOOL_NAME else
-                    f"there is no tool {call.function.name!r}; call {TOOL_NAME}"} for call in calls]
-        return [assistant, *answers]
-    return [assistant, {"role": "user", "content": f"Your reply was not usable: {problem}. Call {TOOL_NAME} now."}]
+                    "content": answer_call(call.function.name, _arguments(call.function.arguments), searches,
+                                           problem).text} for call in calls]
+        return [_assistant(message, calls), *answers]
+    return [_assistant(message, calls),
+            {"role": "user", "content": f"Your reply was not usable: {problem}. Call {TOOL_NAME} now."}]

@@ -48,7 +48,7 @@ def test_request_thinks_before_the_tool_and_caches_for_an_hour(server: FakeAnthr
     assert body["thinking"] == {"type": "enabled", "budget_tokens": 5000}
     assert body["tool_choice"] == {"type": "auto"}
     assert "temperature" not in body
-    assert [tool["name"] for tool in body["tools"]] == ["propose_experiment"]
+    assert [tool["name"] for tool in body["tools"]] == ["propose_experiment", "search_ideas"]
     assert body["system"][-1]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     assert "# Research program" in body["system"][-1]["text"]
     assert "def evaluate_bpb(" in body["system"][-1]["text"]  # prepare.py's interface, not its bodies
@@ -65,9 +65,9 @@ def test_tool_fields_ask_for_the_hypothesis_first(server: FakeAnthropicServer, m
 
 
 def test_without_thinking_the_tool_is_forced(server: FakeAnthropicServer, make_anthropic: MakeAgent) -> None:
-    """thinking = off sends no thinking config and forces propose_experiment."""
+    """thinking = off without the search tool sends no thinking config and forces propose_experiment."""
     server.enqueue(tool_reply(GOOD_INPUT))
-    make_anthropic(thinking="off", cache_ttl="5m").propose(make_context())
+    make_anthropic(thinking="off", cache_ttl="5m", idea_searches=0).propose(make_context())
     body = server.requests[0].body
     assert "thinking" not in body
     assert body["tool_choice"] == {"type": "tool", "name": "propose_experiment"}

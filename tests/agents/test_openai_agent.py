@@ -58,7 +58,7 @@ def test_proposal_through_a_function_call(chat: FakeOpenAIServer, make_openai: M
 
 
 def test_request_shape(chat: FakeOpenAIServer, make_openai: MakeAgent) -> None:
-    """System message with the program and prepare.py, the best source, one forced function tool."""
+    """System message with the program and prepare.py, the best source, the two function tools, a call required."""
     chat.enqueue(tool_call_reply(GOOD))
     make_openai().propose(make_context())
     body = chat.requests[0].body
@@ -66,8 +66,19 @@ def test_request_shape(chat: FakeOpenAIServer, make_openai: MakeAgent) -> None:
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
     assert "# Research program" in body["messages"][0]["content"] and "def evaluate_bpb(" in body["messages"][0]["content"]
     assert BASELINE in body["messages"][1]["content"]
+    assert body["tool_choice"] == "required"  # propose_experiment or search_ideas
+    assert [tool["function"]["name"] for tool in body["tools"]] == ["propose_experiment", "search_ideas"]
+    assert all(tool["function"]["parameters"]["type"] == "object" for tool in body["tools"])
+
+
+def test_without_searches_the_proposal_is_forced(chat: FakeOpenAIServer, make_openai: MakeAgent) -> None:
+    """With agent.idea_searches = 0 the only tool is propose_experiment, and it is forced."""
+    chat.enqueue(tool_call_reply(GOOD))
+    make_openai(idea_searches=0).propose(make_context())
+    body = chat.requests[0].body
     assert body["tool_choice"] == {"type": "function", "function": {"name": "propose_experiment"}}
-    assert body["tools"][0]["function"]["parameters"]["type"] == "object"
+    assert [tool["function"]["name"] for tool in body["tools"]] == ["propose_experiment"]
+    assert "search_ideas" not in body["messages"][0]["content"]
 
 
 def test_bad_edit_is_answered_by_a_tool_message(chat: FakeOpenAIServer, make_openai: MakeAgent) -> None:

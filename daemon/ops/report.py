@@ -23,6 +23,7 @@ from daemon.errors import AutoresearchError
 from daemon.ops.logs import get_logger
 from daemon.ops.retest_report import confidence_of, retest_section
 from daemon.research import archive, measurements
+from daemon.research.step_spread import step_spread
 from daemon.store import TERMINAL_STATUSES, ExperimentRecord, SessionRecord, Store
 
 log = get_logger("autoresearch.report")
@@ -136,6 +137,9 @@ def _markdown(store: Store, session: SessionRecord, experiments: list[Experiment
     if pooled.df:
         lines.append(f"- pooled noise (every repeat: noise runs, confirmations, re-measures): sigma {pooled.sigma:.6f}, "
                      f"df {pooled.df}")
+    spread = step_spread(experiments)
+    if spread is not None:
+        lines.append(f"- {'WARNING: ' if spread.loaded else ''}steps per repeat: {spread.text()}")
     gpu_runs = [e for e in experiments if e.gpu_uuid]
     cpu_runs = [e for e in experiments if not e.gpu_uuid]
     lines.append(f"- GPU hours: {_hours(gpu_runs):.2f}" + (f" (plus {_hours(cpu_runs):.2f} CPU lane hours)"
@@ -222,9 +226,11 @@ def _keep_explanations(kept: Sequence[ExperimentRecord]) -> list[str]:
     if not judged:
         return []
     lines = ["", "## Why each change was kept", "",
-             "A keep is a one-sided t-test on means: the candidate's runs against the best's runs, sigma pooled "
-             "from every repeat of the night; p must be below the look's alpha (the false-keep target spread "
-             "over the looks). `simpler`: removes code and is no worse within noise.", "",
+             "A keep is a one-sided t-test: the candidate's runs against the best's runs (seed-paired differences "
+             "when every look has a partner on the same seed and pairing pays, else means with sigma pooled from "
+             "every repeat of the line); p must be below the look's alpha (the false-keep target spread over the "
+             "looks). `simpler`: removes code and a non-inferiority test shows it costs less than the simplicity "
+             "margin (docs/judge.md).", "",
              "| experiment | rule | runs (candidate vs best) | mean improvement | margin | sigma (df) | t | p vs alpha |",
              "|---|---|---|---|---|---|---|---|"]
     for record in judged:

@@ -104,3 +104,28 @@ def test_empty_session_still_reports(tmp_path: Path) -> None:
     text = report.read_text()
     assert "No experiment was kept." in text and "No best yet." in text
     assert (report.parent / "val_bpb.png").stat().st_size > 0
+
+
+def test_report_shows_a_quiet_step_spread(report: Path) -> None:
+    """Repeats that trained the same steps are reported without a warning."""
+    text = report.read_text()
+    assert "- steps per repeat: the same train.py trained 100 to 100 steps" in text
+    assert "WARNING: steps per repeat" not in text
+
+
+def test_report_warns_when_load_set_the_noise(tmp_path: Path) -> None:
+    """A baseline repeat that trained far fewer steps in the same budget makes the report warn about the load."""
+    from tests.ops.conftest import BASELINE_SOURCE, run_experiment
+
+    store = open_store(f"sqlite:///{tmp_path / 'loaded.db'}")
+    store.upgrade()
+    try:
+        sid = store.create_session("dec07", "manual", "# program\n", {}).id
+        run_experiment(store, sid, "baseline", BASELINE_SOURCE, "kept", val_bpb=1.95, steps=261)
+        for seed, (value, steps) in enumerate(((2.07, 171), (2.66, 18), (2.73, 14)), start=1):
+            run_experiment(store, sid, "noise", BASELINE_SOURCE, "measured", val_bpb=value, seed=seed, steps=steps)
+        text = write_report(store, sid, tmp_path / "reports").read_text()
+    finally:
+        store.close()
+    assert "- WARNING: steps per repeat: the same train.py trained 14 to 261 steps" in text
+    assert "the machine's load, not the seed" in text

@@ -73,6 +73,7 @@ class Briefing:
         self.cost_since = cost_since
 
     def context(self, crash: CrashInfo | None) -> ProposalContext:
+        """What the agent is shown for its next proposal (`crash`: the failure it may fix)."""
         best = self.store.best(self.session_id())
         baseline = self.store.baseline(self.session_id())
         start = line_start(self.store, self.line_id(), self.session_id()) if best is None else None

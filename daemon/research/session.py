@@ -143,12 +143,12 @@ class ResearchSession:
         self.board = ExperimentBoard(store=self.store, owner=self.owner, lease_seconds=self.lease_seconds,
                                      session_id=lambda: self.session_id, state=self.state, live=self.live)
         repeats = RepeatGuard(self.store, lambda: self.line_id)
-        briefing = Briefing(settings=self.settings, store=self.store, workspace=self.workspace, lanes=self.lanes,
-                            runner=self.runner, repeats=repeats, session_id=lambda: self.session_id,
-                            line_id=lambda: self.line_id, program_md=lambda: self._program_md,
-                            cost_since=self.cost_since)
+        self.briefing = Briefing(settings=self.settings, store=self.store, workspace=self.workspace,
+                                 lanes=self.lanes, runner=self.runner, repeats=repeats,
+                                 session_id=lambda: self.session_id, line_id=lambda: self.line_id,
+                                 program_md=lambda: self._program_md, cost_since=self.cost_since)
         self.work = WorkSource(settings=self.settings, store=self.store, workspace=self.workspace, state=self.state,
-                               board=self.board, briefing=briefing, repeats=repeats, agent=self.agent,
+                               board=self.board, briefing=self.briefing, repeats=repeats, agent=self.agent,
                                session_id=lambda: self.session_id, line_id=lambda: self.line_id,
                                pipelined=self.pipelined, smoke=self._smoke)
         self.execution = Execution(settings=self.settings, store=self.store, workspace=self.workspace,

@@ -100,9 +100,10 @@ class WorkSource:
                 start = line_start(self.store, self.line_id(), self.session_id())
                 source = start.source if start is not None else self.workspace.baseline_source()
                 self.proposer(lane).prepare_ahead()
-                self.store.create_experiment(self.session_id(), "baseline", source, seed=0, description="baseline" + (
-                                                 f" (the line's best #{start.id})" if start is not None else ""),
-                                             source_hash=normalized_hash(source))
+                self.store.create_experiment(
+                    self.session_id(), "baseline", source, seed=0,
+                    description="baseline" + (f" (the line's best #{start.id})" if start is not None else ""),
+                    source_hash=normalized_hash(source))
                 return self.board.claim(lane)
             if plan.move is planner.Move.NOISE:
                 self.proposer(lane).prepare_ahead()  # the first candidate is prepared meanwhile
@@ -212,8 +213,7 @@ class WorkSource:
                 self.session_id(), "candidate", source, parent_id=parent.id,
                 parent2_id=proposal.proposal.combine_with, description=proposal.proposal.description,
                 hypothesis=proposal.proposal.hypothesis, diff=unified_diff(parent.source, source),
-                seed=planner.first_seed(self.store.list_experiments(session_id=self.session_id(),
-                                                                            limit=100_000),
+                seed=planner.first_seed(self.store.list_experiments(session_id=self.session_id(), limit=100_000),
                                         self.store.best(self.session_id()), self.settings.judge),
                 source_hash=source_hash)
             record_notes(self.store, self.line_id(), self.session_id(), record.id, proposal.proposal.notes)

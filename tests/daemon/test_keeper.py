@@ -75,7 +75,7 @@ def test_a_keep_stores_its_numbers_and_the_new_best_is_remeasured(runtime: Runti
     best = runtime.store.best(sid)
     assert best is not None and best.id == candidate.id
     assert recorded_value(rows, best) == pytest.approx(1.93)
-    assert session.work.context(None).best_val_bpb == pytest.approx(1.93)  # the agent sees the mean too
+    assert session.briefing.context(None).best_val_bpb == pytest.approx(1.93)  # the agent sees the mean too
 
 
 def test_a_close_call_is_confirmed_until_its_mean_decides(runtime: Runtime, baseline_source: str) -> None:

@@ -163,7 +163,7 @@ def test_history_delta_is_against_the_best_at_the_time(runtime: Runtime, baselin
     first = _finished(runtime, sid, "candidate", baseline_source + "\nA = 1\n", 1.9, parent_id=base.id)
     second = _finished(runtime, sid, "candidate", baseline_source + "\nB = 1\n", 1.95, parent_id=first.id,
                        status="discarded")
-    deltas = {item.id: item.delta for item in session.work.context(None).history}
+    deltas = {item.id: item.delta for item in session.briefing.context(None).history}
     assert deltas[base.id] is None
     assert deltas[first.id] == pytest.approx(-0.1)
     assert deltas[second.id] == pytest.approx(0.05)

@@ -25,6 +25,7 @@ PRIORITIES = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4
 # Chatty libraries: below these levels their lines are noise (alembic: "Context impl ..." on every command;
 # APScheduler: "Running job ..." every 10 s).
 _QUIET = {"urllib3": logging.WARNING, "docker": logging.INFO, "apscheduler": logging.WARNING, "alembic": logging.WARNING}
+_HANDLER_NAME = "autoresearch"  # the root handler set up here (replaced, not doubled, on a second set-up)
 
 
 def stream_is_journal(stream: Any, environ: MutableMapping[str, str] | None = None) -> bool:
@@ -88,9 +89,9 @@ def configure_logging(level: str = "info", json: bool | None = None, stream: Any
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
-        if getattr(old, "_autoresearch", False):
+        if old.get_name() == _HANDLER_NAME:
             root.removeHandler(old)
-    handler._autoresearch = True  # type: ignore[attr-defined]
+    handler.set_name(_HANDLER_NAME)
     root.addHandler(handler)
     root.setLevel(_LEVELS[level])
     for name, floor in _QUIET.items():

@@ -4,9 +4,12 @@
 - `planner`      what a free lane runs next: baseline, noise floor, re-measures of the best, candidates
                  and near-miss moves (pure functions over the session's rows);
 - `work`         the planner's moves turned into queued experiments: the agent's candidates (rebased,
-                 validated), near-miss moves, leftovers of earlier sessions, the agent's context;
+                 validated), near-miss moves, leftovers of earlier sessions;
 - `proposer`     the agent asked ahead of time in a worker thread per lane (pipelining);
 - `running`      one claimed experiment through the sandbox, its outcome, crash and push-back handling;
+- `state`        what the session's parts share: the lock, experiments in flight, streaks, the fatal reason;
+- `board`        the session's rows as its lanes see them: claims, leased transitions, leases, lane display;
+- `briefing`     what the agent is shown before it proposes, and the refusal of a repeated idea;
 - `judge`        the keep rule: a sequential one-sided t-test on means with pooled noise, simplicity and
                  memory rules; every verdict carries its numbers;
 - `keeper`       records each measured run and carries out the judge's verdicts (commit, confirmations);

@@ -2,28 +2,32 @@
 
 `Execution` belongs to one `ResearchSession`: it runs the experiment through the runner (train + eval
 stages) with the lane's cancel handle, records the outcome (measured ones go to the keeper, which judges
-them), counts sandbox failures and crashes in a row, gives the agent one fix attempt after a crash, and
-pushes an experiment back (interrupted + a queued copy) when something of ours failed under it.
+them), counts sandbox failures and crashes in a row (in the session's `state.SessionState`), gives the
+agent one fix attempt after a crash, and pushes an experiment back (interrupted + a queued copy) when
+something of ours failed under it. Rows change through the session's `board.ExperimentBoard`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from daemon.agents import CrashInfo
+from daemon.config import Settings
 from daemon.errors import (
     TransitionError,
 )
 from daemon.ops.logs import bind_experiment, get_logger
-from daemon.research.lanes import Lane
+from daemon.research.board import ExperimentBoard
+from daemon.research.keeper import Keeper
+from daemon.research.lanes import Lane, LaunchGate
+from daemon.research.proposer import Proposer
+from daemon.research.state import Running, SessionState
 from daemon.research.stop import StopCondition
+from daemon.research.workspace import Workspace
 from daemon.store.records import ExperimentRecord
 from sandbox.spec import Cancel, RunStatus
-
-if TYPE_CHECKING:
-    from daemon.research.session import ResearchSession
 
 log = get_logger("autoresearch.research")
 
@@ -37,13 +41,11 @@ _SUMMARY_FIELDS = {
 _SUMMARY_INT_FIELDS = {"num_steps": "num_steps", "depth": "depth"}
 
 
-@dataclass
-class Running:
-    """A lane's experiment in flight: its cancel handle and start time."""
+class Runner(Protocol):
+    """`daemon.research.runner.StageRunner`: train + eval of one experiment in the sandbox."""
 
-    lane: Lane
-    cancel: Cancel
-    started: float
+    def run(self, experiment_id: int, attempt: int, source: str, seed: int, gpu_uuid: str | None = None,
+            cancel: Cancel | None = None, on_stage: Callable[[str], None] | None = None) -> Any: ...
 
 
 def outcome_fields(outcome: Any) -> dict[str, Any]:
@@ -80,141 +82,151 @@ def baseline_failure(experiment_id: int, status: str, error: str, log_tail: str)
 class Execution:
     """Runs the experiments of one session (see the module docstring)."""
 
-    def __init__(self, session: ResearchSession) -> None:
-        self.session = session
+    def __init__(self, *, settings: Settings, store: Any, workspace: Workspace, runner: Runner,
+                 state: SessionState, board: ExperimentBoard, keeper: Keeper, session_id: Callable[[], int],
+                 proposer: Callable[[Lane], Proposer], gate: LaunchGate | None = None, metrics: Any = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.workspace = workspace
+        self.runner = runner
+        self.state = state
+        self.board = board
+        self.keeper = keeper
+        self.session_id = session_id
+        self.proposer = proposer  # the lane's proposer, asked for the fix of a crashed candidate
+        self.gate = gate
+        self.metrics = metrics
 
     def execute(self, lane: Lane, experiment: ExperimentRecord, stop: StopCondition) -> None:
-        with self.session._lock:
-            running = self.session._running[experiment.id]
+        running = self.state.running(experiment.id)
+        if running is None:
+            raise KeyError(f"experiment {experiment.id} was not claimed by this session")
         if stop.kill_due():
             running.cancel.set(RunStatus.INTERRUPTED)
-        if self.session.gate is not None and lane.gpu_uuid is not None:
-            self.session.gate.attach_run(lane.gpu_uuid, running.cancel)
-        if self.session.metrics is not None:
-            self.session.metrics.lane_busy(lane.name, True)
-        self.session._show_lane(lane, "running", experiment)
+        if self.gate is not None and lane.gpu_uuid is not None:
+            self.gate.attach_run(lane.gpu_uuid, running.cancel)
+        if self.metrics is not None:
+            self.metrics.lane_busy(lane.name, True)
+        self.board.show_lane(lane, "running", experiment)
         with bind_experiment(experiment.id, lane=lane.name, kind=experiment.kind):
             log.info("experiment started", attempt=experiment.attempt, seed=experiment.seed,
                      description=experiment.description[:120])
             try:
-                outcome = self.session.runner.run(
+                outcome = self.runner.run(
                     experiment.id, experiment.attempt, experiment.source, experiment.seed,
                     gpu_uuid=lane.gpu_uuid, cancel=running.cancel,
                     on_stage=lambda stage: self.on_stage(lane, experiment, stage))
                 self.finish(lane, experiment, outcome, running)
             except TransitionError as exc:
-                if not self.session._lease_lost(experiment.id):
+                if not self.board.lease_lost(experiment.id):
                     self.push_back(experiment, f"{type(exc).__name__}: {exc}")
                     raise
                 # Our lease expired and another daemon took the experiment over: its run stands, ours is dropped.
                 log.warning("lease lost; leaving the experiment to its new owner", error=str(exc)[:300])
-                with self.session._lock:
-                    self.session._awaiting.pop(experiment.id, None)
+                self.state.forget_unconfirmed(experiment.id)
             except BaseException as exc:
                 self.push_back(experiment, f"{type(exc).__name__}: {exc}")
                 raise
             finally:
-                if self.session.gate is not None and lane.gpu_uuid is not None:
-                    self.session.gate.detach_run(lane.gpu_uuid)
-                if self.session.metrics is not None:
-                    self.session.metrics.lane_busy(lane.name, False)
-                self.session._show_lane(lane, "idle")
-                with self.session._lock:
-                    self.session._running.pop(experiment.id, None)
+                if self.gate is not None and lane.gpu_uuid is not None:
+                    self.gate.detach_run(lane.gpu_uuid)
+                if self.metrics is not None:
+                    self.metrics.lane_busy(lane.name, False)
+                self.board.show_lane(lane, "idle")
+                self.state.untrack(experiment.id)
 
     def on_stage(self, lane: Lane, experiment: ExperimentRecord, stage: str) -> None:
         if stage == "eval":
-            self.session._transition(experiment.id, "running", "evaluating")
-            self.session._show_lane(lane, "evaluating", experiment)
+            self.board.transition(experiment.id, "running", "evaluating")
+            self.board.show_lane(lane, "evaluating", experiment)
 
     def finish(self, lane: Lane, experiment: ExperimentRecord, outcome: Any, running: Running) -> None:
         fields = outcome_fields(outcome)
         status = str(getattr(outcome.status, "value", outcome.status))
-        if self.session.metrics is not None:
+        if self.metrics is not None:
             self.observe_stages(outcome)
             if lane.gpu_uuid is not None:
                 # The runner checks after each killed run whether the GPU's memory came back.
-                self.session.metrics.gpu_quarantined(lane.gpu_uuid, bool(getattr(outcome, "gpu_quarantined", False)))
+                self.metrics.gpu_quarantined(lane.gpu_uuid, bool(getattr(outcome, "gpu_quarantined", False)))
         if lane.gpu_uuid is not None and getattr(outcome, "gpu_quarantined", False):
-            self.session._quarantined.add(lane.gpu_uuid)
+            self.state.quarantine(lane.gpu_uuid)
             log.error("GPU quarantined: no more experiments on it this session", lane=lane.name, gpu=lane.gpu_uuid)
         self.count_infra_error(status, str(fields.get("error") or f"sandbox run {status}"))
         if status == "ok" and outcome.val_bpb is not None:
             self.ensure_evaluating(experiment.id)
-            final = self.session._judge(experiment, float(outcome.val_bpb), fields)
-            self.session._crash_streak = 0
+            final = self.keeper.record(experiment, float(outcome.val_bpb), fields)
+            self.state.measured()
         elif status in ("interrupted", "preempted", "infra_error"):
             final = "preempted" if status == "preempted" else "interrupted"
             fields.setdefault("error", f"sandbox run {status}")
-            self.session._transition(experiment.id, ACTIVE, final, **fields)
+            self.board.transition(experiment.id, ACTIVE, final, **fields)
             killed_by_stop = status == "interrupted" and running.cancel.reason is RunStatus.INTERRUPTED
             if killed_by_stop:
-                # The session is ending: the next session redoes it (see `_find_leftovers`).
-                self.session._keeper.interrupt(experiment.parent_id, "its confirmation run was cut short by a stop")
+                # The session is ending: the next session redoes it (see `WorkSource.find_leftovers`).
+                self.keeper.interrupt(experiment.parent_id, "its confirmation run was cut short by a stop")
             else:
                 self.retry_copy(experiment, f"sandbox run {status}")
-            self.session._keeper.abandon(experiment, f"its confirmation run was {final}")
+            self.keeper.abandon(experiment, f"its confirmation run was {final}")
         else:
             final = status if status in CRASH_STATUSES else "invalid"
-            self.session._transition(experiment.id, ACTIVE, final, **fields)
+            self.board.transition(experiment.id, ACTIVE, final, **fields)
             self.after_crash(lane, experiment, final, fields)
         with bind_experiment(experiment.id, lane=lane.name, kind=experiment.kind):
             log.info("experiment finished", status=final, val_bpb=fields.get("val_bpb"),
                      seconds=round(time.monotonic() - running.started, 1))
-        self.session.workspace.write_results(self.session.store.results_tsv(self.session.session_id))
-        if self.session.metrics is not None:
-            self.session.metrics.experiment_finished(experiment.kind, final, lane.name, fields.get("val_bpb"),
+        self.workspace.write_results(self.store.results_tsv(self.session_id()))
+        if self.metrics is not None:
+            self.metrics.experiment_finished(experiment.kind, final, lane.name, fields.get("val_bpb"),
                                              time.monotonic() - running.started)
-            self.session.metrics.consecutive_crashes(self.session._crash_streak)
+            self.metrics.consecutive_crashes(self.state.crash_streak)
 
     def count_infra_error(self, status: str, error: str) -> None:
         """A sandbox that keeps failing is a broken set-up: stop the session instead of retrying forever."""
         if status != "infra_error":
-            self.session._infra_streak = 0
+            self.state.sandbox_ran()
             return
-        self.session._infra_streak += 1
-        if self.session._infra_streak >= MAX_ATTEMPTS:
-            self.session._fatal = (f"the sandbox failed {self.session._infra_streak} runs in a row: {error[:300]} "
-                           "(check `autoresearch doctor` and the [sandbox] settings)")
+        failures = self.state.sandbox_failed()
+        if failures >= MAX_ATTEMPTS:
+            self.state.fail(f"the sandbox failed {failures} runs in a row: {error[:300]} "
+                            "(check `autoresearch doctor` and the [sandbox] settings)")
 
     def observe_stages(self, outcome: Any) -> None:
         overhead = getattr(outcome, "overhead_seconds", None) or {}
         for stage, result in (("train", outcome.train), ("eval", outcome.eval)):
             if result is not None:
-                self.session.metrics.stage_finished(stage, result.wall_seconds, float(overhead.get(stage, 0.0)))
+                self.metrics.stage_finished(stage, result.wall_seconds, float(overhead.get(stage, 0.0)))
 
     def ensure_evaluating(self, experiment_id: int) -> None:
-        current = self.session.store.get_experiment(experiment_id)
+        current = self.store.get_experiment(experiment_id)
         if current is not None and current.status == "running":
-            self.session._transition(experiment_id, "running", "evaluating")
+            self.board.transition(experiment_id, "running", "evaluating")
 
     def after_crash(self, lane: Lane, experiment: ExperimentRecord, status: str, fields: dict[str, Any]) -> None:
         if experiment.kind == "baseline":
-            self.session._fatal = baseline_failure(experiment.id, status, str(fields.get("error", "")),
-                                            str(fields.get("log_tail", "")))
+            self.state.fail(baseline_failure(experiment.id, status, str(fields.get("error", "")),
+                                             str(fields.get("log_tail", ""))))
             return
         if experiment.kind in ("noise", "remeasure"):
             return
         if experiment.kind == "confirm":
-            self.session._keeper.abandon(experiment, f"its confirmation run {status}")
+            self.keeper.abandon(experiment, f"its confirmation run {status}")
             return
-        self.session._crash_streak += 1
-        limit = self.session.settings.judge.max_consecutive_crashes
-        if self.session._crash_streak >= limit:
-            log.error("too many consecutive crashes; stopping the session", crashes=self.session._crash_streak)
-            self.session._fatal = f"{self.session._crash_streak} experiments crashed in a row (judge.max_consecutive_crashes)"
+        crashes = self.state.crashed()
+        if crashes >= self.settings.judge.max_consecutive_crashes:
+            log.error("too many consecutive crashes; stopping the session", crashes=crashes)
+            self.state.fail(f"{crashes} experiments crashed in a row (judge.max_consecutive_crashes)")
             return
-        if experiment.kind == "candidate" and experiment.id not in self.session._fix_attempts:
+        if experiment.kind == "candidate" and not self.state.is_fix(experiment.id):
             # One fix attempt: the agent sees the failure (fenced, truncated) and may repair the idea.
-            self.session._work.proposer(lane).prefetch(CrashInfo(experiment.id, experiment.description, status,
-                                                    str(fields.get("log_tail", ""))[-4000:], experiment.diff))
+            self.proposer(lane).prefetch(CrashInfo(experiment.id, experiment.description, status,
+                                                   str(fields.get("log_tail", ""))[-4000:], experiment.diff))
 
     def push_back(self, experiment: ExperimentRecord, why: str) -> None:
         """Before an error propagates: mark the experiment interrupted and queue it again."""
         try:
-            current = self.session.store.get_experiment(experiment.id)
+            current = self.store.get_experiment(experiment.id)
             if current is not None and current.status in ACTIVE:
-                self.session._transition(experiment.id, ACTIVE, "interrupted", error=why[:2000])
+                self.board.transition(experiment.id, ACTIVE, "interrupted", error=why[:2000])
                 self.retry_copy(experiment, why)
         except Exception as exc:  # the store may be the reason; lease expiry requeues it on the next start
             log.error("could not push the experiment back", experiment_id=experiment.id, error=str(exc)[:300])
@@ -222,7 +234,7 @@ class Execution:
     def retry_copy(self, experiment: ExperimentRecord, why: str) -> ExperimentRecord | None:
         if experiment.kind == "confirm" or experiment.attempt >= MAX_ATTEMPTS:
             return None
-        copy: ExperimentRecord = self.session.store.create_experiment(
+        copy: ExperimentRecord = self.store.create_experiment(
             experiment.session_id, experiment.kind, experiment.source, parent_id=experiment.parent_id,
             description=experiment.description, hypothesis=experiment.hypothesis, diff=experiment.diff,
             seed=experiment.seed, attempt=experiment.attempt + 1, source_hash=experiment.source_hash)

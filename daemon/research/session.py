@@ -9,7 +9,10 @@ confirmations, re-measures), then the baseline, the noise floor, a re-measure of
 candidate from `daemon.research.work` (the agent's proposals, pipelined by `proposer.Proposer` and
 rebased onto a new best; near-miss moves; work an earlier session left unfinished). One claimed
 experiment is run by `daemon.research.running.Execution`, and its number is recorded and judged by
-`daemon.research.keeper.Keeper` (`daemon.research.judge` is the rule).
+`daemon.research.keeper.Keeper` (`daemon.research.judge` is the rule). The parts share the session's
+`daemon.research.state.SessionState` (lock, experiments in flight, streaks, the fatal reason) and change
+rows through its `daemon.research.board.ExperimentBoard` (claims, leased transitions, the lanes' display);
+each is handed its collaborators when the session is built, and none reads the driver's own fields.
 
 Every state change goes through the store with the expected previous state; an experiment that
 fails for a reason of ours (sandbox down, database gone) is pushed back (marked `interrupted`, a
@@ -21,7 +24,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -35,6 +37,8 @@ from daemon.errors import (
 from daemon.ops.logs import get_logger
 from daemon.ops.statuspage import LiveState
 from daemon.research.archive import unified_diff
+from daemon.research.board import ExperimentBoard
+from daemon.research.briefing import Briefing, RepeatGuard
 from daemon.research.keeper import Keeper
 from daemon.research.lanes import Lane, LaunchGate
 from daemon.research.line import (
@@ -46,25 +50,21 @@ from daemon.research.running import (
     CRASH_STATUSES,
     MAX_ATTEMPTS,
     Execution,
-    Running,
+    Runner,
     outcome_fields,
 )
 from daemon.research.smoke import SmokeTest, smoke_stage_runner
+from daemon.research.state import SessionState
 from daemon.research.stop import StopCondition
 from daemon.research.work import MAX_INVALID_PROPOSALS, WorkSource
 from daemon.research.workspace import Workspace
-from daemon.store.records import SESSION_OPEN, ExperimentRecord, SessionRecord
-from sandbox.spec import Cancel, RunStatus
+from daemon.store.records import SESSION_OPEN, SessionRecord
+from sandbox.spec import RunStatus
 
 __all__ = ["ACTIVE", "CRASH_STATUSES", "MAX_ATTEMPTS", "MAX_INVALID_PROPOSALS", "Prepared", "Proposer",
            "ResearchSession", "SessionSummary", "outcome_fields", "unified_diff"]
 
 log = get_logger("autoresearch.research")
-class Runner(Protocol):
-    """`daemon.research.runner.StageRunner`: train + eval of one experiment in the sandbox."""
-
-    def run(self, experiment_id: int, attempt: int, source: str, seed: int, gpu_uuid: str | None = None,
-            cancel: Cancel | None = None, on_stage: Callable[[str], None] | None = None) -> Any: ...
 
 
 class Heartbeat(Protocol):
@@ -125,31 +125,36 @@ class ResearchSession:
         self.live = live
         self.session: SessionRecord | None = None
         self._ends_session = False  # only a session this object created (or adopted) is ended by it
-        self._lock = threading.RLock()
-        self._running: dict[int, Running] = {}
-        self._keeper = Keeper(settings=settings, store=store, workspace=workspace, owner=owner,
-                              session_id=lambda: self.session_id,
-                              tag=lambda: self.session.tag if self.session else "session", lock=self._lock,
-                              metrics=metrics)
-        self._awaiting = self._keeper.awaiting  # close calls waiting for confirmation runs
-        self._planned_candidates = 0  # candidates planned by this object (archive turns count them)
-        self._work = WorkSource(self)
-        self._execution = Execution(self)
-        self._launched_candidates = 0
-        self._crash_streak = 0
-        self._infra_streak = 0  # sandbox failures in a row (engine down, bad limits): not the candidate's fault
-        self._quarantined: set[str] = set()  # GPUs whose memory did not come back after a killed run
-        self._invalid_streak = 0
-        self._agent_error_streak = 0  # plain agent failures in a row (network, server errors)
-        self._fix_attempts: set[int] = set()
-        self._fatal: str | None = None
-        self._proposers: dict[str, Proposer] = {}
         self._program_md = ""
-        self._leftovers: list[ExperimentRecord] = []
         self._line: int | None = None  # the research line (see daemon.research.line)
         smoke_runner = smoke_stage_runner(runner, settings) if settings.training.smoke else None
         self._smoke = SmokeTest(smoke_runner, store, settings.training.smoke_repair_rounds, metrics) \
             if smoke_runner is not None else None
+        self._build_parts()
+
+    def _build_parts(self) -> None:
+        """The session's parts, each handed the collaborators it works with (see the module docstring)."""
+        lock = threading.RLock()
+        self.keeper = Keeper(settings=self.settings, store=self.store, workspace=self.workspace, owner=self.owner,
+                             session_id=lambda: self.session_id,
+                             tag=lambda: self.session.tag if self.session else "session", lock=lock,
+                             metrics=self.metrics)
+        self.state = SessionState(lock=lock, awaiting=self.keeper.awaiting, max_experiments=self.max_experiments)
+        self.board = ExperimentBoard(store=self.store, owner=self.owner, lease_seconds=self.lease_seconds,
+                                     session_id=lambda: self.session_id, state=self.state, live=self.live)
+        repeats = RepeatGuard(self.store, lambda: self.line_id)
+        self.briefing = Briefing(settings=self.settings, store=self.store, workspace=self.workspace,
+                                 lanes=self.lanes, runner=self.runner, repeats=repeats,
+                                 session_id=lambda: self.session_id, line_id=lambda: self.line_id,
+                                 program_md=lambda: self._program_md, cost_since=self.cost_since)
+        self.work = WorkSource(settings=self.settings, store=self.store, workspace=self.workspace, state=self.state,
+                               board=self.board, briefing=self.briefing, repeats=repeats, agent=self.agent,
+                               session_id=lambda: self.session_id, line_id=lambda: self.line_id,
+                               pipelined=self.pipelined, smoke=self._smoke)
+        self.execution = Execution(settings=self.settings, store=self.store, workspace=self.workspace,
+                                   runner=self.runner, state=self.state, board=self.board, keeper=self.keeper,
+                                   session_id=lambda: self.session_id, proposer=self.work.proposer, gate=self.gate,
+                                   metrics=self.metrics)
 
     # -- session life --------------------------------------------------------------------------
 
@@ -196,12 +201,12 @@ class ResearchSession:
         if self.live is not None:
             self.live.set_session(session.id)
             for lane in self.lanes:
-                self._show_lane(lane, "idle")
+                self.board.show_lane(lane, "idle")
         for experiment_id in orphans:
             record = self.store.get_experiment(experiment_id)
             if record is not None and record.session_id == session.id:
-                self._execution.retry_copy(record, "redoing work interrupted by a daemon crash")
-        self._leftovers = self._work.find_leftovers() if attach_to is None else []
+                self.execution.retry_copy(record, "redoing work interrupted by a daemon crash")
+        self.work.open(carry_over=attach_to is None)
         self._publish_known_numbers()
         return session
 
@@ -215,7 +220,7 @@ class ResearchSession:
         baseline = self.store.baseline(self.session_id)
         if baseline is not None and baseline.val_bpb is not None:
             self.metrics.baseline(baseline.val_bpb)
-        self._keeper.publish()
+        self.keeper.publish()
         self.metrics.training_budget_seconds.set(self.settings.training.time_budget_s)
 
     def run(self, stop: StopCondition) -> SessionSummary:
@@ -241,30 +246,28 @@ class ResearchSession:
             while any(thread.is_alive() for thread in threads):
                 self._beat()
                 if stop.kill_due():
-                    self._kill_running(RunStatus.INTERRUPTED)
+                    self.state.kill_all(RunStatus.INTERRUPTED)
                 if time.monotonic() - last_renewal >= self.lease_seconds / 4:
-                    self._renew_leases()
+                    self.board.renew_leases()
                     last_renewal = time.monotonic()
                 for thread in threads:
                     thread.join(timeout=0.2)
         finally:
             if self._smoke is not None:
                 self._smoke.close()
-            for proposer in self._proposers.values():
-                proposer.close()
+            self.work.close()
             for lane in self.lanes:
-                self._show_lane(lane, "stopped", reason=stop.reason() or "")
-        reason = stop.reason() or ("experiment count reached" if self._exhausted() else "no more work")
-        with self._lock:
-            unconfirmed = list(self._awaiting)
-        for candidate_id in unconfirmed:
+                self.board.show_lane(lane, "stopped", reason=stop.reason() or "")
+        reason = stop.reason() or ("experiment count reached" if self.state.exhausted() else "no more work")
+        for candidate_id in self.state.unconfirmed():
             try:
-                self._keeper.interrupt(candidate_id, f"the session ended before its confirmation run ({reason})")
+                self.keeper.interrupt(candidate_id, f"the session ended before its confirmation run ({reason})")
             except Exception as exc:  # the lease expires and start-up reconciliation finds it
                 log.error("could not interrupt an unconfirmed candidate", experiment_id=candidate_id,
                           error=str(exc)[:300])
-        status = "failed" if (errors or self._fatal) else ("interrupted" if stop.signalled() else "completed")
-        summary = self.summary(self._fatal or reason, status)
+        fatal = self.state.fatal
+        status = "failed" if (errors or fatal) else ("interrupted" if stop.signalled() else "completed")
+        summary = self.summary(fatal or reason, status)
         if self._ends_session:
             self._end_session(status)
         log.info("session ended", session=self.session_id, reason=summary.stop_reason, status=status,
@@ -294,104 +297,36 @@ class ResearchSession:
     def step(self, lane: Lane, stop: StopCondition) -> bool:
         """Run at most one experiment on `lane`; False when this lane has nothing more to do."""
         self._beat()
-        if self._fatal is not None:
-            stop.request_stop(self._fatal)
+        fatal = self.state.fatal
+        if fatal is not None:
+            stop.request_stop(fatal)
             return False
         if stop.reason() is not None:
             return False
-        if lane.gpu_uuid in self._quarantined:
-            self._show_lane(lane, "stopped", reason="GPU quarantined: its memory was not released after a kill")
+        if self.state.quarantined(lane.gpu_uuid):
+            self.board.show_lane(lane, "stopped", reason="GPU quarantined: its memory was not released after a kill")
             return False
         if self.gate is not None and lane.gpu_uuid is not None and not self.gate.may_launch(lane.gpu_uuid):
             if self.trigger == "idle":
                 # A harvest lasts while the GPU is idle: once its owner is back, this lane is done.
-                self._show_lane(lane, "stopped", reason="the harvested GPU is busy again, or was never idle")
+                self.board.show_lane(lane, "stopped", reason="the harvested GPU is busy again, or was never idle")
                 return False
-            self._show_lane(lane, "paused", reason="no window for this GPU, or a foreign process uses it")
+            self.board.show_lane(lane, "paused", reason="no window for this GPU, or a foreign process uses it")
             stop.wait(1.0)  # window closed for this GPU or a foreign job holds it: look again soon
             return True
-        experiment = self._work.next_experiment(lane, stop)
+        experiment = self.work.next_experiment(lane, stop)
         if experiment is None:
-            if self._fatal is not None or stop.reason() is not None:
+            if self.state.fatal is not None or stop.reason() is not None:
                 return False
-            if self._exhausted() and not self._work_in_flight():
+            if self.state.exhausted() and not self.state.in_flight():
                 return False
             stop.wait(0.2)  # another lane is measuring the baseline/noise, or a confirmation is due
             return True
-        self._execution.execute(lane, experiment, stop)
+        self.execution.execute(lane, experiment, stop)
         return True
-
-    def _exhausted(self) -> bool:
-        return self.max_experiments is not None and self._launched_candidates >= self.max_experiments
-
-    def _work_in_flight(self) -> bool:
-        with self._lock:
-            return bool(self._running) or bool(self._awaiting)
-
-    def _claim(self, lane: Lane) -> ExperimentRecord | None:
-        record: ExperimentRecord | None = self.store.claim_next(
-            self.session_id, self.owner, lane.name, lane.gpu_uuid, self.lease_seconds)
-        if record is not None:
-            with self._lock:
-                self._running[record.id] = Running(lane, Cancel(), time.monotonic())
-        return record
-
-    # -- running one experiment ----------------------------------------------------------------
-
-    def _show_lane(self, lane: Lane, state: str, experiment: ExperimentRecord | None = None,
-                   reason: str = "") -> None:
-        """Keep the status page's view of the lane current."""
-        if self.live is not None:
-            self.live.set_lane(lane.name, lane.gpu_uuid, state,
-                               experiment_id=experiment.id if experiment is not None else None,
-                               description=experiment.description if experiment is not None else "", reason=reason)
-
-    def _transition(self, experiment_id: int, expected: str | tuple[str, ...], new: str,
-                    **fields: Any) -> ExperimentRecord:
-        """A state change of one of our leased rows: refused (TransitionError) once another owner took it over."""
-        record: ExperimentRecord = self.store.transition(experiment_id, expected, new, owner=self.owner, **fields)
-        return record
-
-    def _lease_lost(self, experiment_id: int) -> bool:
-        current = self.store.get_experiment(experiment_id)
-        return current is not None and current.lease_owner != self.owner
-
-    def _judge(self, experiment: ExperimentRecord, val_bpb: float, fields: dict[str, Any]) -> str:
-        """Record a measured experiment (`daemon.research.keeper`); its final status, or `evaluating`."""
-        return self._keeper.record(experiment, val_bpb, fields)
 
     # -- housekeeping --------------------------------------------------------------------------
 
     def _beat(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.beat()
-
-    def _kill_running(self, reason: RunStatus) -> None:
-        with self._lock:
-            for running in self._running.values():
-                if running.cancel.reason is None:
-                    log.warning("killing the running experiment", lane=running.lane.name, reason=reason.value)
-                    running.cancel.set(reason)
-
-    def _renew_leases(self) -> None:
-        with self._lock:
-            held = [*self._running, *self._awaiting]
-        for experiment_id in held:
-            try:
-                self.store.renew_lease(experiment_id, self.owner, self.lease_seconds)
-            except Exception as exc:  # a DB hiccup: the next renewal tries again well before expiry
-                log.warning("lease renewal failed", experiment_id=experiment_id, error=str(exc)[:200])
-                self._stop_if_taken_over(experiment_id)
-
-    def _stop_if_taken_over(self, experiment_id: int) -> None:
-        """Another daemon owns this experiment now (our lease expired): stop running our copy of it."""
-        try:
-            lost = self._lease_lost(experiment_id)
-        except Exception:  # the database is still away; the next renewal looks again
-            return
-        if lost:
-            with self._lock:
-                running = self._running.get(experiment_id)
-            if running is not None and running.cancel.reason is None:
-                log.warning("lease taken over by another owner; stopping our run", experiment_id=experiment_id)
-                running.cancel.set(RunStatus.INTERRUPTED)

@@ -123,12 +123,16 @@ class Workspace:
             if not path.exists():
                 path.write_text(text)
                 created.append(path.name)
-        if not (root / ".git").exists():
-            workspace._git("init", "-q", "-b", "main")
-        if workspace._git("rev-parse", "--verify", "-q", "HEAD", check=False).returncode != 0:
-            workspace._git("add", PROGRAM_FILE, TRAIN_FILE, CONFIG_FILE, ".gitignore")
-            workspace._git("commit", "-q", "-m", "autoresearch workspace: program.md and baseline train.py")
+        workspace.ensure_repository()
         return workspace
+
+    def ensure_repository(self) -> None:
+        """Create the workspace's git repository and its first commit (program.md, the baseline) when missing."""
+        if not (self.root / ".git").exists():
+            self._git("init", "-q", "-b", "main")
+        if self._git("rev-parse", "--verify", "-q", "HEAD", check=False).returncode != 0:
+            self._git("add", PROGRAM_FILE, TRAIN_FILE, CONFIG_FILE, ".gitignore")
+            self._git("commit", "-q", "-m", "autoresearch workspace: program.md and baseline train.py")
 
     @classmethod
     def open(cls, root: Path) -> Workspace:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,9 +17,9 @@ from daemon.agents.prompt import build_prompt
 from daemon.agents.tool_input import proposal_from_tool_input
 from daemon.config import JudgeConfig
 from daemon.errors import InvalidProposal
+from daemon.research.briefing import RepeatGuard
 from daemon.research.ideas import MEASUREMENT_VERSION, idea_memory, memory_from_rows
 from daemon.research.ledger import build_ledger, line_rows
-from daemon.research.work import WorkSource
 from daemon.store import open_store
 from daemon.store.sql import Store
 from tests.agents.support import BASELINE, make_context, run_experiment
@@ -159,15 +158,15 @@ def test_offline_agent_skips_repeats_of_tried_ideas(store: Store, line: tuple[in
 def test_session_refuses_a_repeat_before_queueing_and_shows_it_next(store: Store, line: tuple[int, list[int]]) -> None:
     """The session's own check (results that came in after the proposal was written count) refuses a repeat,
     and the next proposal's prompt shows what was refused and why, fenced."""
-    session = SimpleNamespace(store=store, line_id=line[0])
-    work = WorkSource(session)  # type: ignore[arg-type]
+    repeats = RepeatGuard(store, lambda: line[0])
     with pytest.raises(InvalidProposal, match=r"repeats the idea tried as #\d+ \(a value within 10%"):
-        work.refuse_repeat(BASELINE, with_lr("0.039"), "LR to 0.039")
+        repeats.refuse_repeat(BASELINE, with_lr("0.039"), "LR to 0.039")
     nonce = "d" * 32
-    text = build_prompt(make_context(refused=work.refused, fence_nonce=nonce), "prepare").messages[0]["content"][-1][
-        "text"]
+    text = build_prompt(make_context(refused=repeats.take_refused(), fence_nonce=nonce), "prepare").messages[0][
+        "content"][-1]["text"]
     assert re.search(rf"not run: it repeats an idea this line already tried\n\n<data-{nonce}>\nLR to 0.039\n", text)
-    work.refuse_repeat(BASELINE, with_lr("0.015"), "LR down")  # a new idea passes
+    assert repeats.take_refused() == ""  # shown once
+    repeats.refuse_repeat(BASELINE, with_lr("0.015"), "LR down")  # a new idea passes
 
 
 def test_summary_covers_every_idea_when_the_list_is_cut(store: Store, line: tuple[int, list[int]]) -> None:

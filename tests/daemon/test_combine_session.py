@@ -75,7 +75,7 @@ def test_combine_records_both_parents_and_both_changes(runtime: Runtime, baselin
     agent = ScriptedAgent([])
     session, best, near = _night(runtime, baseline_source, agent)
     agent.steps = [_combine(near.id, near.diff)]
-    move = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    move = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert move is not None and move.kind == "candidate"
     assert (move.parent_id, move.parent2_id) == (best.id, near.id)
     assert FUTURE + "BEST = 1\nAGENT_KNOB = 2\n" in move.source and move.source.endswith("\nNEAR = 1\n")
@@ -88,7 +88,7 @@ def test_combine_of_a_non_archived_id_is_refused(runtime: Runtime, baseline_sour
     session, best, near = _night(runtime, baseline_source, agent)
     agent.steps = [_combine(best.id, near.diff), _combine(near.id, near.diff)]
     with structlog.testing.capture_logs() as logs:
-        move = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+        move = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert len(agent.contexts) == 2
     assert move is not None and move.parent2_id == near.id
     candidates = runtime.store.list_experiments(session_id=move.session_id, kind="candidate")
@@ -103,7 +103,7 @@ def test_combine_of_an_unknown_id_is_refused(runtime: Runtime, baseline_source: 
     session, _best, near = _night(runtime, baseline_source, agent)
     agent.steps = [_combine(10**9, near.diff), _combine(near.id, near.diff)]
     with structlog.testing.capture_logs() as logs:
-        move = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+        move = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert len(agent.contexts) == 2 and move is not None and move.parent2_id == near.id
     assert any(f"#{10**9} is not an experiment of this research line" in str(entry.get("reason"))
                for entry in logs)

@@ -51,7 +51,7 @@ def _evaluating(runtime: Runtime, session: ResearchSession, sid: int, source: st
     """A candidate claimed by the session's lane and in its eval stage."""
     created = runtime.store.create_experiment(sid, "candidate", source, parent_id=parent_id,
                                               source_hash=normalized_hash(source), description="candidate")
-    claimed = session._claim(runtime.lanes[0])
+    claimed = session.board.claim(runtime.lanes[0])
     assert claimed is not None and claimed.id == created.id
     return runtime.store.transition(created.id, "running", "evaluating", owner=runtime.owner)
 
@@ -61,32 +61,32 @@ def test_a_keep_stores_its_numbers_and_the_new_best_is_remeasured(runtime: Runti
     (in the store's view, the report's and the agent's)."""
     session, sid, base = _open(runtime, baseline_source)
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nWIN = 1\n", base.id)
-    assert session._judge(candidate, 1.90, {"val_bpb": 1.90}) == "kept"
+    assert session.keeper.record(candidate, 1.90, {"val_bpb": 1.90}) == "kept"
     kept = runtime.store.get_experiment(candidate.id)
     assert kept is not None and kept.verdict is not None
     assert kept.verdict["rule"] == "significant" and kept.verdict["n"] == 1 and kept.verdict["n_incumbent"] == 3
     assert kept.verdict["df"] == 2 and kept.verdict["p"] < kept.verdict["alpha"]
-    remeasure = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    remeasure = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert remeasure is not None and (remeasure.kind, remeasure.parent_id) == ("remeasure", candidate.id)
     assert remeasure.seed != candidate.seed
     runtime.store.transition(remeasure.id, "running", "evaluating", owner=runtime.owner)
-    assert session._judge(remeasure, 1.93, {"val_bpb": 1.93}) == "measured"
+    assert session.keeper.record(remeasure, 1.93, {"val_bpb": 1.93}) == "measured"
     rows = runtime.store.list_experiments(session_id=sid, limit=100)
     best = runtime.store.best(sid)
     assert best is not None and best.id == candidate.id
     assert recorded_value(rows, best) == pytest.approx(1.93)
-    assert session._work.context(None).best_val_bpb == pytest.approx(1.93)  # the agent sees the mean too
+    assert session.briefing.context(None).best_val_bpb == pytest.approx(1.93)  # the agent sees the mean too
 
 
 def test_a_close_call_is_confirmed_until_its_mean_decides(runtime: Runtime, baseline_source: str) -> None:
     """A first run that wins by 2.5 sigma queues a confirmation; two runs averaging a clearer win are kept."""
     session, sid, base = _open(runtime, baseline_source)
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nCLOSE = 1\n", base.id)
-    assert session._judge(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
-    confirm = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    assert session.keeper.record(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
+    confirm = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert confirm is not None and (confirm.kind, confirm.parent_id) == ("confirm", candidate.id)
     runtime.store.transition(confirm.id, "running", "evaluating", owner=runtime.owner)
-    assert session._judge(confirm, 1.965, {"val_bpb": 1.965}) == "measured"
+    assert session.keeper.record(confirm, 1.965, {"val_bpb": 1.965}) == "measured"
     kept = runtime.store.get_experiment(candidate.id)
     assert kept is not None and kept.status == "kept"
     assert kept.verdict is not None and kept.verdict["n"] == 2
@@ -97,7 +97,7 @@ def test_a_clear_loss_is_discarded_with_its_numbers(runtime: Runtime, baseline_s
     """A worse candidate is discarded at its first look (futile), numbers stored, no confirmation queued."""
     session, sid, base = _open(runtime, baseline_source)
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nLOSS = 1\n", base.id)
-    assert session._judge(candidate, 2.05, {"val_bpb": 2.05}) == "discarded"
+    assert session.keeper.record(candidate, 2.05, {"val_bpb": 2.05}) == "discarded"
     discarded = runtime.store.get_experiment(candidate.id)
     assert discarded is not None and discarded.verdict is not None and discarded.verdict["rule"] == "futile"
     assert not runtime.store.list_experiments(session_id=sid, kind="confirm")
@@ -115,8 +115,8 @@ def test_near_miss_move_records_both_parents(runtime: Runtime, baseline_source: 
                     source_hash=normalized_hash(best_source))
     finished(runtime.store, sid, "remeasure", best_source, 1.91, status="measured", parent_id=best.id,
              source_hash=normalized_hash(best_source))
-    session._planned_candidates = 2  # the next candidate is an archive turn (archive_every = 3)
-    move = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    session.state.planned_candidates = 2  # the next candidate is an archive turn (archive_every = 3)
+    move = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert move is not None and move.kind == "candidate"
     assert (move.parent_id, move.parent2_id) == (best.id, near.id)
     assert move.source.startswith("BEST = 1\n") and "NEAR = 1" in move.source
@@ -127,11 +127,11 @@ def test_report_explains_each_keep_and_lists_near_misses(runtime: Runtime, basel
     """The morning report shows each keep's rule and numbers, the best as a mean, and the closest near-misses."""
     session, sid, base = _open(runtime, baseline_source)
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nWIN = 1\n", base.id)
-    session._judge(candidate, 1.90, {"val_bpb": 1.90})
+    session.keeper.record(candidate, 1.90, {"val_bpb": 1.90})
     near_source = baseline_source + "\nNEAR = 1\n"
     near = _evaluating(runtime, session, sid, near_source, candidate.id)
-    assert session._judge(near, 1.88, {"val_bpb": 1.88}) == "evaluating"
-    session._keeper.abandon(runtime.store.create_experiment(sid, "confirm", near_source, parent_id=near.id), "x")
+    assert session.keeper.record(near, 1.88, {"val_bpb": 1.88}) == "evaluating"
+    session.keeper.abandon(runtime.store.create_experiment(sid, "confirm", near_source, parent_id=near.id), "x")
     text = write_report(runtime.store, sid, tmp_path).read_text()
     assert "## Why each change was kept" in text
     row = next(line for line in text.splitlines() if line.startswith(f"| {candidate.id} | significant |"))
@@ -157,11 +157,11 @@ def test_a_removal_at_an_equal_result_is_kept_as_simpler(wide_margin: Runtime, b
     session, sid, base = _open(runtime, baseline_source, noise=(2.01, 1.99) * 4)
     line = next(text for text in baseline_source.splitlines(keepends=True) if text.startswith("SCALAR_LR = "))
     candidate = _evaluating(runtime, session, sid, baseline_source.replace(line, "", 1), base.id)
-    assert session._judge(candidate, 2.004, {"val_bpb": 2.004}) == "evaluating"
-    confirm = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    assert session.keeper.record(candidate, 2.004, {"val_bpb": 2.004}) == "evaluating"
+    confirm = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert confirm is not None and confirm.kind == "confirm" and confirm.seed == 1  # the best's second seed
     runtime.store.transition(confirm.id, "running", "evaluating", owner=runtime.owner)
-    session._judge(confirm, 1.994, {"val_bpb": 1.994})
+    session.keeper.record(confirm, 1.994, {"val_bpb": 1.994})
     kept = runtime.store.get_experiment(candidate.id)
     assert kept is not None and kept.status == "kept"
     assert kept.verdict is not None and kept.verdict["rule"] == "simpler"
@@ -173,8 +173,8 @@ def test_a_look_without_a_partner_runs_the_best_under_its_seed_first(runtime: Ru
     seed is queued before it (queued rows run oldest first), so that the look has its partner."""
     session, sid, base = _open(runtime, baseline_source, seeds=(0, 0))
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nCLOSE = 1\n", base.id)
-    assert session._judge(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
-    pair = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    assert session.keeper.record(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
+    pair = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert pair is not None and (pair.kind, pair.parent_id, pair.seed) == ("remeasure", base.id, 1)
     queued = runtime.store.list_experiments(session_id=sid, status="queued", kind="confirm")
     assert [(r.parent_id, r.seed) for r in queued] == [(candidate.id, 1)]

@@ -130,7 +130,7 @@ def test_whole_file_proposal_against_an_older_best_is_asked_again(runtime: Runti
     session_holder["s"] = session
     sid = session.open(resume=False).id
     _finished(runtime, sid, "baseline", baseline_source, 2.0)
-    taken = session._work.take_proposal(runtime.lanes[0], StopCondition(grace_s=0))
+    taken = session.work.take_proposal(runtime.lanes[0], StopCondition(grace_s=0))
     assert taken is not None
     _, source, parent, _ = taken
     assert "BEST_CHANGE = 2" in source and "IDEA_TWO = 3" in source and "IDEA_ONE" not in source
@@ -163,7 +163,7 @@ def test_history_delta_is_against_the_best_at_the_time(runtime: Runtime, baselin
     first = _finished(runtime, sid, "candidate", baseline_source + "\nA = 1\n", 1.9, parent_id=base.id)
     second = _finished(runtime, sid, "candidate", baseline_source + "\nB = 1\n", 1.95, parent_id=first.id,
                        status="discarded")
-    deltas = {item.id: item.delta for item in session._work.context(None).history}
+    deltas = {item.id: item.delta for item in session.briefing.context(None).history}
     assert deltas[base.id] is None
     assert deltas[first.id] == pytest.approx(-0.1)
     assert deltas[second.id] == pytest.approx(0.05)
@@ -179,11 +179,11 @@ def test_stop_drops_the_queued_confirmation_of_an_interrupted_candidate(runtime:
     assert base.id < noise.id
     source = baseline_source + "\nCLOSE = 1\n"
     candidate = runtime.store.create_experiment(sid, "candidate", source, source_hash=normalized_hash(source))
-    assert session._claim(runtime.lanes[0]) is not None
+    assert session.board.claim(runtime.lanes[0]) is not None
     runtime.store.transition(candidate.id, "running", "evaluating", owner=runtime.owner)
     sigma = 0.01 / math.sqrt(2)  # the sample std of 2.0 and 2.01
     close = 2.005 - 2.0 * sigma * math.sqrt(1 + 1 / 2)  # t = 2: far below the keep bar at df 1, above futility
-    assert session._judge(candidate, close, {"val_bpb": close}) == "evaluating"
+    assert session.keeper.record(candidate, close, {"val_bpb": close}) == "evaluating"
     stop = StopCondition(grace_s=0)
     stop.request_stop("window ended")
     session.run(stop)

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Float, ForeignKey, Integer, String, Text, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -198,8 +199,8 @@ class LineQueries:
                 known = set(conn.scalars(select(IdeaMemoryRow.experiment_id)
                                          .where(IdeaMemoryRow.experiment_id.in_(chunk))))
                 rows = [{"experiment_id": eid, "measurement_version": version} for eid in chunk if eid not in known]
-                if rows:
-                    conn.execute(insert(IdeaMemoryRow), rows)
+                if rows:  # another thread may tag the same ids between the read and the insert: its tag stays
+                    conn.execute(_insert_missing(conn, IdeaMemoryRow.__table__, "experiment_id"), rows)
 
         self._write("tag measurement version", work)
 
@@ -281,3 +282,9 @@ class LineQueries:
         query = (select(SmokeRunRow.status, func.count()).where(SmokeRunRow.session_id == session_id)
                  .group_by(SmokeRunRow.status))
         return self._read("smoke counts", lambda conn: {str(status): int(count) for status, count in conn.execute(query)})
+
+
+def _insert_missing(conn: Connection, table: Any, key: str) -> Any:
+    """An INSERT that skips rows whose `key` exists already (ON CONFLICT DO NOTHING, on either database)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=[key])

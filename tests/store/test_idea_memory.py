@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import sqlalchemy
 from alembic import command
@@ -28,6 +29,30 @@ def test_measurement_version_tags_stay_once_written(store: Store, session: Sessi
     store.tag_measurement_version([first.id], 1)
     store.tag_measurement_version([first.id, second.id], 2)
     assert store.measurement_versions([first.id, second.id, 999]) == {first.id: 1, second.id: 2}
+
+
+def test_concurrent_tagging_of_the_same_experiments_is_not_an_error(store: Store, session: SessionRecord) -> None:
+    """Threads tagging the same untagged experiments at once (a lane and a proposer) all succeed, once each."""
+    ids = [store.create_experiment(session.id, "candidate", f"a = {i}\n", description=str(i),
+                                   source_hash=str(i)).id for i in range(40)]
+    errors: list[BaseException] = []
+    for round_ids in (ids[i:i + 4] for i in range(0, len(ids), 4)):
+        barrier = threading.Barrier(4)
+
+        def tag(ids_now: list[int] = round_ids, start: threading.Barrier = barrier) -> None:
+            start.wait()
+            try:
+                store.tag_measurement_version(ids_now, 2)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=tag) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert store.measurement_versions(ids) == {eid: 2 for eid in ids}
 
 
 def test_migration_tags_existing_experiments_as_version_1(empty_url: str) -> None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from daemon.agents import Clock
 from daemon.agents.accounting import AgentCallSink, TokenUsage, check_cost_cap, cost_usd
+from daemon.agents.types import Clock
 from daemon.config import AgentConfig, ModelPrice
 from daemon.errors import AgentError, AgentFatal
 from daemon.ops.logs import get_logger

@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from daemon.agents import Edit, ProposalContext
 from daemon.agents.edits import apply_edits
+from daemon.agents.types import Edit, ProposalContext
 from daemon.errors import InvalidProposal
 
 BEST = "best"

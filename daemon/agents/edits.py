@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable
 
 from daemon import syntax
-from daemon.agents import Edit
+from daemon.agents.types import Edit
 from daemon.errors import InvalidProposal
 
 MAX_SOURCE_BYTES = 256 * 1024

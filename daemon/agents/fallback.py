@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 
-from daemon.agents import Agent, Clock, Proposal, ProposalContext
 from daemon.agents.accounting import AgentCallSink
+from daemon.agents.types import Agent, Clock, Proposal, ProposalContext
 from daemon.errors import AgentError, AgentFatal, CostCapReached, InvalidProposal
 from daemon.ops.logs import get_logger
 from daemon.store.records import AgentCallRecord

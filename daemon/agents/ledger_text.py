@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from daemon.agents import ChangeEntry, CrashEntry, LedgerView, RunEntry
 from daemon.agents.ideas import Idea, IdeaMemory
+from daemon.agents.types import ChangeEntry, CrashEntry, LedgerView, RunEntry
 
 CHARS_PER_TOKEN = 3.5  # a conservative estimate for code and tables (no tokenizer call needed)
 CHUNK = 10  # rows enter the cached part of the table this many at a time

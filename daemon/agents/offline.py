@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from daemon import syntax
-from daemon.agents import Edit, HistoryItem, Proposal, ProposalContext
 from daemon.agents.edits import apply_edits, normalized_hash, validate_candidate
+from daemon.agents.types import Edit, HistoryItem, Proposal, ProposalContext
 from daemon.errors import AgentFatal, InvalidProposal
 
 MAX_PAIR_TRIES = 400

@@ -20,7 +20,6 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion
 
-from daemon.agents import Clock, Proposal, ProposalContext
 from daemon.agents.accounting import DEFAULT_CAP_WINDOW, AgentCallSink, TokenUsage, price_for
 from daemon.agents.api_calls import CallFailure, call_with_retries, record_call, status_failure
 from daemon.agents.prompt import (
@@ -32,6 +31,7 @@ from daemon.agents.prompt import (
 )
 from daemon.agents.search_tool import IdeaSearches, answer_call, is_search_reply, search_tool_definition
 from daemon.agents.tool_input import proposal_from_tool_input
+from daemon.agents.types import Clock, Proposal, ProposalContext
 from daemon.config import AgentConfig
 from daemon.errors import ConfigError, InvalidProposal
 from daemon.ops.logs import get_logger

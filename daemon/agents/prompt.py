@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon import syntax
-from daemon.agents import HistoryItem, ProposalContext, fences
+from daemon.agents import fences
 from daemon.agents.ledger_text import render_ideas, render_ledger
+from daemon.agents.types import HistoryItem, ProposalContext
 from daemon.errors import AgentFatal
 
 TOOL_NAME = "propose_experiment"

@@ -11,12 +11,12 @@ its retries: daemon.agents.api_calls).
 
 from __future__ import annotations
 
-from daemon.agents import Edit, Proposal, ProposalContext
 from daemon.agents.combine import candidate_source, combine_diff, parse_base
 from daemon.agents.edits import validate_candidate
 from daemon.agents.fences import fence, new_nonce
 from daemon.agents.ledger_text import idea_line
 from daemon.agents.prompt import TOOL_NAME
+from daemon.agents.types import Edit, Proposal, ProposalContext
 from daemon.errors import InvalidProposal
 
 MAX_DESCRIPTION_CHARS = 200

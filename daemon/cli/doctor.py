@@ -6,22 +6,12 @@ import platform
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from daemon.cli.check import FAIL, OK, WARN, Check
 from daemon.cli.tables import render_table
 from daemon.config import Settings
 from sandbox.gpu import GpuProbe
 from sandbox.images import LABEL_PREFIX, TORCH_VERSION
-
-OK, WARN, FAIL = "ok", "warn", "FAIL"
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    verdict: str  # OK | WARN | FAIL
-    detail: str
-    fix: str = ""
 
 
 def check_python() -> Check:
@@ -155,7 +145,7 @@ def exit_code(checks: list[Check]) -> int:
 
 
 def _slurm_checks(settings: Settings) -> list[Check]:
-    from daemon.cli.doctor_slurm import check_slurm  # imports this module: loaded only when called
+    from daemon.cli.doctor_slurm import check_slurm  # loaded only when a Slurm backend is checked
 
     return check_slurm(settings)
 

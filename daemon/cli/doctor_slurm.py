@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from daemon.cli.doctor import FAIL, OK, WARN, Check
+from daemon.cli.check import FAIL, OK, WARN, Check
 from daemon.config import Settings
 from sandbox.errors import BackendUnavailable
 

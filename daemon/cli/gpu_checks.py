@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon.cli.doctor import FAIL, OK, WARN, Check
+from daemon.cli.check import FAIL, OK, WARN, Check
 
 REPORT_PREFIX = "GPUCHECK "
 RUNTIME_FIX = ("install nvidia-container-toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker && "

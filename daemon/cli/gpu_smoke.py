@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.cli.doctor import FAIL, OK, WARN, Check
+from daemon.cli.check import FAIL, OK, WARN, Check
 from daemon.cli.gpu_checks import PROBE_SOURCE, RUNTIME_FIX, container_checks, docker_info, runtime_check
 from daemon.config import Settings
 from sandbox import treewalk

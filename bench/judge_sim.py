@@ -18,7 +18,11 @@ a mean of per-night differences, with its standard error.
 Per night: keeps, keeps that are not real improvements (docs/judge.md), true gain, recorded-best bias and
 runs per purpose; over all nights: kept at 1/2/3 sigma and false keeps of no-effect changes.
 
-    python bench/judge_sim.py [--nights 400] [--landscape harsh|kind|both] [--set key=value ...]
+Columns: the old rule (`LegacyRule`), today's rule (before issue 22), the defaults before this round (no retry
+of a timed-out confirmation), the new defaults, and any `--column` settings.
+
+    python bench/judge_sim.py [--nights 400] [--seed 2] [--landscape harsh|kind|both] [--set key=value ...]
+                              [--column key=value,key=value ...]
     python bench/judge_sim.py --calibrate     # upstream's rule (keep any lower run): its keep share
 """
 
@@ -60,6 +64,7 @@ normalized_hash = functools.lru_cache(maxsize=4096)(edits.normalized_hash)
 
 TODAY = {"paired": False, "simplicity_alpha": None, "simplicity_margin_sigma": 0.0, "futility_t": 0.5,  # before issue 22
          "remeasure_every": 6, "keep_min_runs": 1}
+BEFORE = {"confirm_retries": 0}  # the defaults before the retry of timed-out confirmations (this round's start)
 
 
 # -- the landscapes (docs/judge.md) ---------------------------------------------------------------------
@@ -150,10 +155,15 @@ class World:
         return self.value(applied) + SIGMA * self.drift[t]
 
     def crashes(self, applied: frozenset[int], seed: int, repeat: int, may_time_out: bool) -> bool:
+        return self.failure(applied, seed, repeat, may_time_out) is not None
+
+    def failure(self, applied: frozenset[int], seed: int, repeat: int, may_time_out: bool) -> str | None:
+        """How a run fails, as the sandbox reports it: `crashed` (the idea's code), `timeout` (the machine), or None."""
         if any(self.ideas[s].crashes for s in applied):
-            return True
-        return may_time_out and random.Random(f"{self.key}:to:{sorted(applied)}:{seed}:{repeat}").random() \
+            return "crashed"
+        timed_out = may_time_out and random.Random(f"{self.key}:to:{sorted(applied)}:{seed}:{repeat}").random() \
             < self.land.timeout_rate
+        return "timeout" if timed_out else None
 
     def measure(self, applied: frozenset[int], seed: int, repeat: int, t: int) -> float:
         share = self.land.seed_share
@@ -341,10 +351,11 @@ def new_night(config: JudgeConfig, world: World) -> Night:
         applied = applied_of(row.source, ideas)
         repeat = repeats[(applied, row.seed)]
         repeats[(applied, row.seed)] += 1
-        if world.crashes(applied, row.seed, repeat, may_time_out=row.kind in ("candidate", "confirm")):
+        failure = world.failure(applied, row.seed, repeat, may_time_out=row.kind in ("candidate", "confirm"))
+        if failure is not None:  # as the session does: the run's status first, then the keeper (running.py)
             night.runs["crashed"] += 1
-            store.transition(row.id, "evaluating", "crashed")
-            keeper.abandon(row, "crashed")
+            store.transition(row.id, "evaluating", failure)
+            keeper.abandon(row, failure)
             continue
         value = world.measure(applied, row.seed, repeat, t)
         expected[row.id] = world.expected(applied, t)
@@ -478,17 +489,17 @@ def summarize(nights: list[Night], reference: list[Night] | None) -> dict[str, s
 
 GRID_FIGURES = ("share of keeps not real", "not-real keeps / night", "kept at 2 sigma", "recorded-best bias (sigma)",
                 "true gain / night (sigma)", "gain - old rule (sigma)", "gain / old rule", "deletions kept, effect >= 0",
-                "deletions kept, effect < -0.5")
+                "deletions kept, effect < -0.5", "kept at 3 sigma", "runs: candidate", "runs: confirm", "runs: remeasure")
 
 
 def print_table(title: str, table: dict[str, dict[str, str]]) -> None:
     rows = list(dict.fromkeys(r for column in table.values() for r in column))
     width = max(len(r) for r in rows) + 2
-    col = max(24, *(len(name) + 2 for name in table))
+    cols = {name: max(24, len(name) + 2) for name in table}
     print(title)
-    print("".ljust(width) + "".join(name.rjust(col) for name in table))
+    print("".ljust(width) + "".join(name.rjust(cols[name]) for name in table))
     for row in rows:
-        print(row.ljust(width) + "".join(table[name].get(row, "").rjust(col) for name in table))
+        print(row.ljust(width) + "".join(table[name].get(row, "").rjust(cols[name]) for name in table))
     print()
 
 
@@ -510,6 +521,9 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true", help="upstream's rule only: its keep share")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=VALUE,KEY=VALUE",
                         help="instead of the table: one line per setting (repeatable), against the old rule")
+    parser.add_argument("--column", action="append", default=[], metavar="KEY=VALUE,KEY=VALUE",
+                        help="one more column of the table with these settings, optionally named: "
+                        "'LABEL:KEY=VALUE,...' (repeatable)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     names = ("kind", "harsh") if args.landscape == "both" else (args.landscape,)
@@ -532,9 +546,13 @@ def main() -> None:
         columns = {
             "old rule": old,
             "today's rule": [new_night(settings([], TODAY), w) for w in worlds],
+            "defaults before": [new_night(settings([], BEFORE), w) for w in worlds],
             "new defaults" + (" + " + " ".join(args.set) if args.set else ""):
                 [new_night(settings(args.set), w) for w in worlds],
         }
+        for spec in args.column:
+            label, _, values = spec.rpartition(":")
+            columns[label or values] = [new_night(settings([p for p in values.split(",") if p]), w) for w in worlds]
         table = {col: summarize(nights, None if col == "old rule" else old) for col, nights in columns.items()}
         print_table(f"{name} landscape, {args.nights} nights x {RUNS_PER_NIGHT} runs, seed {args.seed} "
                     "(same ideas and noise for every column; ± = standard error over nights)", table)

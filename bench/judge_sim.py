@@ -306,8 +306,34 @@ class Proposer:
                 return candidate
 
 
-def new_night(config: JudgeConfig, world: World) -> Night:
-    """The daemon's planner and keeper over 100 runs."""
+@dataclass(frozen=True)
+class Screen:
+    """A cheaper first look (issue item 5), simulated only: an ASSUMED model, nothing on this machine measured it.
+
+    Before its first full run, a new candidate trains for `cost` of the time budget (a screen: `cost` of a run).
+    What the screen shows, in sigma of a full run: the idea's effect + an idea-specific transfer error
+    Normal(0, `transfer_sd`) (what a short schedule shows of a change that matters late in training), minus
+    `slow_penalty` for the `slow_share` of ideas that are slower per step (a fixed-time short run loses more of
+    their steps), + the screen's noise Normal(0, `noise_sd`) against the best's screen (the best's screen is
+    taken as known: one screen per new best is charged). A crashing idea crashes its screen. The candidate
+    gets its full runs (the daemon's rule, unchanged) only when the screen shows more than `threshold`."""
+
+    cost: float = 0.25
+    threshold: float = -0.5
+    noise_sd: float = 2.0
+    transfer_sd: float = 0.5
+    slow_share: float = 0.2
+    slow_penalty: float = 0.5
+
+    def shows(self, world: World, slot: int, effect: float, k: int) -> float:
+        rng = random.Random(f"{world.key}:screen:{slot}")  # per idea: its transfer error and whether it is slow
+        transfer, slow = rng.gauss(0.0, self.transfer_sd), rng.random() < self.slow_share
+        noise = random.Random(f"{world.key}:screen-run:{slot}:{k}").gauss(0.0, self.noise_sd)
+        return effect + transfer - (self.slow_penalty if slow else 0.0) + noise
+
+
+def new_night(config: JudgeConfig, world: World, screen: Screen | None = None) -> Night:
+    """The daemon's planner and keeper over 100 runs (with `screen`: new candidates screened first)."""
     settings = SimpleNamespace(judge=config)  # the keeper reads only the [judge] section
     store, night, ideas = SimStore(), Night(), world.ideas
     keeper = Keeper(settings=cast(Any, settings), store=store, workspace=cast(Any, SimWorkspace()), owner="sim",
@@ -316,7 +342,9 @@ def new_night(config: JudgeConfig, world: World) -> Night:
     effect: dict[int, tuple[float, bool]] = {}
     expected: dict[int, float] = {}
     repeats: Counter[tuple[frozenset[int], int]] = Counter()
-    for t in range(RUNS_PER_NIGHT):
+    spent, screened_best = 0.0, -1
+    while spent < RUNS_PER_NIGHT - 1e-9:
+        t = int(spent)
         row = store.claim()
         if row is None:
             rows = list(store.rows.values())
@@ -336,18 +364,37 @@ def new_night(config: JudgeConfig, world: World) -> Night:
                 seen = store.seen_hashes(1)
                 applied = proposer.next(parent, seen.__contains__)
                 source = source_of(applied, ideas)
+                toggled = next(iter(applied ^ parent))
+                deletion = ideas[toggled].deletion and toggled in applied
+                size = (world.value(parent) - world.value(applied)) / SIGMA
+                if screen is not None:
+                    if screened_best != best.id:  # the new best's own screen
+                        screened_best, spent = best.id, spent + screen.cost
+                        night.runs["screen"] += screen.cost
+                    spent += screen.cost
+                    night.runs["screen"] += screen.cost
+                    crashed = any(ideas[s].crashes for s in applied)
+                    if crashed or screen.shows(world, toggled, size, proposer.k) <= screen.threshold:
+                        # screened out: no full run; a row of its own kind, so that the planner does not count it
+                        # as a judged candidate and the proposer does not offer the same source again
+                        out = store.create_experiment(1, "screen", source, parent_id=best.id,
+                                                      source_hash=normalized_hash(source))
+                        store.claim()
+                        store.transition(out.id, "evaluating", "crashed" if crashed else "discarded")
+                        if not crashed:
+                            night.judged.append((size, False, deletion))
+                        continue
                 created = store.create_experiment(1, "candidate", source, parent_id=best.id,
                                                   diff=unified_diff(best.source, source),
                                                   seed=planner.first_seed(rows, best, config),
                                                   source_hash=normalized_hash(source))
-                toggled = next(iter(applied ^ parent))
-                deletion = ideas[toggled].deletion and toggled in applied
-                effect[created.id] = ((world.value(parent) - world.value(applied)) / SIGMA, deletion)
+                effect[created.id] = (size, deletion)
             else:
                 raise AssertionError(plan)
             row = store.claim()
             assert row is not None, plan
         night.runs[row.kind] += 1
+        spent += 1.0
         applied = applied_of(row.source, ideas)
         repeat = repeats[(applied, row.seed)]
         repeats[(applied, row.seed)] += 1
@@ -482,14 +529,15 @@ def summarize(nights: list[Night], reference: list[Night] | None) -> dict[str, s
         ratio = sum(n.gain for n in nights) / sum(n.gain for n in reference) if sum(n.gain for n in reference) else 0.0
         table["gain - old rule (sigma)"] = f"{mean:+.2f} ± {se:.2f}"
         table["gain / old rule"] = f"{ratio:.2f}x"
-    for kind in ("candidate", "confirm", "remeasure", "noise", "crashed"):
+    for kind in ("candidate", "confirm", "remeasure", "noise", "crashed", "screen"):
         table[f"runs: {kind}"] = f"{sum(n.runs[kind] for n in nights) / len(nights):.1f}"
     return table
 
 
 GRID_FIGURES = ("share of keeps not real", "not-real keeps / night", "kept at 2 sigma", "recorded-best bias (sigma)",
                 "true gain / night (sigma)", "gain - old rule (sigma)", "gain / old rule", "deletions kept, effect >= 0",
-                "deletions kept, effect < -0.5", "kept at 3 sigma", "runs: candidate", "runs: confirm", "runs: remeasure")
+                "deletions kept, effect < -0.5", "kept at 3 sigma", "runs: candidate", "runs: confirm", "runs: remeasure",
+                "runs: screen")
 
 
 def print_table(title: str, table: dict[str, dict[str, str]]) -> None:
@@ -509,6 +557,16 @@ def settings(pairs: list[str], base: dict[str, Any] | None = None) -> JudgeConfi
         key, _, value = item.partition("=")
         values[key] = None if value == "none" else value
     return JudgeConfig(**values)
+
+
+def policy(spec: str) -> tuple[JudgeConfig, Screen | None]:
+    """A grid or column spec: [judge] settings, and `screen=1` / `screen_<field>=value` for the screening model."""
+    pairs = [p for p in spec.split(",") if p]
+    judge = [p for p in pairs if not p.startswith("screen")]
+    screening = {k.removeprefix("screen_"): float(v) for k, _, v in (p.partition("=") for p in pairs)
+                 if k.startswith("screen_")}
+    on = any(p.startswith("screen") for p in pairs)
+    return settings(judge), (Screen(**screening) if on else None)
 
 
 def main() -> None:
@@ -540,7 +598,8 @@ def main() -> None:
         old = [old_night(JudgeConfig(), w) for w in worlds]
         if args.grid:
             for spec in args.grid:
-                t = summarize([new_night(settings([p for p in spec.split(",") if p]), w) for w in worlds], old)
+                config, screen = policy(spec)
+                t = summarize([new_night(config, w, screen) for w in worlds], old)
                 print(f"{name} {spec or 'defaults'}: " + "; ".join(f"{k} {t[k]}" for k in GRID_FIGURES), flush=True)
             continue
         columns = {
@@ -552,7 +611,8 @@ def main() -> None:
         }
         for spec in args.column:
             label, _, values = spec.rpartition(":")
-            columns[label or values] = [new_night(settings([p for p in values.split(",") if p]), w) for w in worlds]
+            config, screen = policy(values)
+            columns[label or values] = [new_night(config, w, screen) for w in worlds]
         table = {col: summarize(nights, None if col == "old rule" else old) for col, nights in columns.items()}
         print_table(f"{name} landscape, {args.nights} nights x {RUNS_PER_NIGHT} runs, seed {args.seed} "
                     "(same ideas and noise for every column; ± = standard error over nights)", table)

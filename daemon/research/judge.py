@@ -32,6 +32,11 @@ The rule (`decide`) is a sequential one-sided test on means:
   at most). Lines are counted on the normalized code (`ChangeSize.between`), so deleting comments, blank
   lines or docstrings, or joining lines, is not simpler code.
 - With no noise estimate yet (no repeat measured), the rule falls back to `min_delta` alone.
+- `rule = "posterior"` (a setting, not the default: docs/judge.md has the figures): the same estimate and
+  standard error (paired or not) are judged against a prior of effects learned from the line's judged
+  candidates (`daemon.research.prior`, empirical Bayes): keep when the posterior chance of no real
+  improvement (a local false discovery rate) is <= `posterior_q`, discard when the chance of a gain of
+  `posterior_worth_sigma` or more is below `posterior_futility`, else confirm.
 
 `Verdict` carries the numbers (improvement, margin, sigma, df, n, t, p, alpha); the store keeps them on the
 experiment (`Verdict.as_record()`), and the morning report shows them for each keep. `LegacyRule` is the

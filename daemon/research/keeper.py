@@ -7,6 +7,9 @@ best's runs (`daemon.research.measurements`):
 - confirm: left `evaluating` while a confirmation run (another seed) is queued; each confirmation is
   another look of the sequential rule, until keep, discard or `max_runs`;
 - discard: `discarded` with the verdict's numbers (a near-miss when it looked better: see `archive`).
+A confirmation run that times out or is cut short by machine trouble is run again on its seed (`abandon`,
+`confirm_retries`); a crash of the candidate's code discards it. Under `rule = posterior` the judge also
+gets the effect prior fitted to the line's judged candidates (`_prior`).
 Every decision is made under the session's lock, so two lanes never judge against the same old best.
 """
 

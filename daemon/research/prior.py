@@ -62,24 +62,7 @@ class EffectPrior:
         """The maximum a posteriori grid weights given the candidates' estimates (EM), shrunk toward the default
         prior (centred on `center`) by `strength` pseudo-candidates. Remembered: each look of a candidate
         judges on the same line history."""
-        return _fit(tuple(evidence), strength, center)
-
-    @classmethod
-    def _fitted(cls, evidence: tuple[Evidence, ...], strength: float, center: float) -> EffectPrior:
-        base = _default_weights(center)
-        usable = [e for e in evidence if math.isfinite(e.estimate) and math.isfinite(e.se) and e.se > 0]
-        if not usable:
-            return cls(base)
-        estimates = np.array([e.estimate for e in usable])[:, None]
-        ses = np.array([e.se for e in usable])[:, None]
-        likelihood = np.exp(-0.5 * ((estimates - GRID[None, :]) / ses) ** 2) / ses  # n x grid (constants cancel)
-        likelihood += 1e-300
-        weights, pseudo, n = base.copy(), strength * base, len(usable)
-        for _ in range(EM_ITERATIONS):
-            joint = likelihood * weights[None, :]
-            responsibility = joint / joint.sum(axis=1, keepdims=True)
-            weights = (responsibility.sum(axis=0) + pseudo) / (n + strength)
-        return cls(weights)
+        return cls(_em_weights(tuple(evidence), strength, center))
 
     def probability(self, below: float) -> float:
         """Prior P(effect <= below)."""
@@ -103,8 +86,22 @@ class EffectPrior:
 
 
 @functools.lru_cache(maxsize=16)
-def _fit(evidence: tuple[Evidence, ...], strength: float, center: float) -> EffectPrior:
-    return EffectPrior._fitted(evidence, strength, center)
+def _em_weights(evidence: tuple[Evidence, ...], strength: float, center: float) -> np.ndarray:
+    """`EffectPrior.fit`'s grid weights (remembered: each look of a candidate judges on the same history)."""
+    base = _default_weights(center)
+    usable = [e for e in evidence if math.isfinite(e.estimate) and math.isfinite(e.se) and e.se > 0]
+    if not usable:
+        return base
+    estimates = np.array([e.estimate for e in usable])[:, None]
+    ses = np.array([e.se for e in usable])[:, None]
+    likelihood = np.exp(-0.5 * ((estimates - GRID[None, :]) / ses) ** 2) / ses  # n x grid (constants cancel)
+    likelihood += 1e-300
+    weights, pseudo, n = base.copy(), strength * base, len(usable)
+    for _ in range(EM_ITERATIONS):
+        joint = likelihood * weights[None, :]
+        responsibility = joint / joint.sum(axis=1, keepdims=True)
+        weights = (responsibility.sum(axis=0) + pseudo) / (n + strength)
+    return weights
 
 
 def _default_weights(center: float = 0.0) -> np.ndarray:

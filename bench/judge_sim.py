@@ -18,7 +18,11 @@ a mean of per-night differences, with its standard error.
 Per night: keeps, keeps that are not real improvements (docs/judge.md), true gain, recorded-best bias and
 runs per purpose; over all nights: kept at 1/2/3 sigma and false keeps of no-effect changes.
 
-    python bench/judge_sim.py [--nights 400] [--landscape harsh|kind|both] [--set key=value ...]
+Columns: the old rule (`LegacyRule`), today's rule (before issue 22), the defaults before this round (no retry
+of a timed-out confirmation), the new defaults, and any `--column` settings.
+
+    python bench/judge_sim.py [--nights 400] [--seed 2] [--landscape harsh|kind|both] [--set key=value ...]
+                              [--column key=value,key=value ...]
     python bench/judge_sim.py --calibrate     # upstream's rule (keep any lower run): its keep share
 """
 
@@ -60,6 +64,7 @@ normalized_hash = functools.lru_cache(maxsize=4096)(edits.normalized_hash)
 
 TODAY = {"paired": False, "simplicity_alpha": None, "simplicity_margin_sigma": 0.0, "futility_t": 0.5,  # before issue 22
          "remeasure_every": 6, "keep_min_runs": 1}
+BEFORE = {"confirm_retries": 0}  # the defaults before the retry of timed-out confirmations (this round's start)
 
 
 # -- the landscapes (docs/judge.md) ---------------------------------------------------------------------
@@ -150,10 +155,15 @@ class World:
         return self.value(applied) + SIGMA * self.drift[t]
 
     def crashes(self, applied: frozenset[int], seed: int, repeat: int, may_time_out: bool) -> bool:
+        return self.failure(applied, seed, repeat, may_time_out) is not None
+
+    def failure(self, applied: frozenset[int], seed: int, repeat: int, may_time_out: bool) -> str | None:
+        """How a run fails, as the sandbox reports it: `crashed` (the idea's code), `timeout` (the machine), or None."""
         if any(self.ideas[s].crashes for s in applied):
-            return True
-        return may_time_out and random.Random(f"{self.key}:to:{sorted(applied)}:{seed}:{repeat}").random() \
+            return "crashed"
+        timed_out = may_time_out and random.Random(f"{self.key}:to:{sorted(applied)}:{seed}:{repeat}").random() \
             < self.land.timeout_rate
+        return "timeout" if timed_out else None
 
     def measure(self, applied: frozenset[int], seed: int, repeat: int, t: int) -> float:
         share = self.land.seed_share
@@ -296,8 +306,34 @@ class Proposer:
                 return candidate
 
 
-def new_night(config: JudgeConfig, world: World) -> Night:
-    """The daemon's planner and keeper over 100 runs."""
+@dataclass(frozen=True)
+class Screen:
+    """A cheaper first look (issue item 5), simulated only: an ASSUMED model, nothing on this machine measured it.
+
+    Before its first full run, a new candidate trains for `cost` of the time budget (a screen: `cost` of a run).
+    What the screen shows, in sigma of a full run: the idea's effect + an idea-specific transfer error
+    Normal(0, `transfer_sd`) (what a short schedule shows of a change that matters late in training), minus
+    `slow_penalty` for the `slow_share` of ideas that are slower per step (a fixed-time short run loses more of
+    their steps), + the screen's noise Normal(0, `noise_sd`) against the best's screen (the best's screen is
+    taken as known: one screen per new best is charged). A crashing idea crashes its screen. The candidate
+    gets its full runs (the daemon's rule, unchanged) only when the screen shows more than `threshold`."""
+
+    cost: float = 0.25
+    threshold: float = -0.5
+    noise_sd: float = 2.0
+    transfer_sd: float = 0.5
+    slow_share: float = 0.2
+    slow_penalty: float = 0.5
+
+    def shows(self, world: World, slot: int, effect: float, k: int) -> float:
+        rng = random.Random(f"{world.key}:screen:{slot}")  # per idea: its transfer error and whether it is slow
+        transfer, slow = rng.gauss(0.0, self.transfer_sd), rng.random() < self.slow_share
+        noise = random.Random(f"{world.key}:screen-run:{slot}:{k}").gauss(0.0, self.noise_sd)
+        return effect + transfer - (self.slow_penalty if slow else 0.0) + noise
+
+
+def new_night(config: JudgeConfig, world: World, screen: Screen | None = None) -> Night:
+    """The daemon's planner and keeper over 100 runs (with `screen`: new candidates screened first)."""
     settings = SimpleNamespace(judge=config)  # the keeper reads only the [judge] section
     store, night, ideas = SimStore(), Night(), world.ideas
     keeper = Keeper(settings=cast(Any, settings), store=store, workspace=cast(Any, SimWorkspace()), owner="sim",
@@ -306,7 +342,9 @@ def new_night(config: JudgeConfig, world: World) -> Night:
     effect: dict[int, tuple[float, bool]] = {}
     expected: dict[int, float] = {}
     repeats: Counter[tuple[frozenset[int], int]] = Counter()
-    for t in range(RUNS_PER_NIGHT):
+    spent, screened_best = 0.0, -1
+    while spent < RUNS_PER_NIGHT - 1e-9:
+        t = int(spent)
         row = store.claim()
         if row is None:
             rows = list(store.rows.values())
@@ -326,25 +364,45 @@ def new_night(config: JudgeConfig, world: World) -> Night:
                 seen = store.seen_hashes(1)
                 applied = proposer.next(parent, seen.__contains__)
                 source = source_of(applied, ideas)
+                toggled = next(iter(applied ^ parent))
+                deletion = ideas[toggled].deletion and toggled in applied
+                size = (world.value(parent) - world.value(applied)) / SIGMA
+                if screen is not None:
+                    if screened_best != best.id:  # the new best's own screen
+                        screened_best, spent = best.id, spent + screen.cost
+                        night.runs["screen"] += screen.cost
+                    spent += screen.cost
+                    night.runs["screen"] += screen.cost
+                    crashed = any(ideas[s].crashes for s in applied)
+                    if crashed or screen.shows(world, toggled, size, proposer.k) <= screen.threshold:
+                        # screened out: no full run; a row of its own kind, so that the planner does not count it
+                        # as a judged candidate and the proposer does not offer the same source again
+                        out = store.create_experiment(1, "screen", source, parent_id=best.id,
+                                                      source_hash=normalized_hash(source))
+                        store.claim()
+                        store.transition(out.id, "evaluating", "crashed" if crashed else "discarded")
+                        if not crashed:
+                            night.judged.append((size, False, deletion))
+                        continue
                 created = store.create_experiment(1, "candidate", source, parent_id=best.id,
                                                   diff=unified_diff(best.source, source),
                                                   seed=planner.first_seed(rows, best, config),
                                                   source_hash=normalized_hash(source))
-                toggled = next(iter(applied ^ parent))
-                deletion = ideas[toggled].deletion and toggled in applied
-                effect[created.id] = ((world.value(parent) - world.value(applied)) / SIGMA, deletion)
+                effect[created.id] = (size, deletion)
             else:
                 raise AssertionError(plan)
             row = store.claim()
             assert row is not None, plan
         night.runs[row.kind] += 1
+        spent += 1.0
         applied = applied_of(row.source, ideas)
         repeat = repeats[(applied, row.seed)]
         repeats[(applied, row.seed)] += 1
-        if world.crashes(applied, row.seed, repeat, may_time_out=row.kind in ("candidate", "confirm")):
+        failure = world.failure(applied, row.seed, repeat, may_time_out=row.kind in ("candidate", "confirm"))
+        if failure is not None:  # as the session does: the run's status first, then the keeper (running.py)
             night.runs["crashed"] += 1
-            store.transition(row.id, "evaluating", "crashed")
-            keeper.abandon(row, "crashed")
+            store.transition(row.id, "evaluating", failure)
+            keeper.abandon(row, failure)
             continue
         value = world.measure(applied, row.seed, repeat, t)
         expected[row.id] = world.expected(applied, t)
@@ -471,24 +529,25 @@ def summarize(nights: list[Night], reference: list[Night] | None) -> dict[str, s
         ratio = sum(n.gain for n in nights) / sum(n.gain for n in reference) if sum(n.gain for n in reference) else 0.0
         table["gain - old rule (sigma)"] = f"{mean:+.2f} ± {se:.2f}"
         table["gain / old rule"] = f"{ratio:.2f}x"
-    for kind in ("candidate", "confirm", "remeasure", "noise", "crashed"):
+    for kind in ("candidate", "confirm", "remeasure", "noise", "crashed", "screen"):
         table[f"runs: {kind}"] = f"{sum(n.runs[kind] for n in nights) / len(nights):.1f}"
     return table
 
 
 GRID_FIGURES = ("share of keeps not real", "not-real keeps / night", "kept at 2 sigma", "recorded-best bias (sigma)",
                 "true gain / night (sigma)", "gain - old rule (sigma)", "gain / old rule", "deletions kept, effect >= 0",
-                "deletions kept, effect < -0.5")
+                "deletions kept, effect < -0.5", "kept at 3 sigma", "runs: candidate", "runs: confirm", "runs: remeasure",
+                "runs: screen")
 
 
 def print_table(title: str, table: dict[str, dict[str, str]]) -> None:
     rows = list(dict.fromkeys(r for column in table.values() for r in column))
     width = max(len(r) for r in rows) + 2
-    col = max(24, *(len(name) + 2 for name in table))
+    cols = {name: max(24, len(name) + 2) for name in table}
     print(title)
-    print("".ljust(width) + "".join(name.rjust(col) for name in table))
+    print("".ljust(width) + "".join(name.rjust(cols[name]) for name in table))
     for row in rows:
-        print(row.ljust(width) + "".join(table[name].get(row, "").rjust(col) for name in table))
+        print(row.ljust(width) + "".join(table[name].get(row, "").rjust(cols[name]) for name in table))
     print()
 
 
@@ -498,6 +557,16 @@ def settings(pairs: list[str], base: dict[str, Any] | None = None) -> JudgeConfi
         key, _, value = item.partition("=")
         values[key] = None if value == "none" else value
     return JudgeConfig(**values)
+
+
+def policy(spec: str) -> tuple[JudgeConfig, Screen | None]:
+    """A grid or column spec: [judge] settings, and `screen=1` / `screen_<field>=value` for the screening model."""
+    pairs = [p for p in spec.split(",") if p]
+    judge = [p for p in pairs if not p.startswith("screen")]
+    screening = {k.removeprefix("screen_"): float(v) for k, _, v in (p.partition("=") for p in pairs)
+                 if k.startswith("screen_")}
+    on = any(p.startswith("screen") for p in pairs)
+    return settings(judge), (Screen(**screening) if on else None)
 
 
 def main() -> None:
@@ -510,6 +579,9 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true", help="upstream's rule only: its keep share")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=VALUE,KEY=VALUE",
                         help="instead of the table: one line per setting (repeatable), against the old rule")
+    parser.add_argument("--column", action="append", default=[], metavar="KEY=VALUE,KEY=VALUE",
+                        help="one more column of the table with these settings, optionally named: "
+                        "'LABEL:KEY=VALUE,...' (repeatable)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     names = ("kind", "harsh") if args.landscape == "both" else (args.landscape,)
@@ -526,15 +598,21 @@ def main() -> None:
         old = [old_night(JudgeConfig(), w) for w in worlds]
         if args.grid:
             for spec in args.grid:
-                t = summarize([new_night(settings([p for p in spec.split(",") if p]), w) for w in worlds], old)
+                config, screen = policy(spec)
+                t = summarize([new_night(config, w, screen) for w in worlds], old)
                 print(f"{name} {spec or 'defaults'}: " + "; ".join(f"{k} {t[k]}" for k in GRID_FIGURES), flush=True)
             continue
         columns = {
             "old rule": old,
             "today's rule": [new_night(settings([], TODAY), w) for w in worlds],
+            "defaults before": [new_night(settings([], BEFORE), w) for w in worlds],
             "new defaults" + (" + " + " ".join(args.set) if args.set else ""):
                 [new_night(settings(args.set), w) for w in worlds],
         }
+        for spec in args.column:
+            label, _, values = spec.rpartition(":")
+            config, screen = policy(values)
+            columns[label or values] = [new_night(config, w, screen) for w in worlds]
         table = {col: summarize(nights, None if col == "old rule" else old) for col, nights in columns.items()}
         print_table(f"{name} landscape, {args.nights} nights x {RUNS_PER_NIGHT} runs, seed {args.seed} "
                     "(same ideas and noise for every column; ± = standard error over nights)", table)

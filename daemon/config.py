@@ -279,6 +279,9 @@ class JudgeConfig(_Section):
     min_delta: float = Field(0.0005, ge=0, description="keep only if improvement > this, whatever the noise")
     keep_min_runs: int = Field(2, ge=1, le=10, description="runs a candidate needs before a keep (a first run that "
                                "clears the boundary is confirmed first)")
+    confirm_retries: int = Field(2, ge=0, le=10, description="a confirmation run that times out or is cut short "
+                                 "by machine trouble is run again (same seed), up to this many times per candidate; "
+                                 "0: its candidate is discarded (the rule before)")
     min_gain_sigma: float = Field(0.0, ge=0, description="the test is on improvement minus this many sigma: a "
                                   "change must be better by at least this much, not just better")
     confirm: bool = Field(True, description="confirm close calls with more seeds (false: one look only)")
@@ -296,6 +299,18 @@ class JudgeConfig(_Section):
     large_change_gain_sigma: float = Field(1.0, ge=0, description="extra gain (in sigma) a large change must show")
     memory_soft_limit_mb: float | None = Field(None, gt=0, description="peak memory above this needs extra gain")
     memory_gain_sigma_per_gb: float = Field(0.5, ge=0, description="extra gain (in sigma) per GB over the soft limit")
+    rule: Literal["sequential", "posterior"] = Field(
+        "sequential", description="sequential: Pocock's boundary on t at every look (false_keep_rate per candidate); "
+        "posterior: keep when the posterior chance that the change is no real improvement is <= posterior_q, under "
+        "a prior of effects learned from the line's judged candidates (daemon.research.prior)")
+    posterior_q: float = Field(0.05, gt=0, lt=0.5, description="posterior rule: the largest chance, given the runs, "
+                               "that a kept change is no real improvement (its share among keeps, on average)")
+    posterior_futility: float = Field(0.2, ge=0, lt=1, description="posterior rule: discard once the chance that "
+                                      "the change is better by posterior_worth_sigma or more falls below this")
+    posterior_worth_sigma: float = Field(0.0, ge=0, description="posterior rule: the gain (in sigma) worth more runs "
+                                         "(futility asks for the chance of at least this much)")
+    prior_strength: float = Field(20.0, ge=0, description="posterior rule: pseudo-candidates of the default prior "
+                                  "that the fit of the line's effect distribution is shrunk toward")
     search: Literal["greedy", "archive"] = Field(
         "greedy", description="greedy: only the agent's ideas; archive: also re-try near-misses on the new best "
         "(bench/judge_sim.py: no more true gain than greedy on its landscape)")

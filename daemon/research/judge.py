@@ -32,6 +32,11 @@ The rule (`decide`) is a sequential one-sided test on means:
   at most). Lines are counted on the normalized code (`ChangeSize.between`), so deleting comments, blank
   lines or docstrings, or joining lines, is not simpler code.
 - With no noise estimate yet (no repeat measured), the rule falls back to `min_delta` alone.
+- `rule = "posterior"` (a setting, not the default: docs/judge.md has the figures): the same estimate and
+  standard error (paired or not) are judged against a prior of effects learned from the line's judged
+  candidates (`daemon.research.prior`, empirical Bayes): keep when the posterior chance of no real
+  improvement (a local false discovery rate) is <= `posterior_q`, discard when the chance of a gain of
+  `posterior_worth_sigma` or more is below `posterior_futility`, else confirm.
 
 `Verdict` carries the numbers (improvement, margin, sigma, df, n, t, p, alpha); the store keeps them on the
 experiment (`Verdict.as_record()`), and the morning report shows them for each keep. `LegacyRule` is the
@@ -54,6 +59,7 @@ import numpy as np
 
 from daemon import syntax
 from daemon.config import JudgeConfig
+from daemon.research.prior import EffectPrior
 
 
 class Decision(str, Enum):
@@ -146,6 +152,8 @@ class Verdict:
     reason: str
     paired: bool = False  # judged on seed-paired differences (`Pairs`) rather than on the two means
     differences: tuple[float, ...] = ()  # incumbent - candidate per shared seed (stored: the paired noise's data)
+    se: float | None = None  # standard error of `improvement` (the posterior rule's evidence, `prior.Evidence`)
+    removes_code: bool = False  # the change removes more code lines than it adds (`ChangeSize.net` < 0)
 
     def as_record(self) -> dict[str, Any]:
         """The verdict as stored with the experiment (JSON)."""
@@ -247,7 +255,7 @@ def _normal_quantile(q: float) -> float:
 
 def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise, config: JudgeConfig, *,
            change: ChangeSize | None = None, peak_memory_mb: float | None = None,
-           pairs: Pairs | None = None) -> Verdict:
+           pairs: Pairs | None = None, prior: EffectPrior | None = None) -> Verdict:
     """Judge a candidate's runs so far against the incumbent's runs: keep, discard, or confirm with one more run.
 
     With `pairs` (every look of the candidate has an incumbent run on the same seed) and a paired noise
@@ -286,8 +294,14 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
                + (f"{n} paired by seed (paired sigma {paired.noise.sigma:.6f}, seed share "
                   f"{seed_share(noise, paired.noise) or 0.0:.0%})" if paired is not None else f"{n_inc}"))
     stats: dict[str, Any] = {"t": t, "p": p, "alpha": alpha, "extra_gain": extra, "margin": margin, **base,
-                             "paired": paired is not None, "df": df,
+                             "paired": paired is not None, "df": df, "se": se,
+                             "removes_code": change is not None and change.net < 0,
                              "differences": tuple(pairs.differences) if pairs is not None else ()}
+    if config.rule == "posterior":
+        center = -config.simplicity_margin_sigma if config.simplicity and change is not None and change.net < 0 \
+            else 0.0
+        return _posterior(improvement, sigma, se, df, n, config, change, extra, prior or EffectPrior.default(center),
+                          stats, numbers, may_confirm)
     if p <= alpha and improvement > config.min_delta:
         if may_confirm and n < config.keep_min_runs:
             return Verdict(Decision.CONFIRM, "confirm-before-keep", reason=f"improvement {improvement:.6f} > margin "
@@ -304,6 +318,45 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
     rule = "futile" if t < config.futility_t else "runs-exhausted" if config.confirm else "not-significant"
     return Verdict(Decision.DISCARD, rule, reason=f"improvement {improvement:.6f} does not exceed the margin "
                    f"{margin:.6f}{why_extra}: {numbers}", **stats)
+
+
+def _posterior(improvement: float, sigma: float, se: float, df: int, n: int, config: JudgeConfig,
+               change: ChangeSize | None, extra: float, prior: EffectPrior, stats: dict[str, Any], numbers: str,
+               may_confirm: bool) -> Verdict:
+    """The posterior rule (`config.rule = "posterior"`): keep when P(no real improvement | runs) <= posterior_q.
+
+    No real improvement: an effect <= the extra gain the change must show (0 for most changes), or, for a
+    change that removes code (simplicity on), an effect below -simplicity_margin_sigma. The effect's
+    likelihood is Student's t around the estimate (df of the noise); its prior is the line's (`prior`)."""
+    simpler = config.simplicity and change is not None and change.net < 0
+    null = -config.simplicity_margin_sigma - 1e-6 if simpler else extra / sigma
+    estimate, spread = improvement / sigma, se / sigma
+    p_null = prior.posterior_at_most(null, estimate, spread, df)
+    low, high = -20.0, 20.0  # the estimate this look needed (bisection: p_null falls as the estimate grows)
+    for _ in range(24):
+        middle = (low + high) / 2
+        low, high = (middle, high) if prior.posterior_at_most(null, middle, spread, df) > config.posterior_q \
+            else (low, middle)
+    needed = max(high * sigma, config.min_delta if not simpler else -math.inf)
+    stats = {**stats, "p": p_null, "alpha": config.posterior_q, "margin": needed}
+    test = (f"P(no real improvement) = {p_null:.4f} vs q {config.posterior_q:.4f} under the line's prior "
+            f"(prior P = {prior.probability(null):.2f}); {numbers}")
+    what = f"removes {-change.net} lines; " if simpler and change is not None else ""
+    if p_null <= config.posterior_q and (simpler or improvement > config.min_delta):
+        if may_confirm and n < config.keep_min_runs:
+            return Verdict(Decision.CONFIRM, "confirm-before-keep", reason=f"{what}a keep needs "
+                           f"{config.keep_min_runs} runs: {test}", **stats)
+        return Verdict(Decision.KEEP, "simpler" if simpler and improvement <= 0 else "posterior",
+                       reason=f"{what}{test}", **stats)
+    worth = null + config.posterior_worth_sigma
+    p_worth = 1.0 - (prior.posterior_at_most(worth, estimate, spread, df) if config.posterior_worth_sigma else p_null)
+    if p_worth < config.posterior_futility:
+        return Verdict(Decision.DISCARD, "futile", reason=f"{what}P(better by {config.posterior_worth_sigma:g} "
+                       f"sigma or more) = {p_worth:.4f} < {config.posterior_futility:g}: {test}", **stats)
+    if may_confirm:
+        return Verdict(Decision.CONFIRM, "close-call", reason=f"{what}confirm with another seed: {test}", **stats)
+    return Verdict(Decision.DISCARD, "runs-exhausted" if config.confirm else "not-significant",
+                   reason=f"{what}{test}", **stats)
 
 
 def _extra_gain(sigma: float, config: JudgeConfig, change: ChangeSize | None,

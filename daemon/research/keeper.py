@@ -7,6 +7,9 @@ best's runs (`daemon.research.measurements`):
 - confirm: left `evaluating` while a confirmation run (another seed) is queued; each confirmation is
   another look of the sequential rule, until keep, discard or `max_runs`;
 - discard: `discarded` with the verdict's numbers (a near-miss when it looked better: see `archive`).
+A confirmation run that times out or is cut short by machine trouble is run again on its seed (`abandon`,
+`confirm_retries`); a crash of the candidate's code discards it. Under `rule = posterior` the judge also
+gets the effect prior fitted to the line's judged candidates (`_prior`).
 Every decision is made under the session's lock, so two lanes never judge against the same old best.
 """
 
@@ -23,10 +26,13 @@ from daemon.ops.logs import get_logger
 from daemon.research import measurements
 from daemon.research.judge import ChangeSize, Decision, Pairs, Verdict, decide, paired_noise
 from daemon.research.planner import confirm_seed, look_seed
+from daemon.research.prior import EffectPrior
 from daemon.research.workspace import Workspace
 from daemon.store.records import ExperimentRecord
 
 log = get_logger("autoresearch.research")
+
+RETRYABLE = ("timeout", "interrupted", "preempted")  # a confirmation's failures that are no evidence against the change
 
 
 @dataclass
@@ -104,10 +110,20 @@ class Keeper:
         reference = measurements.incumbent_rows(rows, best)
         verdict = decide(runs, [float(r.val_bpb or 0.0) for r in reference], noise, self.settings.judge,
                          change=change, peak_memory_mb=float(peak) if isinstance(peak, int | float) else None,
-                         pairs=self._pairs(rows, candidate, first, reference))
+                         pairs=self._pairs(rows, candidate, first, reference),
+                         prior=self._prior(rows, removal=change.net < 0))
         log.info("verdict", experiment_id=candidate.id, best=best.id, decision=verdict.decision.value,
                  rule=verdict.rule, reason=verdict.reason)
         return verdict
+
+    def _prior(self, rows: list[ExperimentRecord], removal: bool) -> EffectPrior | None:
+        """Under the posterior rule: the distribution of effects fitted to the line's judged candidates of the
+        same group (changes that remove code, or the others)."""
+        config = self.settings.judge
+        if config.rule != "posterior":
+            return None
+        center = -config.simplicity_margin_sigma if removal and config.simplicity else 0.0
+        return EffectPrior.fit(measurements.judged_evidence(rows, removals=removal), config.prior_strength, center)
 
     def _pairs(self, rows: list[ExperimentRecord], candidate: ExperimentRecord, first: list[float],
                reference: Sequence[measurements.RunRow]) -> Pairs | None:
@@ -193,13 +209,36 @@ class Keeper:
                     log.info("the confirmation run was claimed meanwhile", experiment_id=row.id)
 
     def abandon(self, confirm: ExperimentRecord, why: str) -> None:
-        """A confirmation run that failed (crash, sandbox trouble): its candidate is discarded."""
+        """A confirmation run that failed, already stored with its final status. Machine trouble (`RETRYABLE`:
+        a timeout, a run cut short) is no evidence against the change: the same look is run again on the same
+        seed, up to `confirm_retries` times per candidate. A crash, an out-of-memory or an invalid run, or
+        machine trouble past the retries: its candidate is discarded."""
         if confirm.kind != "confirm" or confirm.parent_id is None:
             return
         with self._lock:
-            awaiting = self.awaiting.pop(confirm.parent_id, None)
-        if awaiting is not None:
-            self._transition(confirm.parent_id, "evaluating", "discarded", **{**awaiting.fields, "error": why})
+            if confirm.parent_id not in self.awaiting:
+                return
+            if self._retry_confirmation(confirm, why):
+                return
+            awaiting = self.awaiting.pop(confirm.parent_id)
+        self._transition(confirm.parent_id, "evaluating", "discarded", **{**awaiting.fields, "error": why})
+
+    def _retry_confirmation(self, confirm: ExperimentRecord, why: str) -> bool:
+        """Queue the failed confirmation's look again when its failure was machine trouble (see `abandon`)."""
+        current = self.store.get_experiment(confirm.id)
+        if current is None or current.status not in RETRYABLE:
+            return False
+        failed = [r for r in self.store.list_experiments(session_id=self._session_id(), limit=100_000, kind="confirm")
+                  if r.parent_id == confirm.parent_id and r.status in RETRYABLE]
+        if len(failed) > self.settings.judge.confirm_retries:
+            return False
+        self.store.create_experiment(
+            self._session_id(), "confirm", confirm.source, parent_id=confirm.parent_id,
+            description=confirm.description, hypothesis=f"run again: {why}"[:2000], seed=confirm.seed,
+            attempt=confirm.attempt + 1, source_hash=confirm.source_hash)
+        log.info("confirmation run again", experiment_id=confirm.id, candidate=confirm.parent_id,
+                 status=current.status, retries=len(failed))
+        return True
 
     def publish(self) -> None:
         """The pooled noise and the best's recorded value (a mean) on the metrics."""

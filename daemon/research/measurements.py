@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from daemon.research.judge import Noise, pooled_noise
+from daemon.research.prior import Evidence
 
 MEASURED = ("kept", "discarded", "measured")  # statuses of rows whose val_bpb is a trusted measurement
 
@@ -115,6 +116,30 @@ def paired_groups(rows: Iterable[RunRow]) -> list[list[float]]:
         if isinstance(verdict, dict) and verdict.get("differences"):
             groups.append([float(d) for d in verdict["differences"]])
     return groups
+
+
+def judged_evidence(rows: Iterable[RunRow], removals: bool = False) -> list[Evidence]:
+    """Each judged candidate's estimated effect and its standard error, in sigma, from its stored verdict: the
+    data from which the posterior rule learns the line's distribution of effects (`daemon.research.prior`).
+    `removals`: only the changes that remove code (`Verdict.removes_code`), else only the
+    others (the two are judged against different nulls, and their effects are spread differently)."""
+    found = []
+    for row in rows:
+        verdict = getattr(row, "verdict", None)
+        if row.kind not in ("candidate", "manual") or row.status not in ("kept", "discarded") \
+                or not isinstance(verdict, dict):
+            continue
+        if bool(verdict.get("removes_code")) is not removals:
+            continue
+        sigma, improvement = verdict.get("sigma"), verdict.get("improvement")
+        se = verdict.get("se")
+        if se is None and verdict.get("t"):  # a verdict stored before `se` was: t = (improvement - extra) / se
+            se = (float(improvement or 0.0) - float(verdict.get("extra_gain") or 0.0)) / float(verdict["t"])
+        if not (isinstance(sigma, int | float) and sigma > 0 and isinstance(improvement, int | float)
+                and isinstance(se, int | float) and se > 0):
+            continue
+        found.append(Evidence(float(improvement) / sigma, float(se) / sigma))
+    return found
 
 
 def recorded_value(rows: Sequence[RunRow], best: RunRow) -> float | None:

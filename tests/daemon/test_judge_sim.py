@@ -64,3 +64,25 @@ def test_the_old_rule_night_spends_its_runs() -> None:
     """The replayed old loop also spends 100 runs on the same world."""
     night = sim.old_night(JudgeConfig(), sim.World(sim.HARSH, 0, 1))
     assert sum(night.runs[k] for k in ("baseline", "noise", "candidate", "confirm")) == 100
+
+
+def test_a_timeout_is_reported_as_a_timeout() -> None:
+    """The simulator reports how a run failed as the sandbox does: an idea's crash as `crashed`, machine trouble on a
+    candidate or confirmation run as `timeout` (which the keeper retries for a confirmation), never on other runs."""
+    world = sim.World(sim.HARSH, 0, 1)
+    crashing = next(s for s, idea in world.ideas.items() if idea.crashes)
+    assert world.failure(frozenset({crashing}), 0, 0, may_time_out=True) == "crashed"
+    failures = [world.failure(frozenset(), seed, 0, may_time_out=True) for seed in range(2000)]
+    assert set(failures) == {None, "timeout"} and 0.01 < failures.count("timeout") / 2000 < 0.03
+    assert all(world.failure(frozenset(), seed, 0, may_time_out=False) is None for seed in range(200))
+
+
+def test_a_screened_night_spends_short_runs_first() -> None:
+    """Under the screening model, new candidates first cost a screen (a quarter run): screened-out and crashing ideas
+    never get a full run, and the night's budget (full runs + screens) is still about 100 runs."""
+    world = sim.World(sim.HARSH, 0, 1)
+    plain, screened = sim.new_night(JudgeConfig(), world), sim.new_night(JudgeConfig(), world, sim.Screen())
+    full = sum(screened.runs[k] for k in ("baseline", "noise", "candidate", "confirm", "remeasure"))
+    assert 100 <= full + screened.runs["screen"] < 101
+    assert screened.runs["screen"] > 0 and len(screened.judged) > len(plain.judged)
+    assert screened.runs["crashed"] < plain.runs["crashed"]

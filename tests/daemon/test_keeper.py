@@ -183,10 +183,10 @@ def test_a_look_without_a_partner_runs_the_best_under_its_seed_first(runtime: Ru
 def _fail_next_confirmation(runtime: Runtime, session: ResearchSession, status: str = "timeout") -> ExperimentRecord:
     """The next queued confirmation is claimed and fails with `status`, as the session's runner records it (the
     status first, then the keeper hears of it: `running.py`)."""
-    confirm = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    confirm = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert confirm is not None and confirm.kind == "confirm"
     runtime.store.transition(confirm.id, "running", status, owner=runtime.owner)
-    session._keeper.abandon(confirm, f"its confirmation run {status}")
+    session.keeper.abandon(confirm, f"its confirmation run {status}")
     return confirm
 
 
@@ -195,14 +195,14 @@ def test_a_timed_out_confirmation_runs_again_on_its_seed(runtime: Runtime, basel
     same seed, the candidate waits, and the retry's run decides (here: kept)."""
     session, sid, base = _open(runtime, baseline_source)
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nCLOSE = 1\n", base.id)
-    assert session._judge(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
+    assert session.keeper.record(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
     failed = _fail_next_confirmation(runtime, session)
     current = runtime.store.get_experiment(candidate.id)
     assert current is not None and current.status == "evaluating"
-    retry = session._work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
+    retry = session.work.next_experiment(runtime.lanes[0], StopCondition(grace_s=0))
     assert retry is not None and (retry.kind, retry.parent_id, retry.seed) == ("confirm", candidate.id, failed.seed)
     runtime.store.transition(retry.id, "running", "evaluating", owner=runtime.owner)
-    assert session._judge(retry, 1.965, {"val_bpb": 1.965}) == "measured"
+    assert session.keeper.record(retry, 1.965, {"val_bpb": 1.965}) == "measured"
     kept = runtime.store.get_experiment(candidate.id)
     assert kept is not None and kept.status == "kept" and kept.verdict is not None and kept.verdict["n"] == 2
 
@@ -211,7 +211,7 @@ def test_confirmation_retries_are_bounded(runtime: Runtime, baseline_source: str
     """A confirmation that keeps timing out is run again `confirm_retries` times, then its candidate is discarded."""
     session, sid, base = _open(runtime, baseline_source)
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nCLOSE = 1\n", base.id)
-    assert session._judge(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
+    assert session.keeper.record(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
     for _ in range(runtime.settings.judge.confirm_retries + 1):
         _fail_next_confirmation(runtime, session)
     discarded = runtime.store.get_experiment(candidate.id)
@@ -223,7 +223,7 @@ def test_a_crashed_confirmation_discards_its_candidate(runtime: Runtime, baselin
     """A confirmation whose code crashed is evidence against the change: no retry, the candidate is discarded."""
     session, sid, base = _open(runtime, baseline_source)
     candidate = _evaluating(runtime, session, sid, baseline_source + "\nCLOSE = 1\n", base.id)
-    assert session._judge(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
+    assert session.keeper.record(candidate, 1.975, {"val_bpb": 1.975}) == "evaluating"
     _fail_next_confirmation(runtime, session, status="crashed")
     discarded = runtime.store.get_experiment(candidate.id)
     assert discarded is not None and discarded.status == "discarded"

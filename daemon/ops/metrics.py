@@ -174,6 +174,11 @@ class Metrics:
         self.noise_std_bpb = _KnownGauge(f"{p}noise_std_bpb",
                                          "Standard deviation of repeated baseline runs (absent until measured)")
         reg.register(self.noise_std_bpb)
+        self.step_spread_ratio = _KnownGauge(
+            f"{p}step_spread_ratio", "Most / fewest training steps among repeats of one train.py this session "
+            "(1 on a quiet machine; above 1.2 the machine's load, not the seed, sets the noise; absent until a "
+            "source was repeated)")
+        reg.register(self.step_spread_ratio)
         self.retest_gain_bpb = _KnownGauge(
             f"{p}retest_gain_bpb", "The last re-test's end best minus start best, mean over fresh paired seeds "
             "(negative: the night's gain; absent until a re-test measured it)")
@@ -348,6 +353,9 @@ class Metrics:
 
     def noise_std(self, std_bpb: float) -> None:
         self.noise_std_bpb.set(std_bpb)
+
+    def step_spread(self, ratio: float) -> None:
+        self.step_spread_ratio.set(ratio)
 
     def retest_gain(self, delta_bpb: float) -> None:
         self.retest_gain_bpb.set(delta_bpb)

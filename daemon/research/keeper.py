@@ -27,6 +27,7 @@ from daemon.research import measurements
 from daemon.research.judge import ChangeSize, Decision, Pairs, Verdict, decide, paired_noise
 from daemon.research.planner import confirm_seed, look_seed
 from daemon.research.prior import EffectPrior
+from daemon.research.step_spread import step_spread
 from daemon.research.workspace import Workspace
 from daemon.store.records import ExperimentRecord
 
@@ -249,6 +250,12 @@ class Keeper:
         noise = measurements.noise_of(rows)
         if noise.df:  # absent until a repeat measured it
             self.metrics.noise_std(noise.sigma)
+        spread = step_spread(rows)
+        if spread is not None:
+            self.metrics.step_spread(spread.ratio)
+            if spread.loaded:
+                log.warning("machine load sets the noise", fewest_steps=spread.fewest, most_steps=spread.most,
+                            experiments=list(spread.experiment_ids[:8]))
         best = self.store.best(sid)
         if best is not None:
             value = measurements.recorded_value(rows, best)

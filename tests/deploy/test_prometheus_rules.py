@@ -10,13 +10,13 @@ import yaml
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 README = PROMETHEUS_DIR.parents[0] / "README.md"
-# Every way a night fails (issue 23), plus the heartbeat of the alert path itself.
+# Every way a night fails (issue 23), a night whose noise is the machine's load, and the alert path's heartbeat.
 REQUIRED_ALERTS = {
     "AutoresearchDaemonDown", "AutoresearchDaemonAbsent", "AutoresearchNoExperimentFinished",
     "AutoresearchSessionFailed", "AutoresearchConsecutiveCrashes", "AutoresearchGpuIdleInWindow",
     "AutoresearchDatabaseUnreachable", "AutoresearchDiskLow", "AutoresearchDiskAlmostFull",
     "AutoresearchAgentErrors", "AutoresearchGpuQuarantined", "AutoresearchCostCapReached",
-    "AutoresearchNoImprovementTonight", "AutoresearchAlertingHeartbeat",
+    "AutoresearchNoImprovementTonight", "AutoresearchAlertingHeartbeat", "AutoresearchLoadSetsTheNoise",
 }
 ROUTED_SEVERITIES = {"critical", "warning", "info", "heartbeat"}
 

@@ -22,6 +22,7 @@ CONTRACT_METRICS = {
     "autoresearch_baseline_val_bpb": ("gauge", set()),
     "autoresearch_last_val_bpb": ("gauge", {"lane"}),
     "autoresearch_noise_std_bpb": ("gauge", set()),
+    "autoresearch_step_spread_ratio": ("gauge", set()),
     "autoresearch_retest_gain_bpb": ("gauge", set()),
     "autoresearch_keeps_held_ratio": ("gauge", set()),
     "autoresearch_experiment_duration_seconds": ("histogram", {"lane"}),
@@ -78,6 +79,7 @@ def exercised_metrics(monotonic: Callable[[], float] | None = None) -> Metrics:
     metrics.best(0.99)
     metrics.baseline(1.0)
     metrics.noise_std(0.0004)
+    metrics.step_spread(1.02)
     metrics.consecutive_crashes(0)
     metrics.retest_gain(-0.004)
     metrics.keeps_held(0.5)

@@ -22,7 +22,8 @@ def _samples(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
 def test_best_baseline_and_noise_are_absent_until_known() -> None:
     """A fresh daemon exports no best/baseline/noise sample at all (a 0 would look like a real val_bpb)."""
     found = _samples(Metrics())
-    for name in ("autoresearch_best_val_bpb", "autoresearch_baseline_val_bpb", "autoresearch_noise_std_bpb"):
+    for name in ("autoresearch_best_val_bpb", "autoresearch_baseline_val_bpb", "autoresearch_noise_std_bpb",
+                 "autoresearch_step_spread_ratio"):
         assert name not in found, name
 
 
@@ -32,7 +33,9 @@ def test_best_baseline_and_noise_appear_once_measured() -> None:
     metrics.baseline(1.25)
     metrics.best(1.2)
     metrics.noise_std(0.001)
+    metrics.step_spread(1.05)
     found = _samples(metrics)
+    assert found["autoresearch_step_spread_ratio"] == [({}, 1.05)]
     assert found["autoresearch_baseline_val_bpb"] == [({}, 1.25)]
     assert found["autoresearch_best_val_bpb"] == [({}, 1.2)]
     assert found["autoresearch_noise_std_bpb"] == [({}, 0.001)]

@@ -26,6 +26,9 @@ export AUTORESEARCH_TRAINING__EVAL_TOKENS=${AUTORESEARCH_TRAINING__EVAL_TOKENS:-
 # 64 rows: a demo of the code path, too few for the causality probe to be a trust check (trainer/probe_power.py)
 export AUTORESEARCH_TRAINING__PROBE_FLOOR=${AUTORESEARCH_TRAINING__PROBE_FLOOR:-false}
 export AUTORESEARCH_DATA__VOCAB_SIZE=${AUTORESEARCH_DATA__VOCAB_SIZE:-2048}
+# No smoke runs: on a CPU lane the next proposal's smoke run (pipelined while the lane trains) shares the cores
+# with the measured run and costs it steps; the offline agent's hyperparameter edits do not need one.
+export AUTORESEARCH_TRAINING__SMOKE=${AUTORESEARCH_TRAINING__SMOKE:-false}
 
 say "workspace $WS (program.md, baseline train.py, git repo)"
 "$AR" init "$WS"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -10,9 +10,10 @@ import pytest
 
 from daemon.agents import ChangeEntry, LedgerView, make_agent
 from daemon.agents.openai_agent import OpenAIAgent
-from daemon.config import AgentConfig, ModelPrice, load_settings
+from daemon.config import AgentConfig, load_settings
 from daemon.errors import AgentFatal, ConfigError, InvalidProposal
 from daemon.research.archive import unified_diff
+from tests.agents.conftest import OPENAI_PRICES
 from tests.agents.support import BASELINE, MemorySink, RecordingClock, make_context
 from tests.fakes.openai_server import (
     MODEL,
@@ -24,25 +25,8 @@ from tests.fakes.openai_server import (
 
 GOOD = {"hypothesis": "the matrices are under-trained", "edits": [{"search": "MATRIX_LR = 0.02",
         "replace": "MATRIX_LR = 0.03"}], "description": "raise MATRIX_LR 0.02 -> 0.03", "notebook": "LR next."}
-PRICES = {MODEL: ModelPrice(input=2.0, output=8.0, cache_read=0.5)}
+PRICES = OPENAI_PRICES
 MakeAgent = Callable[..., OpenAIAgent]
-
-
-@pytest.fixture()
-def chat() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as fake:
-        yield fake
-
-
-@pytest.fixture()
-def make_openai(chat: FakeOpenAIServer, sink: MemorySink, clock: RecordingClock) -> MakeAgent:
-    def _make(**overrides: Any) -> OpenAIAgent:
-        fields: dict[str, Any] = {"provider": "openai", "base_url": chat.url, "model": MODEL, "prices": PRICES,
-                                  "max_retries": 2, "retry_backoff_s": 0.01, "repair_rounds": 2, "timeout_s": 5.0}
-        fields.update(overrides)
-        return OpenAIAgent(AgentConfig(**fields), sink, clock)
-
-    return _make
 
 
 def test_proposal_through_a_function_call(chat: FakeOpenAIServer, make_openai: MakeAgent, sink: MemorySink) -> None:

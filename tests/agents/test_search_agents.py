@@ -13,15 +13,13 @@ import pytest
 
 from daemon.agents.fences import fenced_spans
 from daemon.agents.ideas import IdeaMemory
-from daemon.agents.openai_agent import OpenAIAgent
-from daemon.config import AgentConfig, ModelPrice
 from daemon.errors import InvalidProposal
 from daemon.research.ideas import MEASUREMENT_VERSION, idea_memory
 from daemon.research.ledger import line_rows
 from daemon.store import open_store
-from tests.agents.support import BASELINE, MemorySink, RecordingClock, make_context, run_experiment
+from tests.agents.support import BASELINE, make_context, run_experiment
 from tests.fakes.anthropic_server import FakeAnthropicServer, tool_reply
-from tests.fakes.openai_server import MODEL, FakeOpenAIServer, tool_call_reply
+from tests.fakes.openai_server import FakeOpenAIServer, tool_call_reply
 
 LR = "MATRIX_LR = 0.02"
 GOOD = {"hypothesis": "the matrices are under-trained", "description": "raise MATRIX_LR 0.02 -> 0.03",
@@ -50,23 +48,6 @@ def memory(tmp_path: Path) -> Iterator[IdeaMemory]:
                    source=BASELINE.replace("LOGIT_SOFTCAP = 15.0", "LOGIT_SOFTCAP = 30.0"))
     yield idea_memory(store, line_rows(store, [session.id]))
     store.close()
-
-
-@pytest.fixture()
-def chat() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as fake:
-        yield fake
-
-
-@pytest.fixture()
-def make_openai(chat: FakeOpenAIServer, sink: MemorySink, clock: RecordingClock) -> MakeAgent:
-    def _make(**overrides: Any) -> OpenAIAgent:
-        fields: dict[str, Any] = {"provider": "openai", "base_url": chat.url, "model": MODEL, "repair_rounds": 2,
-                                  "prices": {MODEL: ModelPrice(input=2.0, output=8.0)}, "timeout_s": 5.0}
-        fields.update(overrides)
-        return OpenAIAgent(AgentConfig(**fields), sink, clock)
-
-    return _make
 
 
 def prompt_nonce(body: dict[str, Any]) -> str:

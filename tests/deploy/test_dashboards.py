@@ -53,6 +53,9 @@ ALWAYS_FIRING_ALERTS = {"AutoresearchAlertingHeartbeat"}
 # The session ends (SIGTERM) inside its 1 h window: "window open, nothing finishing" may hold by then, as it
 # should (the window outlives its session); its `for:` keeps it from firing within the test.
 ARMED_AFTER_THE_SESSION = {"AutoresearchNoExperimentFinished"}
+# The session's repeats train on a shared test machine: when other work loads it, their step counts really do
+# spread over 1.2x and the query holds, as it should; its `for:` keeps it from firing within the test.
+LOAD_DEPENDENT_ALERTS = {"AutoresearchLoadSetsTheNoise"}
 # Grafana's interval variables, given the values Grafana would pick for a short range; $instance = All.
 GRAFANA_INTERVALS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "10m", "$instance": ".*"}
 GPU_UUID = "GPU-00000000-0000-0000-0000-00000000test"
@@ -337,7 +340,8 @@ def test_every_promql_query_returns_data(live_prometheus: str) -> None:
 def test_every_alert_rule_evaluates_and_healthy_session_fires_none(live_prometheus: str) -> None:
     """Prometheus evaluates every alert rule without error; on a healthy session each is expected-empty."""
     rules = [rule for group in _get_json(f"{live_prometheus}/api/v1/rules")["data"]["groups"] for rule in group["rules"]]
-    assert {rule["name"] for rule in rules} == EXPECTED_EMPTY_ALERTS | ALWAYS_FIRING_ALERTS | ARMED_AFTER_THE_SESSION
+    assert {rule["name"] for rule in rules} == (EXPECTED_EMPTY_ALERTS | ALWAYS_FIRING_ALERTS | ARMED_AFTER_THE_SESSION
+                                                | LOAD_DEPENDENT_ALERTS)
     for rule in rules:
         assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
         if rule["name"] in EXPECTED_EMPTY_ALERTS:

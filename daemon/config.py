@@ -302,12 +302,13 @@ class JudgeConfig(_Section):
     rule: Literal["sequential", "posterior"] = Field(
         "sequential", description="sequential: Pocock's boundary on t at every look (false_keep_rate per candidate); "
         "posterior: keep when the posterior chance that the change is no real improvement is <= posterior_q, under "
-        "a prior of effects learned from the line's judged candidates (daemon.research.prior)")
-    posterior_q: float = Field(0.05, gt=0, lt=0.5, description="posterior rule: the largest chance, given the runs, "
+        "a prior of effects learned from the line's judged candidates (daemon.research.prior); its defaults "
+        "below are the setting docs/judge.md measured (with keep_min_runs = 1)")
+    posterior_q: float = Field(0.1, gt=0, lt=0.5, description="posterior rule: the largest chance, given the runs, "
                                "that a kept change is no real improvement (its share among keeps, on average)")
-    posterior_futility: float = Field(0.2, ge=0, lt=1, description="posterior rule: discard once the chance that "
+    posterior_futility: float = Field(0.05, ge=0, lt=1, description="posterior rule: discard once the chance that "
                                       "the change is better by posterior_worth_sigma or more falls below this")
-    posterior_worth_sigma: float = Field(0.0, ge=0, description="posterior rule: the gain (in sigma) worth more runs "
+    posterior_worth_sigma: float = Field(1.0, ge=0, description="posterior rule: the gain (in sigma) worth more runs "
                                          "(futility asks for the chance of at least this much)")
     prior_strength: float = Field(20.0, ge=0, description="posterior rule: pseudo-candidates of the default prior "
                                   "that the fit of the line's effect distribution is shrunk toward")

@@ -94,15 +94,13 @@ class AnthropicAgent:
             response = self._create(prompt.system, messages, ctx)
             calls = [block for block in response.content if block.type == "tool_use"]
             if response.stop_reason != "max_tokens" and is_search_reply([call.name for call in calls]):
-                answers = [searches.answer(call.input) for call in calls]
+                answers, refusal = searches.answer_all([call.input for call in calls])
                 messages.append({"role": "assistant", "content": _as_params(response)})
                 messages.append({"role": "user", "content": [_result(call.id, answer)
                                                              for call, answer in zip(calls, answers, strict=True)]})
-                refused = next((answer for answer in answers if answer.refused), None)
-                log.info("agent_idea_search", used=searches.used, of=searches_allowed, refused=refused is not None)
-                if refused is not None:
+                if refusal is not None:
                     failed += 1
-                    problem = refused.text
+                    problem = refusal
                 continue
             tool_use = next((call for call in calls if call.name == TOOL_NAME), None)
             try:

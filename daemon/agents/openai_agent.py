@@ -89,15 +89,13 @@ class OpenAIAgent:
             calls = [call for call in (message.tool_calls or []) if call.type == "function"] if message else []
             if choice is not None and choice.finish_reason != "length" and \
                     is_search_reply([call.function.name for call in calls]):
-                answers = [searches.answer(_arguments(call.function.arguments)) for call in calls]
+                answers, refusal = searches.answer_all([_arguments(call.function.arguments) for call in calls])
                 messages.append(_assistant(message, calls))
                 messages.extend({"role": "tool", "tool_call_id": call.id, "content": answer.text}
                                 for call, answer in zip(calls, answers, strict=True))
-                refused = next((answer for answer in answers if answer.refused), None)
-                log.info("agent_idea_search", used=searches.used, of=searches_allowed, refused=refused is not None)
-                if refused is not None:
+                if refusal is not None:
                     failed += 1
-                    problem = refused.text
+                    problem = refusal
                 continue
             ours = next((call for call in calls if call.function.name == TOOL_NAME), None)
             try:

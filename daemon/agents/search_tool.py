@@ -25,6 +25,9 @@ from daemon.agents.fences import fence
 from daemon.agents.idea_search import OUTCOME_GROUPS, Hit, search_ideas
 from daemon.agents.ideas import IdeaMemory
 from daemon.agents.prompt import SEARCH_TOOL, TOOL_NAME
+from daemon.ops.logs import get_logger
+
+log = get_logger("autoresearch.agent")
 
 MAX_HITS = 6
 MAX_QUERY_CHARS = 2000
@@ -104,6 +107,14 @@ class IdeaSearches:
             return ToolAnswer(f"The idea memory is empty: no idea has been tried on this research line yet. {left}")
         hits = search_ideas(self.memory, query, outcome)
         return ToolAnswer(self._render(hits, outcome, left))
+
+    def answer_all(self, raws: Sequence[object]) -> tuple[list[ToolAnswer], str | None]:
+        """The answers to one reply's search calls, in order, and the refusal's text when a call was over the bound
+        (that reply then counts as a repair round)."""
+        answers = [self.answer(raw) for raw in raws]
+        refusal = next((answer.text for answer in answers if answer.refused), None)
+        log.info("agent_idea_search", used=self.used, of=self.limit, refused=refusal is not None)
+        return answers, refusal
 
     def _render(self, hits: list[Hit], outcome: str | None, left: str) -> str:
         total = len(self.memory.ideas) if self.memory is not None else 0

@@ -6,6 +6,9 @@ GPU, throttling), a repeat trains fewer steps and scores worse: the noise floor 
 not the seed, and a candidate that ran on a quieter machine than its incumbent wins by the load alone.
 `step_spread(rows)` finds the widest spread among the line's repeated sources (baseline + noise runs, a
 candidate + its confirmations, the best + its re-measures); the morning report warns above `WARN_RATIO`.
+The step counts are each run's own printed summary (the harness cannot count a candidate's steps): a candidate
+can misreport its own, which raises or hides the warning for its source and nothing else; no number the judge
+uses comes from them.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from daemon.research.measurements import MEASURED
+
 # Above this max/min ratio of steps among repeats of one source, the load, not the seed, is the noise. A quiet
 # machine repeats within a few percent (timer granularity, the warm-up's share); 20% is far outside that.
 WARN_RATIO = 1.2
-MEASURED = ("kept", "discarded", "measured")
 
 
 class StepRow(Protocol):

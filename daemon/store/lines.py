@@ -194,13 +194,11 @@ class LineQueries:
             return
 
         def work(conn: Connection, _retried: bool) -> None:
+            # An id tagged already (earlier, or by another thread at this moment) keeps its tag: ON CONFLICT DO NOTHING.
+            insert_missing = _insert_missing(conn, IdeaMemoryRow.__table__, "experiment_id")
             for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
-                known = set(conn.scalars(select(IdeaMemoryRow.experiment_id)
-                                         .where(IdeaMemoryRow.experiment_id.in_(chunk))))
-                rows = [{"experiment_id": eid, "measurement_version": version} for eid in chunk if eid not in known]
-                if rows:  # another thread may tag the same ids between the read and the insert: its tag stays
-                    conn.execute(_insert_missing(conn, IdeaMemoryRow.__table__, "experiment_id"), rows)
+                conn.execute(insert_missing, [{"experiment_id": eid, "measurement_version": version}
+                                              for eid in wanted[start:start + 500]])
 
         self._write("tag measurement version", work)
 

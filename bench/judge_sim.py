@@ -62,9 +62,10 @@ NOT_REAL_DELETION = -0.25  # a kept deletion costing more than this (sigma) is n
 _EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
 normalized_hash = functools.lru_cache(maxsize=4096)(edits.normalized_hash)
 
+ROUND_3 = {"false_keep_rate": 0.05, "max_runs": 5, "boundary_shape": 0.5, "boundary_looks": "all"}  # round 3's boundary
 TODAY = {"paired": False, "simplicity_alpha": None, "simplicity_margin_sigma": 0.0, "futility_t": 0.5,  # before issue 22
-         "remeasure_every": 6, "keep_min_runs": 1}
-BEFORE = {"confirm_retries": 0}  # the defaults before the retry of timed-out confirmations (this round's start)
+         "remeasure_every": 6, "keep_min_runs": 1, **ROUND_3}
+BEFORE = dict(ROUND_3)  # the defaults of round 3 (Pocock's boundary over every look, 5% per candidate, 5 runs at most)
 
 
 # -- the landscapes (docs/judge.md) ---------------------------------------------------------------------

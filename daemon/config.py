@@ -272,9 +272,15 @@ class JudgeConfig(_Section):
     """The keep rule (see `daemon.research.judge`): a sequential one-sided t-test on means with pooled noise."""
 
     noise_runs: int = Field(2, ge=0, description="extra baseline runs (other seeds) measuring the noise floor")
-    false_keep_rate: float = Field(0.05, gt=0, lt=0.5,
+    false_keep_rate: float = Field(0.01, gt=0, lt=0.5,
                                    description="chance of keeping a change with no real effect (spent over the looks)")
-    max_runs: int = Field(5, ge=1, le=10, description="runs of one candidate at most (first run + confirmations)")
+    max_runs: int = Field(10, ge=1, le=10, description="runs of one candidate at most (first run + confirmations)")
+    boundary_shape: float = Field(0.0, ge=0, le=0.5, description="shape of the keep boundary over the looks "
+                                  "(Wang-Tsiatis): 0.5 Pocock's, the same level at every look; 0 O'Brien-Fleming's, "
+                                  "strict at early looks and lenient at late ones")
+    boundary_looks: Literal["keep", "all"] = Field("keep", description="keep: false_keep_rate is spent over the looks "
+                                                   "at which a keep can happen (keep_min_runs .. max_runs); all: over "
+                                                   "every look (the rule before round 4: stricter than its rate)")
     futility_t: float = Field(0.75, description="a close call is confirmed only while its t statistic is above this")
     min_delta: float = Field(0.0005, ge=0, description="keep only if improvement > this, whatever the noise")
     keep_min_runs: int = Field(2, ge=1, le=10, description="runs a candidate needs before a keep (a first run that "
@@ -300,7 +306,8 @@ class JudgeConfig(_Section):
     memory_soft_limit_mb: float | None = Field(None, gt=0, description="peak memory above this needs extra gain")
     memory_gain_sigma_per_gb: float = Field(0.5, ge=0, description="extra gain (in sigma) per GB over the soft limit")
     rule: Literal["sequential", "posterior"] = Field(
-        "sequential", description="sequential: Pocock's boundary on t at every look (false_keep_rate per candidate); "
+        "sequential", description="sequential: a group-sequential boundary on t over the looks (false_keep_rate per "
+        "candidate, boundary_shape); "
         "posterior: keep when the posterior chance that the change is no real improvement is <= posterior_q, under "
         "a prior of effects learned from the line's judged candidates (daemon.research.prior); its defaults "
         "below are the setting docs/judge.md measured (with keep_min_runs = 1)")

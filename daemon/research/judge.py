@@ -7,9 +7,10 @@ The rule (`decide`) is a sequential one-sided test on means:
   late one from thirty.
 - The candidate's mean over its runs is compared with the incumbent's mean over its runs:
   t = (incumbent mean - candidate mean) / (sigma * sqrt(1/n_c + 1/n_i)).
-- Each run of the candidate is a look. Every look uses the same nominal level, Pocock's boundary for
-  `max_runs` looks (`look_alpha`), so that a change with no effect is kept at one of its looks with chance
-  `false_keep_rate` (default 5%) at most. Keep as soon as the one-sided p-value is below that level;
+- Each run of the candidate is a look. Look k has a nominal level from a group-sequential boundary over the
+  looks at which a keep can happen (`look_alpha`: Wang-Tsiatis, `boundary_shape` from Pocock's constant level
+  to O'Brien-Fleming's, strict early and lenient late), so that a change with no effect is kept at one of its
+  looks with chance `false_keep_rate` at most. Keep as soon as the one-sided p-value is below that level;
   discard as soon as t falls below `futility_t` (a clear loss: no run is spent on it, and the false-keep
   rate only drops); else confirm with another seed, up to `max_runs`.
 - A change that adds many lines (`large_change_lines`) must also win by `large_change_gain_sigma` sigma,
@@ -201,34 +202,51 @@ def pooled_noise(groups: Iterable[Sequence[float]]) -> Noise:
     return Noise(math.sqrt(squares / df) if df else 0.0, df)
 
 
-def look_alpha(config: JudgeConfig) -> float:
-    """The nominal false-keep rate of each look: Pocock's constant boundary for `max_runs` looks.
+def look_alpha(config: JudgeConfig, look: int | None = None) -> float:
+    """The nominal false-keep rate of look `look` (1 = the candidate's first run): a Wang-Tsiatis boundary over
+    the looks at which a keep can happen (`keep_min_runs` .. `max_runs`).
 
-    A keep at any of the looks must stay below `false_keep_rate` overall; with the same boundary at every
-    look this is the level at which a Gaussian random walk observed at looks 1..K crosses it with chance
-    `false_keep_rate` (`_pocock_level`). Stopping early for futility only lowers the real rate.
+    A keep at any of those looks must stay below `false_keep_rate` overall: the boundary on the z statistic of
+    look k is c (k / K)^(shape - 1/2) (`boundary_shape` 0.5: Pocock's, the same level at every look; 0:
+    O'Brien-Fleming's, strict early and lenient late), with c the level at which a Gaussian random walk
+    observed at those looks crosses it with chance `false_keep_rate` (`_boundary_levels`). Looks before
+    `keep_min_runs` cannot keep, so they spend nothing. Stopping early for futility only lowers the real rate.
+    Without `look`: the level of the last look (the most lenient one under every shape).
     """
-    looks = config.max_runs if config.confirm else 1
-    return _pocock_level(config.false_keep_rate, looks)
+    if not config.confirm:
+        return config.false_keep_rate
+    first = min(config.keep_min_runs, config.max_runs) if config.boundary_looks == "keep" else 1
+    levels = _boundary_levels(config.false_keep_rate, config.max_runs, first, config.boundary_shape)
+    return levels[min(max(look or config.max_runs, 1), config.max_runs) - 1]
 
 
-@functools.lru_cache(maxsize=32)
-def _pocock_level(alpha: float, looks: int) -> float:
-    """Nominal one-sided level c of K equally spaced looks at a z statistic with P(any look >= c) = alpha."""
-    if looks <= 1:
-        return alpha
-    z_low, z_high = _normal_quantile(1 - alpha), _normal_quantile(1 - alpha / looks)
+@functools.lru_cache(maxsize=64)
+def _boundary_levels(alpha: float, looks: int, first: int = 1, shape: float = 0.5) -> tuple[float, ...]:
+    """Nominal one-sided levels of looks 1..K at a z statistic (the z of look k: S_k / sqrt(k), S_k a sum of k
+    N(0, 1)), with P(z_k >= c (k / K)^(shape - 1/2) at some look k >= first) = alpha; looks before `first`
+    cannot keep: they show the level of look `first` (what a keep would need). Found by integrating the walk's
+    density on a grid, and bisection on c."""
+    if looks <= 1 or first >= looks:
+        return (alpha,) * max(looks, 1)  # one look can keep: it spends all of alpha
     step = 0.02
-    grid = np.arange(-8.0 * math.sqrt(looks), z_high * math.sqrt(looks) + step, step)
+    weights = [(k / looks) ** (shape - 0.5) for k in range(1, looks + 1)]
+    z_low, z_high = 0.0, _normal_quantile(1 - alpha / looks) / min(weights)  # Bonferroni: c is below this
+    top = z_high * max(w * math.sqrt(k) for k, w in enumerate(weights, start=1))
+    grid = np.arange(-8.0 * math.sqrt(looks), top + step, step)
     kernel = np.exp(-0.5 * (grid[:, None] - grid[None, :]) ** 2) / math.sqrt(2 * math.pi) * step
     normal_sf = np.vectorize(lambda z: 0.5 * math.erfc(z / math.sqrt(2.0)))
 
     def crossing(c: float) -> float:
         density = np.exp(-0.5 * grid ** 2) / math.sqrt(2 * math.pi)  # S_1, a sum of one N(0, 1)
-        crossed = float(normal_sf(c))
-        density = np.where(grid < c, density, 0.0)
+        crossed = 0.0
+        if first <= 1:
+            crossed = float(normal_sf(c * weights[0]))
+            density = np.where(grid < c * weights[0], density, 0.0)
         for k in range(2, looks + 1):
-            bound = c * math.sqrt(k)
+            if k < first:
+                density = kernel @ density
+                continue
+            bound = c * weights[k - 1] * math.sqrt(k)  # the bound on S_k
             crossed += float(np.sum(density * normal_sf(bound - grid)) * step)
             density = np.where(grid < bound, kernel @ density, 0.0)
         return crossed
@@ -239,7 +257,13 @@ def _pocock_level(alpha: float, looks: int) -> float:
             z_low = middle
         else:
             z_high = middle
-    return 0.5 * math.erfc(z_high / math.sqrt(2.0))
+    levels = [0.5 * math.erfc(z_high * weights[k - 1] / math.sqrt(2.0)) for k in range(1, looks + 1)]
+    return tuple(levels[max(k, first) - 1] for k in range(1, looks + 1))
+
+
+def _pocock_level(alpha: float, looks: int) -> float:
+    """Nominal one-sided level c of K equally spaced looks at a z statistic with P(any look >= c) = alpha."""
+    return _boundary_levels(alpha, looks)[0]
 
 
 def _normal_quantile(q: float) -> float:
@@ -284,7 +308,7 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
         base["improvement"] = improvement
     else:
         paired = None
-    alpha = look_alpha(config)
+    alpha = look_alpha(config, n)
     critical = t_quantile(1.0 - alpha, df)
     extra, why_extra = _extra_gain(sigma, config, change, peak_memory_mb)
     t = (improvement - extra) / se
@@ -404,7 +428,7 @@ def pairing_pays(single: Noise, paired: Noise, n: int, n_incumbent: int) -> bool
 
 
 def simplicity_level(config: JudgeConfig) -> float:
-    """The nominal level of each look of the simplicity test (Pocock over the looks, like `look_alpha`)."""
+    """The nominal level of each look of the simplicity test: Pocock's constant level over all `max_runs` looks."""
     if config.simplicity_alpha is None:
         raise ValueError("simplicity_alpha is None: the point rule has no level")
     return _pocock_level(config.simplicity_alpha, config.max_runs if config.confirm else 1)

@@ -6,9 +6,11 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 
 from daemon.config import JudgeConfig
+from daemon.research import judge as judge_module
 from daemon.research.judge import (
     ChangeSize,
     Decision,
@@ -26,7 +28,8 @@ from daemon.research.judge import (
     t_sf,
 )
 
-CONFIG = JudgeConfig(max_runs=3, futility_t=0.5, min_delta=0.0005, keep_min_runs=1)
+POCOCK_5 = {"false_keep_rate": 0.05, "boundary_shape": 0.5}  # the worked examples' boundary: Pocock's, 5%
+CONFIG = JudgeConfig(max_runs=3, futility_t=0.5, min_delta=0.0005, keep_min_runs=1, **POCOCK_5)
 NOISE = Noise(sigma=0.01, df=20)
 INCUMBENT = [1.0, 1.0, 1.0]  # mean 1.0 over 3 runs
 
@@ -52,9 +55,39 @@ def test_t_distribution_matches_tables() -> None:
 
 
 def test_look_alpha_is_pococks_boundary() -> None:
-    """Three looks at 5% overall: each look at z = 1.992 (Pocock), one look at the full 5%."""
-    assert look_alpha(JudgeConfig(max_runs=3)) == pytest.approx(0.5 * math.erfc(1.9921 / math.sqrt(2)), rel=2e-3)
-    assert look_alpha(JudgeConfig(max_runs=3, confirm=False)) == pytest.approx(0.05)
+    """Three looks that may each keep, 5% overall: each look at z = 1.992 (Pocock), one look at the full 5%."""
+    pocock = JudgeConfig(max_runs=3, keep_min_runs=1, false_keep_rate=0.05, boundary_shape=0.5)
+    assert look_alpha(pocock) == pytest.approx(0.5 * math.erfc(1.9921 / math.sqrt(2)), rel=2e-3)
+    assert look_alpha(JudgeConfig(max_runs=3, confirm=False, false_keep_rate=0.05)) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(("alpha", "looks", "first", "shape"), [
+    (0.05, 5, 2, 0.5), (0.05, 5, 2, 0.0), (0.01, 8, 2, 0.25), (0.02, 6, 3, 0.0), (0.05, 4, 1, 0.25)])
+def test_boundary_spends_exactly_its_rate_over_the_keep_looks(alpha: float, looks: int, first: int,
+                                                              shape: float) -> None:
+    """A Gaussian random walk crosses the boundary at one of the looks first..K with chance alpha (no less)."""
+    levels = judge_module._boundary_levels(alpha, looks, first, shape)
+    bounds = np.array([t_quantile(1.0 - level, 10**6) for level in levels])
+    walks = np.random.default_rng(7).standard_normal((200_000, looks)).cumsum(axis=1) / np.sqrt(np.arange(1, looks + 1))
+    rate = float((walks[:, first - 1:] >= bounds[first - 1:]).any(axis=1).mean())
+    assert abs(rate - alpha) <= 4 * math.sqrt(alpha * (1 - alpha) / 200_000), rate
+
+
+def test_looks_before_keep_min_runs_spend_nothing() -> None:
+    """With keep_min_runs 2, look 1 cannot keep: the rate is spent on looks 2..K (a lower bar than over all K)."""
+    keep_looks, all_looks = JudgeConfig(keep_min_runs=2), JudgeConfig(keep_min_runs=2, boundary_looks="all")
+    assert look_alpha(keep_looks, 2) > look_alpha(all_looks, 2)
+    assert look_alpha(keep_looks, 1) == look_alpha(keep_looks, 2)  # look 1 shows what a keep would need
+    assert look_alpha(JudgeConfig(keep_min_runs=1), 1) == pytest.approx(look_alpha(all_looks, 1))
+
+
+def test_obrien_fleming_shape_is_strict_early_and_lenient_late() -> None:
+    """Shape 0: the level rises look by look and the last look is less strict than Pocock's constant level."""
+    pocock, obf = JudgeConfig(max_runs=6, boundary_shape=0.5), JudgeConfig(max_runs=6, boundary_shape=0.0)
+    levels = [look_alpha(obf, k) for k in range(2, 7)]
+    assert levels == sorted(levels) and levels[0] < levels[-1]
+    assert len({round(look_alpha(pocock, k), 12) for k in range(2, 7)}) == 1
+    assert look_alpha(obf, 6) > look_alpha(pocock, 6) > look_alpha(obf, 2)
 
 
 def test_clear_win_is_kept_at_the_first_look() -> None:
@@ -109,7 +142,7 @@ def test_a_large_change_must_win_more() -> None:
 
 def test_memory_over_the_soft_limit_costs_gain() -> None:
     """Peak memory 4 GB over the soft limit needs 2 sigma more (0.5 sigma per GB)."""
-    config = JudgeConfig(memory_soft_limit_mb=10_000, memory_gain_sigma_per_gb=0.5, keep_min_runs=1)
+    config = JudgeConfig(memory_soft_limit_mb=10_000, memory_gain_sigma_per_gb=0.5, keep_min_runs=1, **POCOCK_5)
     under = decide([0.96], INCUMBENT, NOISE, config, peak_memory_mb=9_000)
     over = decide([0.96], INCUMBENT, NOISE, config, peak_memory_mb=10_000 + 4 * 1024)
     assert under.decision is Decision.KEEP
@@ -295,12 +328,15 @@ def _sequential_trial(rng: random.Random, gain: float, config: JudgeConfig) -> b
 
 
 def test_false_keep_rate_is_below_target_on_a_fixed_seed_simulation() -> None:
-    """4000 no-effect changes judged sequentially with estimated noise: at most 5% kept; 3 sigma mostly kept."""
+    """8000 no-effect changes judged sequentially with estimated noise under the defaults: at most false_keep_rate
+    kept (up to the simulation's own error: the boundary spends the rate exactly); 3 sigma mostly kept."""
     config = JudgeConfig()
     rng = random.Random(20261130)
-    null_keeps = sum(_sequential_trial(rng, 0.0, config) for _ in range(4000)) / 4000
+    trials = 8000
+    null_keeps = sum(_sequential_trial(rng, 0.0, config) for _ in range(trials)) / trials
     strong_keeps = sum(_sequential_trial(rng, 3.0, config) for _ in range(500)) / 500
-    assert null_keeps <= config.false_keep_rate
+    rate = config.false_keep_rate
+    assert null_keeps <= rate + 3 * math.sqrt(rate * (1 - rate) / trials), null_keeps
     assert strong_keeps >= 0.5
 
 
@@ -342,8 +378,9 @@ def test_unparsable_sources_fall_back_to_text_lines() -> None:
 
 def test_a_first_run_win_is_confirmed_when_a_keep_needs_two_runs() -> None:
     """keep_min_runs = 2: a first run past the boundary is confirmed, and kept once two runs clear it."""
-    config = JudgeConfig(max_runs=3, keep_min_runs=2)
+    config = JudgeConfig(max_runs=3, keep_min_runs=2, **POCOCK_5)
     first = decide([0.95], INCUMBENT, NOISE, config)
     assert (first.decision, first.rule) == (Decision.CONFIRM, "confirm-before-keep")
     assert decide([0.95, 0.955], INCUMBENT, NOISE, config).decision is Decision.KEEP
-    assert decide([0.95], INCUMBENT, NOISE, JudgeConfig(max_runs=3, keep_min_runs=1)).decision is Decision.KEEP
+    assert decide([0.95], INCUMBENT, NOISE, JudgeConfig(max_runs=3, keep_min_runs=1, **POCOCK_5)).decision \
+        is Decision.KEEP

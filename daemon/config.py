@@ -272,10 +272,10 @@ class JudgeConfig(_Section):
     """The keep rule (see `daemon.research.judge`): a sequential one-sided t-test on means with pooled noise."""
 
     noise_runs: int = Field(2, ge=0, description="extra baseline runs (other seeds) measuring the noise floor")
-    false_keep_rate: float = Field(0.01, gt=0, lt=0.5,
+    false_keep_rate: float = Field(0.02, gt=0, lt=0.5,
                                    description="chance of keeping a change with no real effect (spent over the looks)")
-    max_runs: int = Field(10, ge=1, le=10, description="runs of one candidate at most (first run + confirmations)")
-    boundary_shape: float = Field(0.0, ge=0, le=0.5, description="shape of the keep boundary over the looks "
+    max_runs: int = Field(8, ge=1, le=10, description="runs of one candidate at most (first run + confirmations)")
+    boundary_shape: float = Field(0.25, ge=0, le=0.5, description="shape of the keep boundary over the looks "
                                   "(Wang-Tsiatis): 0.5 Pocock's, the same level at every look; 0 O'Brien-Fleming's, "
                                   "strict at early looks and lenient at late ones")
     boundary_looks: Literal["keep", "all"] = Field("keep", description="keep: false_keep_rate is spent over the looks "

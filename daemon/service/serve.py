@@ -7,6 +7,8 @@ period (a second SIGTERM kills them, recorded `interrupted`); nothing is lost ei
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import signal
 import threading
@@ -56,6 +58,9 @@ class Service:
         self.notifier = SystemdNotifier.from_environ()
         self.current_stop: StopCondition | None = None
         self.orphans = runtime.reconciled.interrupted  # redone once, by the first session
+        self._signal_r, write = os.pipe()  # on_signal -> _relay_signals (see on_signal)
+        os.set_blocking(write, False)
+        self._signal_w: int | None = write
         gpu_uuids = [lane.gpu_uuid for lane in runtime.lanes if lane.gpu_uuid is not None]
         self.scheduler = Scheduler(
             self.settings.scheduler, self.clock, runtime.probe,
@@ -66,6 +71,41 @@ class Service:
             gpu_uuids=gpu_uuids or None, metrics=runtime.metrics)
 
     def on_signal(self, signum: int, _frame: object) -> None:
+        """The SIGTERM/SIGINT handler: only hands the signal to the relay thread (`_relay_signals`).
+
+        A Python signal handler runs in the main thread between two bytecodes of whatever it interrupted, so it
+        must take no lock that code may hold: the trigger queue's mutex, the shutdown event's condition, the
+        stop condition's lock. (Taking them here did deadlock the daemon: a second SIGTERM interrupted the first
+        one's `Queue.put` inside its mutex, and the process then ignored every signal but SIGKILL.) A write to
+        a non-blocking pipe takes none; a full pipe already holds enough wake-ups."""
+        fd = self._signal_w
+        if fd is None:
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(fd, bytes([signum]))
+
+    def _relay_signals(self) -> None:
+        """Reads the signals `on_signal` wrote and handles each in this ordinary thread, in order; a 0 byte ends it."""
+        while True:
+            try:
+                received = os.read(self._signal_r, 64)
+            except OSError:
+                return
+            for signum in received:
+                if signum == 0:
+                    return
+                self._handle_signal(signum)
+            if not received:
+                return
+
+    def close(self) -> None:
+        """Closes the signal pipe (after the handlers are restored: a handler writes to it)."""
+        fd, self._signal_w = self._signal_w, None
+        if fd is not None:
+            os.close(fd)
+            os.close(self._signal_r)
+
+    def _handle_signal(self, signum: int) -> None:
         if not self.shutdown.is_set():  # STOPPING=1 at once: systemd shows "deactivating" during the grace
             self.notifier.stopping(f"{signal.Signals(signum).name}: finishing the running experiments "
                                    f"(grace {self.settings.scheduler.grace_s:g} s)")
@@ -94,6 +134,8 @@ class Service:
 
     def serve(self) -> int:
         notifier = self.notifier
+        relay = threading.Thread(target=self._relay_signals, name="signal-relay", daemon=True)
+        relay.start()
         threading.Thread(target=self._watch_lock, name="lock-watch", daemon=True).start()
         self.scheduler.start()
         upcoming = self.scheduler.next_window()
@@ -118,6 +160,10 @@ class Service:
             notifier.stopping("shutting down")
             watchdog.stop()
             self.scheduler.shutdown()
+            if self._signal_w is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self._signal_w, b"\0")  # the relay's end (signals from now on find no session)
+                relay.join(timeout=5.0)
         return 0
 
     def _run_session(self, trigger: _Trigger, notifier: SystemdNotifier) -> None:
@@ -178,4 +224,5 @@ def serve(settings: Settings) -> int:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        service.close()
         runtime.close()

@@ -81,7 +81,7 @@ class Service:
         fd = self._signal_w
         if fd is None:
             return
-        with contextlib.suppress(BlockingIOError, OSError):
+        with contextlib.suppress(OSError):  # BlockingIOError (a full pipe) among them
             os.write(fd, bytes([signum]))
 
     def _relay_signals(self) -> None:
